@@ -1,0 +1,597 @@
+"""Domain: the hypercalls one domain makes (EVTCHNOP_*) and its guest kernel's event code.
+
+Hypercalls follow xen/common/event_channel.c (checks, errnos, locking order); the guest side
+follows Linux drivers/xen/events (a bound port is enabled, i.e. unmasked, as after
+request_irq; bind_vcpu is xen_rebind_evtchn_to_cpu: mask, EVTCHNOP_bind_vcpu, move the
+per-CPU binding, unmask).
+"""
+from __future__ import annotations
+
+import errno as E
+
+import numpy as np
+
+from . import layout as L
+from .errors import EvtchnError
+from .host import PortStatus, _CONSUME_CHUNK, _int
+
+
+class Domain:
+    """A handle on domain `domid` of a host; cheap, pickles by (host name, domid)."""
+
+    def __init__(self, host, domid: int):
+        self.host = host
+        self.domid = domid
+        self._dm = host._dm(domid)
+        self._k = host._k
+        self._base = self._dm.seg.address
+
+    def __reduce__(self):
+        return (_attach_domain, (self.host.name, self.host.backend, self.domid))
+
+    def __repr__(self) -> str:
+        return (f"<evtchn.Domain {self.domid} abi={self.abi} vcpus={self.vcpus} "
+                f"max_ports={self.max_ports} on {self.host.name}>")
+
+    # -- configuration -------------------------------------------------------------------------
+    @property
+    def abi(self) -> str:
+        return L.ABI_BY_CODE[self._dm.abi]
+
+    @property
+    def vcpus(self) -> int:
+        return self._dm.vcpus
+
+    @property
+    def word_bits(self) -> int:
+        return self._dm.word_bits
+
+    @property
+    def link_bits(self) -> int:
+        return self._dm.link_bits
+
+    @property
+    def max_ports(self) -> int:
+        """The effective port limit: ports 1 .. max_ports-1 can be allocated."""
+        return self._dm.max_ports
+
+    @property
+    def valid_ports(self) -> int:
+        """Xen's valid_evtchns: grows by buckets of 64 as ports are allocated, never shrinks."""
+        return self._dm.hdr(L.H_VALID)
+
+    # -- argument checks -----------------------------------------------------------------------
+    def _vcpu(self, vcpu) -> int:
+        v = _int(vcpu, "vcpu")
+        if not 0 <= v < self.vcpus:
+            raise EvtchnError(E.ENOENT, f"domain {self.domid} has no vcpu {v} "
+                                        f"(vcpus 0..{self.vcpus - 1})")
+        return v
+
+    def _valid_port(self, port) -> int:
+        """port_is_valid(): below valid_evtchns, else EINVAL."""
+        p = _int(port, "port")
+        valid = self.valid_ports
+        if not 0 <= p < valid:
+            raise EvtchnError(E.EINVAL, f"port {p} is not valid in domain {self.domid} "
+                                        f"(ports below {valid} are; the {self.abi} limit is "
+                                        f"{self.max_ports})")
+        return p
+
+    def _guest_port(self, port) -> int:
+        """A port the guest may address in its shared bitmaps or event array."""
+        p = _int(port, "port")
+        if not 0 <= p < self.max_ports:
+            raise EvtchnError(E.EINVAL, f"port {p} is beyond domain {self.domid}'s limit of "
+                                        f"{self.max_ports} ports ({self.abi})")
+        return p
+
+    def _remote(self, remote_domid) -> int:
+        d = _int(remote_domid, "domid")
+        if d == L.DOMID_SELF:
+            return self.domid
+        if not 0 <= d < self.host.ndomains:
+            raise EvtchnError(E.ESRCH, f"no domain {d} on host {self.host.name!r}")
+        return d
+
+    # -- locks (Xen: event_lock per domain, a lock per channel) --------------------------------
+    def _lock_domains(self, *domids: int):
+        for d in sorted(set(domids)):
+            self._k.lock(self.host._dm(d).seg.address + L.H_EVENT_LOCK)
+
+    def _unlock_domains(self, *domids: int):
+        for d in sorted(set(domids), reverse=True):
+            self._k.unlock(self.host._dm(d).seg.address + L.H_EVENT_LOCK)
+
+    def _chan_addr(self, domid: int, port: int) -> int:
+        dm = self.host._dm(domid)
+        return dm.seg.address + dm.layout.port(port) + L.P_LOCK
+
+    def _lock_chans(self, *chans):
+        for c in sorted(set(chans)):
+            self._k.lock(self._chan_addr(*c))
+
+    def _unlock_chans(self, *chans):
+        for c in sorted(set(chans), reverse=True):
+            self._k.unlock(self._chan_addr(*c))
+
+    # -- port allocation (get_free_port) -------------------------------------------------------
+    def _get_free_port(self) -> int:
+        """The lowest FREE port that is not still LINKED; the caller holds the event lock."""
+        dm = self._dm
+        port = dm.hdr(L.H_ALLOC_HINT)
+        hint = None
+        while port < dm.max_ports:
+            if port >= dm.hdr(L.H_VALID) or dm.state(port) == L.ECS_FREE:
+                if hint is None:
+                    hint = port
+                if port >= dm.hdr(L.H_VALID) or not self._k.is_linked(self.domid, port):
+                    break
+            port += 1
+        else:
+            raise EvtchnError(E.ENOSPC, f"no free port in domain {self.domid}: all "
+                                        f"{dm.max_ports - 1} usable ports of its "
+                                        f"{self.abi} limit ({dm.max_ports}) are in use")
+        dm.set_hdr(L.H_ALLOC_HINT, hint)
+        valid = dm.hdr(L.H_VALID)
+        if port >= valid:                        # allocate buckets; publish the size last
+            bucket = L.EVTCHNS_PER_BUCKET
+            dm.set_hdr(L.H_VALID, (port // bucket + 1) * bucket)
+        return port
+
+    def _free_port(self, port: int) -> None:
+        """evtchn_free: clear PENDING, state FREE, notify vCPU 0 (mask, LINKED untouched)."""
+        dm = self._dm
+        self._k.clear_pending(self.domid, port)
+        dm.set_port_u8(port, L.P_STATE, L.ECS_FREE)
+        dm.set_port_u16(port, L.P_NOTIFY_VCPU, 0)
+        if port < dm.hdr(L.H_ALLOC_HINT):
+            dm.set_hdr(L.H_ALLOC_HINT, port)
+
+    def _init_port(self, port: int, state: int, vcpu: int = 0) -> None:
+        dm = self._dm
+        dm.set_port_u16(port, L.P_NOTIFY_VCPU, vcpu)
+        dm.set_port_u8(port, L.P_PRIORITY, L.FIFO_PRIORITY_DEFAULT)   # evtchn_fifo_init
+        dm.set_port_u8(port, L.P_STATE, state)
+
+    def _alloc(self, state: int, vcpu: int = 0, fill=None) -> int:
+        self._lock_domains(self.domid)
+        try:
+            port = self._get_free_port()
+            self._lock_chans((self.domid, port))
+            if fill:
+                fill(port)
+            self._init_port(port, state, vcpu)
+            self._unlock_chans((self.domid, port))
+        finally:
+            self._unlock_domains(self.domid)
+        return port
+
+    # -- the guest's side of binding (Linux) ---------------------------------------------------
+    def _guest_bind(self, port: int, vcpu: int) -> None:
+        """Expand the FIFO array to cover the port, bind it to `vcpu`, enable (unmask) it."""
+        dm = self._dm
+        if dm.abi == L.ABI_FIFO:
+            if dm.hdr(L.H_AUTO_EXPAND):
+                while dm.array_pages() * L.FIFO_WORDS_PER_PAGE <= port:
+                    self.expand_array()
+        else:
+            self._set_affinity(port, vcpu)
+        self.unmask(port)
+
+    def _set_affinity(self, port: int, vcpu: int) -> None:
+        """Linux bind_evtchn_to_cpu: the port's bit moves to `vcpu`'s cpu_evtchn_mask."""
+        dm, w = self._dm, self._dm.word_bits
+        bit = 1 << (port % w)
+        for v in range(dm.vcpus):
+            idx = dm.cpumask_word_index(v, port // w)
+            if v == vcpu:
+                dm.words[idx] = int(dm.words[idx]) | bit
+            elif int(dm.words[idx]) & bit:
+                dm.words[idx] = int(dm.words[idx]) & ~bit
+
+    # -- EVTCHNOP_alloc_unbound, bind_interdomain, bind_virq, bind_ipi -------------------------
+    def alloc_unbound(self, remote_domid: int) -> int:
+        """A port waiting for `remote_domid` (DOMID_SELF: this domain) to bind to it."""
+        rd = _int(remote_domid, "remote domid")
+        if rd == L.DOMID_SELF:
+            rd = self.domid
+        if not 0 <= rd < L.DOMID_FIRST_RESERVED:
+            raise EvtchnError(E.ESRCH, f"remote domid {rd} is not a valid domid")
+
+        def fill(port):
+            self._dm.set_port_u16(port, L.P_REMOTE_DOM, rd)
+            self._dm.set_port_u32(port, L.P_REMOTE_PORT, 0)
+        port = self._alloc(L.ECS_UNBOUND, 0, fill)
+        self._guest_bind(port, 0)
+        return port
+
+    def bind_interdomain(self, remote_domid: int, remote_port: int) -> int:
+        """Connect a fresh local port to `remote_port`, which `remote_domid` allocated for us.
+        The new local port is always set pending (covers sends made while it was unbound)."""
+        rdom = self._remote(remote_domid)
+        rdm = self.host._dm(rdom)
+        rport = _int(remote_port, "remote port")
+        self._lock_domains(self.domid, rdom)
+        try:
+            if not 0 <= rport < rdm.hdr(L.H_VALID):
+                raise EvtchnError(E.EINVAL, f"remote port {rport} is not valid in domain "
+                                            f"{rdom}")
+            if rdm.state(rport) != L.ECS_UNBOUND:
+                raise EvtchnError(E.EINVAL, f"remote port {rport} of domain {rdom} is "
+                                            f"{L.STATUS_NAMES[rdm.state(rport)]}, not unbound")
+            allowed = rdm.port_u16(rport, L.P_REMOTE_DOM)
+            if allowed != self.domid:
+                raise EvtchnError(E.EINVAL, f"remote port {rport} of domain {rdom} accepts a "
+                                            f"bind from domain {allowed} only")
+            lport = self._get_free_port()
+            chans = ((self.domid, lport), (rdom, rport))
+            self._lock_chans(*chans)
+            try:
+                self._dm.set_port_u16(lport, L.P_REMOTE_DOM, rdom)
+                self._dm.set_port_u32(lport, L.P_REMOTE_PORT, rport)
+                self._init_port(lport, L.ECS_INTERDOMAIN, 0)
+                rdm.set_port_u16(rport, L.P_REMOTE_DOM, self.domid)
+                rdm.set_port_u32(rport, L.P_REMOTE_PORT, lport)
+                rdm.set_port_u8(rport, L.P_STATE, L.ECS_INTERDOMAIN)
+                self._k.set_pending(self.domid, 0, lport)
+            finally:
+                self._unlock_chans(*chans)
+        finally:
+            self._unlock_domains(self.domid, rdom)
+        self._guest_bind(lport, 0)
+        return lport
+
+    def bind_virq(self, virq: int, vcpu: int = 0) -> int:
+        """Bind VIRQ `virq` (per-vCPU ones on `vcpu`; others on vCPU 0 only)."""
+        v_ = _int(virq, "virq")
+        if not 0 <= v_ < L.NR_VIRQS:
+            raise EvtchnError(E.EINVAL, f"virq {v_} is out of range (0..{L.NR_VIRQS - 1})")
+        vc = _int(vcpu, "vcpu")
+        if v_ not in L.VIRQ_PER_VCPU and vc != 0:
+            raise EvtchnError(E.EINVAL, f"virq {v_} is not per-vCPU: bind it on vcpu 0, "
+                                        f"not {vc}")
+        vc = self._vcpu(vc)
+        global_virq = v_ not in L.VIRQ_PER_VCPU and v_ not in L.VIRQ_PER_DOMAIN
+        if global_virq and self.domid != L.HARDWARE_DOMID:
+            raise EvtchnError(E.EBUSY, f"global virq {v_} is handled by domain "
+                                       f"{L.HARDWARE_DOMID}, not {self.domid}")
+        self._lock_domains(self.domid)
+        try:
+            if self._dm.virq_port(vc, v_):
+                raise EvtchnError(E.EEXIST, f"virq {v_} is already bound on vcpu {vc} "
+                                            f"(port {self._dm.virq_port(vc, v_)})")
+            port = self._get_free_port()
+            self._lock_chans((self.domid, port))
+            self._dm.set_port_u32(port, L.P_REMOTE_PORT, v_)
+            self._init_port(port, L.ECS_VIRQ, vc)
+            self._unlock_chans((self.domid, port))
+            self._dm.set_virq_port(vc, v_, port)
+        finally:
+            self._unlock_domains(self.domid)
+        self._guest_bind(port, vc)
+        return port
+
+    def bind_ipi(self, vcpu: int = 0) -> int:
+        """A port that this domain's send() raises on `vcpu` of this same domain."""
+        vc = self._vcpu(vcpu)
+        port = self._alloc(L.ECS_IPI, vc)
+        self._guest_bind(port, vc)
+        return port
+
+    # -- EVTCHNOP_close ------------------------------------------------------------------------
+    def close(self, port: int) -> None:
+        """Close `port`; an interdomain peer goes back to unbound, waiting for us."""
+        p = self._valid_port(port)
+        dm = self._dm
+        while True:
+            rdom = None
+            self._lock_domains(self.domid)
+            state = dm.state(p)
+            if state == L.ECS_INTERDOMAIN:
+                rdom = dm.port_u16(p, L.P_REMOTE_DOM)
+                if rdom != self.domid:          # retake both locks in domid order
+                    self._unlock_domains(self.domid)
+                    self._lock_domains(self.domid, rdom)
+                    if dm.state(p) != L.ECS_INTERDOMAIN or \
+                            dm.port_u16(p, L.P_REMOTE_DOM) != rdom:
+                        self._unlock_domains(self.domid, rdom)
+                        continue
+            try:
+                self._close_locked(p, state)
+            finally:
+                self._unlock_domains(self.domid, *(() if rdom is None else (rdom,)))
+            break
+        if dm.abi != L.ABI_FIFO:                 # Linux resets the affinity (R4)
+            self._set_affinity(p, 0)
+
+    def _close_locked(self, p: int, state: int) -> None:
+        dm = self._dm
+        if state in (L.ECS_FREE, L.ECS_RESERVED):
+            raise EvtchnError(E.EINVAL, f"port {p} of domain {self.domid} is not bound")
+        chans = [(self.domid, p)]
+        if state == L.ECS_INTERDOMAIN:
+            rdom, rport = dm.port_u16(p, L.P_REMOTE_DOM), dm.port_u32(p, L.P_REMOTE_PORT)
+            chans.append((rdom, rport))
+        self._lock_chans(*chans)
+        try:
+            if state == L.ECS_VIRQ:
+                virq = dm.port_u32(p, L.P_REMOTE_PORT)
+                vc = dm.notify_vcpu(p) if virq in L.VIRQ_PER_VCPU else 0
+                if dm.virq_port(vc, virq) == p:
+                    dm.set_virq_port(vc, virq, 0)
+            elif state == L.ECS_INTERDOMAIN:
+                rdm = self.host._dm(rdom)
+                rdm.set_port_u16(rport, L.P_REMOTE_DOM, self.domid)
+                rdm.set_port_u8(rport, L.P_STATE, L.ECS_UNBOUND)
+            self._free_port(p)
+        finally:
+            self._unlock_chans(*chans)
+
+    # -- EVTCHNOP_send and friends -------------------------------------------------------------
+    def send(self, port: int) -> None:
+        """Raise the event: on the peer of an interdomain port, or on this IPI port.
+        A send on an unbound port is dropped silently, as Xen does."""
+        p = _int(port, "port")
+        self.host._sync()
+        r = self._k.send(self.domid, p)
+        if r < 0:
+            raise self._send_error(p, -r)
+
+    def send_many(self, ports, edges=None) -> int:
+        """send() each port in order without a Python call per event. `edges`, if given, is a
+        uint8 array that receives 1 where that send set PENDING 0 -> 1 (a new event) and 0
+        where it coalesced or was dropped. On a refused port, the sends before it stand and
+        EvtchnError names the index."""
+        arr = np.ascontiguousarray(ports)
+        if arr.dtype != np.uint32:
+            if arr.size and (arr.min() < 0 or arr.max() >= 1 << 32):
+                bad = int(arr[(arr < 0) | (arr >= 1 << 32)][0])
+                raise EvtchnError(E.EINVAL, f"port {bad} is not a valid port number")
+            arr = arr.astype(np.uint32)
+        if edges is not None and (edges.dtype != np.uint8 or len(edges) < len(arr)):
+            raise ValueError("edges must be a uint8 array at least as long as ports")
+        self.host._sync()
+        n, err = self._k.send_many(self.domid, arr, edges)
+        if err:
+            exc = self._send_error(int(arr[n]), err)
+            raise EvtchnError(err, f"send_many stopped at index {n} (the {n} sends before it "
+                                   f"took effect): {exc.strerror.split(': ', 1)[-1]}")
+        return n
+
+    def _send_error(self, port: int, code: int) -> EvtchnError:
+        if not 0 <= port < self.valid_ports:
+            return EvtchnError(code, f"port {port} is not valid in domain {self.domid} "
+                                     f"(ports below {self.valid_ports} are)")
+        state = L.STATUS_NAMES[self._dm.state(port)]
+        return EvtchnError(code, f"cannot send on port {port} of domain {self.domid}: it is "
+                                 f"{state} (send needs an interdomain, ipi or unbound port)")
+
+    def raise_virq(self, virq: int, vcpu: int = 0) -> None:
+        """What Xen does when VIRQ `virq` fires (send_guest_vcpu_virq / _domain_virq): a
+        no-op when nothing is bound to it."""
+        v_ = _int(virq, "virq")
+        if not 0 <= v_ < L.NR_VIRQS:
+            raise EvtchnError(E.EINVAL, f"virq {v_} is out of range (0..{L.NR_VIRQS - 1})")
+        self._k.raise_virq(self.domid, v_, self._vcpu(vcpu))
+
+    # -- EVTCHNOP_status, bind_vcpu, set_priority, unmask, reset, expand_array ---------------
+    def status(self, port: int) -> PortStatus:
+        p = self._valid_port(port)
+        dm = self._dm
+        state = dm.state(p)
+        name = L.STATUS_NAMES[state]
+        prio = dm.port_u8(p, L.P_PRIORITY) if dm.abi == L.ABI_FIFO else None
+        fields = dict(state=name, vcpu=dm.notify_vcpu(p), priority=prio)
+        if state == L.ECS_UNBOUND:
+            fields["remote_domid"] = dm.port_u16(p, L.P_REMOTE_DOM)
+        elif state == L.ECS_INTERDOMAIN:
+            fields["remote_domid"] = dm.port_u16(p, L.P_REMOTE_DOM)
+            fields["remote_port"] = dm.port_u32(p, L.P_REMOTE_PORT)
+        elif state == L.ECS_VIRQ:
+            fields["virq"] = dm.port_u32(p, L.P_REMOTE_PORT)
+        return PortStatus(**fields)
+
+    def bind_vcpu(self, port: int, vcpu: int) -> None:
+        """Deliver `port` to `vcpu` from now on (Linux xen_rebind_evtchn_to_cpu: mask,
+        EVTCHNOP_bind_vcpu, move the binding, unmask, which re-raises a pending event there).
+        An event already on a FIFO queue is still delivered from that queue."""
+        vc = self._vcpu(vcpu)
+        p = self._valid_port(port)
+        dm = self._dm
+        self._lock_domains(self.domid)
+        try:
+            state = dm.state(p)
+            fixed = state == L.ECS_IPI or (state == L.ECS_VIRQ and
+                                           dm.port_u32(p, L.P_REMOTE_PORT) in L.VIRQ_PER_VCPU)
+            if fixed or state not in (L.ECS_UNBOUND, L.ECS_INTERDOMAIN, L.ECS_VIRQ):
+                raise EvtchnError(E.EINVAL, f"port {p} of domain {self.domid} is "
+                                            f"{L.STATUS_NAMES[state]}"
+                                            f"{' (bound to its vcpu)' if fixed else ''}: "
+                                            f"its vcpu cannot change")
+            was_masked = self.is_masked(p)
+            self.mask(p)
+            dm.set_port_u16(p, L.P_NOTIFY_VCPU, vc)
+        finally:
+            self._unlock_domains(self.domid)
+        if dm.abi != L.ABI_FIFO:
+            self._set_affinity(p, vc)
+        if not was_masked:
+            self.unmask(p)
+
+    def set_priority(self, port: int, priority: int) -> None:
+        """FIFO: the queue used from the port's next link on (an event already LINKED stays)."""
+        p = self._valid_port(port)
+        if self._dm.abi != L.ABI_FIFO:
+            raise EvtchnError(E.ENOSYS, f"set_priority needs the fifo ABI; domain "
+                                        f"{self.domid} uses {self.abi}")
+        if self._dm.state(p) <= L.ECS_RESERVED:
+            raise EvtchnError(E.EACCES, f"port {p} of domain {self.domid} is not bound")
+        prio = _int(priority, "priority")
+        if not L.FIFO_PRIORITY_MAX <= prio <= L.FIFO_PRIORITY_MIN:
+            raise EvtchnError(E.EINVAL, f"priority {prio} is out of range "
+                                        f"({L.FIFO_PRIORITY_MAX} highest .. "
+                                        f"{L.FIFO_PRIORITY_MIN} lowest)")
+        self._dm.set_port_u8(p, L.P_PRIORITY, prio)
+
+    def hyp_unmask(self, port: int) -> None:
+        """EVTCHNOP_unmask itself: clear the mask and re-raise a pending event."""
+        self._k.hyp_unmask(self.domid, self._valid_port(port))
+
+    def expand_array(self) -> None:
+        """EVTCHNOP_expand_array: add the next event-array page (the guest fills it with
+        MASKED first); events sent to its ports while it was missing are raised now."""
+        if self._dm.abi != L.ABI_FIFO:
+            raise EvtchnError(E.EOPNOTSUPP, f"domain {self.domid} uses {self.abi}, not fifo")
+        self._lock_domains(self.domid)
+        try:
+            r = self._k.expand_array(self.domid)
+        finally:
+            self._unlock_domains(self.domid)
+        if r < 0:
+            raise EvtchnError(-r, f"the event array of domain {self.domid} already has all "
+                                  f"{self._dm.array_pages()} pages (link_bits={self.link_bits})")
+
+    def reset(self) -> None:
+        """EVTCHNOP_reset on this domain: close every port. Xen then returns a FIFO domain to
+        2-level; the guest here re-initialises its own ABI at once (as Linux does after kexec),
+        with an empty event array."""
+        dm = self._dm
+        if self._k.trylock(self._base + L.H_RESET_BUSY) is False:
+            raise EvtchnError(E.EBUSY, f"a reset of domain {self.domid} is in progress")
+        try:
+            for p in range(1, self.valid_ports):
+                if dm.state(p) > L.ECS_RESERVED:
+                    try:
+                        self.close(p)
+                    except EvtchnError as exc:     # closed concurrently by someone else
+                        if exc.errno != E.EINVAL:
+                            raise
+            if dm.abi == L.ABI_FIFO:
+                self._reset_fifo()
+        finally:
+            self._k.unlock(self._base + L.H_RESET_BUSY)
+
+    def _reset_fifo(self) -> None:
+        dm, lay = self._dm, self._dm.layout
+        self._lock_domains(self.domid)
+        try:
+            for v in range(dm.vcpus):
+                cb = lay.control_block(v)
+                dm.u8[cb:cb + L.CONTROL_BLOCK_SIZE] = 0
+                x = lay.xen_vcpu(v) + L.X_QUEUES
+                for q in range(L.FIFO_MAX_QUEUES):
+                    dm.u32[(x + q * L.QUEUE_SIZE + L.Q_TAIL) // 4] = 0
+                g = lay.guest_vcpu(v)
+                dm.u32[(g + L.G_LOCAL_READY) // 4:(g + L.G_LOCAL_HEAD + 64) // 4] = 0
+            ports = lay.port(0) // 4
+            stride = L.PORT_SIZE // 4
+            end = ports + stride * self.valid_ports
+            dm.u32[ports + L.P_LASTQ // 4:end:stride] = 0
+            words = dm.array_pages() * L.FIFO_WORDS_PER_PAGE
+            ea = lay.event_word(0) // 4
+            dm.u32[ea:ea + words] = 0
+            dm.set_hdr(L.H_ARRAY_PAGES, 0)
+        finally:
+            self._unlock_domains(self.domid)
+
+    # -- guest side: mask, unmask, tests ------------------------------------------------------
+    def mask(self, port: int) -> None:
+        self._k.guest_mask(self.domid, self._guest_port(port))
+
+    def unmask(self, port: int) -> None:
+        """As a Linux guest unmasks: clear the mask locally; when the port is pending, Xen
+        unmasks it (EVTCHNOP_unmask), which re-raises it on its vCPU."""
+        self._k.guest_unmask(self.domid, self._guest_port(port))
+
+    def is_pending(self, port: int) -> bool:
+        return self._k.is_pending(self.domid, self._guest_port(port))
+
+    def is_masked(self, port: int) -> bool:
+        return self._k.is_masked(self.domid, self._guest_port(port))
+
+    def is_linked(self, port: int) -> bool:
+        """FIFO: the event is on a queue (Xen's is_busy); always False for 2l and 3l."""
+        return self._k.is_linked(self.domid, self._guest_port(port))
+
+    def upcall_pending(self, vcpu: int) -> bool:
+        return self._k.upcall_pending(self.domid, self._vcpu(vcpu))
+
+    # -- guest side: the upcall handler --------------------------------------------------------
+    def consume(self, vcpu: int, max_events: int | None = None, out=None):
+        """Run `vcpu`'s upcall handler once, as Linux does: deliver every deliverable event
+        in the ABI's order, acknowledging each (clearing PENDING).
+
+        Returns the delivered ports as a uint32 array; with `out` (a uint32 array) fills it
+        and returns the count. `max_events` bounds the events taken; the rest stay for the
+        next call (the upcall stays pending).
+        """
+        vc = self._vcpu(vcpu)
+        if max_events is not None:
+            max_events = _int(max_events, "max_events")
+            if max_events < 0:
+                raise ValueError(f"max_events must be >= 0, not {max_events}")
+        if out is not None:
+            return self.consume_into(vc, out if max_events is None else out[:max_events])
+        if max_events is not None:
+            buf = np.empty(max_events, np.uint32)
+            return buf[:self._k.consume(self.domid, vc, buf)].copy()
+        chunks, limit = [], 4 * self.max_ports   # a storm cannot keep us here forever
+        total = 0
+        while True:
+            buf = np.empty(min(_CONSUME_CHUNK, limit - total), np.uint32)
+            n = self._k.consume(self.domid, vc, buf)
+            chunks.append(buf[:n])
+            total += n
+            if n < len(buf) or total >= limit:
+                return np.concatenate(chunks) if len(chunks) > 1 else chunks[0].copy()
+
+    def consume_into(self, vcpu: int, out) -> int:
+        """consume() into the caller's uint32 array; returns how many ports it holds."""
+        vc = self._vcpu(vcpu)
+        if not isinstance(out, np.ndarray) or out.dtype != np.uint32 or out.ndim != 1:
+            raise ValueError("out must be a 1-D numpy uint32 array")
+        if not out.flags.c_contiguous:
+            raise ValueError("out must be contiguous")
+        return self._k.consume(self.domid, vc, out)
+
+    def wait(self, vcpu: int, timeout: float | None = None) -> bool:
+        """Block until `vcpu` has an upcall pending, without spinning (a halted vCPU waiting
+        for its interrupt). Returns False if `timeout` seconds passed first."""
+        vc = self._vcpu(vcpu)
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 or None, not {timeout}")
+        return self._k.wait(self.domid, vc, timeout)
+
+    # -- memory --------------------------------------------------------------------------------
+    def mapped_pages(self) -> int:
+        """Pages Xen maps for this domain's event state: 2l the shared_info page; 3l also the
+        2 or 16 bitmap pages and the L2 selector pages; fifo one page per 1024 ports of the
+        event array added so far plus one control-block page per vCPU."""
+        return self._dm.mapped_pages()
+
+    def layout(self) -> dict:
+        """Region name -> (segment name, offset, size) for every guest-visible region; the
+        segment is /dev/shm/<segment name>."""
+        dm, lay, seg = self._dm, self._dm.layout, self._dm.seg.name
+        regions = {"shared_info": (seg, lay.offsets["shared_info"], L.PAGE_SIZE)}
+        for v in range(L.LEGACY_MAX_VCPUS, dm.vcpus):
+            regions[f"vcpu_info_vcpu{v}"] = (seg, lay.vcpu_info(v), L.VCPU_INFO_SIZE)
+        if dm.abi == L.ABI_FIFO:
+            regions["event_array"] = (seg, lay.offsets["event_array"],
+                                      dm.array_pages() * L.PAGE_SIZE)
+            for v in range(dm.vcpus):
+                regions[f"control_block_vcpu{v}"] = (seg, lay.control_block(v),
+                                                     L.CONTROL_BLOCK_SIZE)
+        elif dm.abi == L.ABI_3L:
+            regions["3l_pending"] = (seg, lay.offsets["l3_pending"], lay.l3_bitmap_bytes)
+            regions["3l_mask"] = (seg, lay.offsets["l3_mask"], lay.l3_bitmap_bytes)
+            for v in range(dm.vcpus):
+                regions[f"3l_l2_selector_vcpu{v}"] = (seg, lay.l2_selector(v),
+                                                      lay.l2_selector_bytes)
+        return regions
+
+
+def _attach_domain(name: str, backend: str, domid: int) -> Domain:
+    from .host import Host
+    return Host.attach(name, backend).domain(domid)

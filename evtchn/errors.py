@@ -1,0 +1,28 @@
+"""EvtchnError: an OSError that carries the errno Xen returns for the same misuse."""
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class EvtchnError(OSError):
+    """A refused event-channel operation; ``.errno`` is Xen's (EINVAL, ENOSPC, ENOENT, ...)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code, f"{_errno.errorcode.get(code, code)}: {message}")
+
+    @property
+    def errname(self) -> str:
+        return _errno.errorcode.get(self.errno, str(self.errno))
+
+
+class HostGoneError(EvtchnError):
+    """The named host does not exist (any more) or is not an evtchn host of this version."""
+
+
+def fail(code: int, message: str) -> EvtchnError:
+    return EvtchnError(code, message)
+
+
+def strerror(code: int) -> str:
+    return os.strerror(code)

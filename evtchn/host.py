@@ -1,0 +1,276 @@
+"""Host and Domain: thin handles over the shared memory, and the hypercalls' control plane.
+
+The control plane (alloc, bind, close, status, bind_vcpu, set_priority, reset) runs in Python
+under the locks Xen takes (per-domain event_lock, per-channel lock), on the same memory the
+kernels use; every backend shares it. The data plane (set_pending, send, unmask, consume, wait)
+is the backend's kernels: evtchn.reference, evtchn._core (Cython) or evtchn.numba_kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno as E
+import operator
+import os
+import secrets
+import weakref
+
+import numpy as np
+
+from . import layout as L
+from .errors import EvtchnError, HostGoneError
+from .memory import DomainMemory, Segment, check_name
+
+BACKENDS = ("cython", "numba", "reference")
+DEFAULT_BACKEND = os.environ.get("EVTCHN_BACKEND", "cython")
+MAX_VCPUS = 1024
+_CONSUME_CHUNK = 65536
+
+
+def _make_kernels(backend: str):
+    if backend == "reference":
+        from .reference import ReferenceKernels
+        return ReferenceKernels()
+    if backend == "cython":
+        try:
+            from ._core import CythonKernels
+        except ImportError as exc:
+            raise ImportError("the Cython backend is not built: run `pip install -e .` "
+                              f"(or use backend='reference'): {exc}") from exc
+        return CythonKernels()
+    if backend == "numba":
+        from .numba_kernels import NumbaKernels
+        return NumbaKernels()
+    raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def _int(value, what: str) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise EvtchnError(E.EINVAL, f"{what} {value!r} is not an integer") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class PortStatus:
+    """EVTCHNOP_status: state, notify vCPU, the peer or VIRQ, plus the FIFO priority."""
+
+    state: str
+    vcpu: int
+    remote_domid: int | None = None
+    remote_port: int | None = None
+    virq: int | None = None
+    priority: int | None = None
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+
+class Host:
+    """The shared memory of one simulated machine.
+
+    ``Host()`` creates it (and is the only process that ever unlinks it); ``Host.attach(name)``
+    opens it from any other process. Use it as a context manager, or call ``close()``.
+    """
+
+    def __init__(self, backend: str | None = None, *, _attach: str | None = None):
+        backend = backend or DEFAULT_BACKEND
+        self.backend = backend
+        self._k = _make_kernels(backend)
+        self._pid = os.getpid()
+        self._doms: dict[int, DomainMemory] = {}
+        self._closed = False
+        if _attach is None:
+            self._owner = True
+            self._hseg = Segment(f"{L.SEGMENT_PREFIX}{self._pid}-{secrets.token_hex(4)}",
+                                 L.HOST_SIZE)
+            u32 = self._hseg.u32
+            u32[L.HH_VERSION // 4] = L.LAYOUT_VERSION
+            u32[L.HH_CREATOR // 4] = self._pid
+            self._hseg.u64[L.HH_MAGIC // 8] = L.HOST_MAGIC
+            # Runs on close(), on garbage collection and at interpreter exit; only in this pid
+            # (a forked child inherits the object but must not unlink its parent's memory).
+            self._finalizer = weakref.finalize(self, _unlink_host, self._hseg.name, self._pid)
+        else:
+            self._owner = False
+            self._hseg = Segment(check_name(_attach))
+            self._check_host_header()
+
+    @classmethod
+    def attach(cls, name: str, backend: str | None = None) -> "Host":
+        """Open the host `name` created by another process; never unlinks it."""
+        return cls(backend, _attach=name)
+
+    def _check_host_header(self) -> None:
+        seg = self._hseg
+        if seg.size < L.HOST_SIZE or int(seg.u64[L.HH_MAGIC // 8]) != L.HOST_MAGIC:
+            raise HostGoneError(E.EINVAL, f"{seg.name!r} is not an evtchn host")
+        version = int(seg.u32[L.HH_VERSION // 4])
+        if version != L.LAYOUT_VERSION:
+            raise HostGoneError(E.EINVAL, f"host {seg.name!r} has layout version {version}; "
+                                          f"this evtchn reads version {L.LAYOUT_VERSION}")
+
+    def __reduce__(self):
+        return (Host.attach, (self.name, self.backend))
+
+    # -- lifecycle --------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._hseg.name
+
+    @property
+    def is_owner(self) -> bool:
+        return self._owner
+
+    def close(self) -> None:
+        """Release this process's handle; the creator also unlinks every segment."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owner:
+            self._finalizer()
+
+    def __enter__(self) -> "Host":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EvtchnError(E.EBADF, f"host {self.name!r} is closed")
+
+    # -- domains ------------------------------------------------------------------------------
+    @property
+    def ndomains(self) -> int:
+        return int(self._hseg.u32[L.HH_NDOMAINS // 4])
+
+    def create_domain(self, abi: str = "fifo", vcpus: int = 1, word_bits: int = 64,
+                      link_bits: int = L.FIFO_LINK_BITS, max_ports: int | None = None,
+                      auto_expand: bool = True) -> "Domain":
+        """A new domain using `abi` ("fifo", "2l" or "3l") with `vcpus` vCPUs.
+
+        word_bits is xen_ulong_t's width (64, or 32 for the x86-32 compat layout); link_bits
+        the FIFO LINK width (17 as in Xen, up to 28 as the design allows); max_ports an extra
+        limit below the ABI's (Xen's max_evtchn_port + 1). With auto_expand the guest adds
+        FIFO event-array pages when it binds a port, as Linux does.
+        """
+        self._check_open()
+        code, lay = _domain_layout(abi, vcpus, word_bits, link_bits, max_ports)
+        hlock = self._hseg.address + L.HH_LOCK
+        self._k.lock(hlock)
+        try:
+            domid = self.ndomains
+            if domid >= L.MAX_DOMAINS:
+                raise EvtchnError(E.ENOSPC, f"host {self.name!r} has {domid} domains, the most "
+                                            f"Xen's domid space allows")
+            seg = Segment(L.domain_segment_name(self.name, domid), lay.size)
+            DomainMemory.initialise(seg, lay, domid, auto_expand)
+            dm = DomainMemory(seg)
+            _init_domain_state(dm)
+            self._doms[domid] = dm
+            self._k.map_domain(dm)
+            self._hseg.u32[L.HH_NDOMAINS // 4] = domid + 1     # publish after the init
+        finally:
+            self._k.unlock(hlock)
+        return Domain(self, domid)
+
+    def domain(self, domid: int) -> "Domain":
+        self._dm(domid)
+        return Domain(self, domid)
+
+    def domains(self) -> list["Domain"]:
+        return [self.domain(d) for d in range(self.ndomains)]
+
+    def _dm(self, domid) -> DomainMemory:
+        dm = self._doms.get(domid)
+        if dm is not None:
+            return dm
+        self._check_open()
+        domid = _int(domid, "domid")
+        if not 0 <= domid < self.ndomains:
+            raise EvtchnError(E.ESRCH, f"no domain {domid} on host {self.name!r} "
+                                       f"(domains 0..{self.ndomains - 1} exist)")
+        dm = DomainMemory(Segment(L.domain_segment_name(self.name, domid)))
+        self._doms[domid] = dm
+        self._k.map_domain(dm)
+        return dm
+
+    def _sync(self) -> None:
+        """Map domains created by other processes, so a send can reach any peer."""
+        if len(self._doms) != self.ndomains:
+            for domid in range(self.ndomains):
+                self._dm(domid)
+
+    def __repr__(self) -> str:
+        return (f"<evtchn.Host {self.name} backend={self.backend} domains={self.ndomains}"
+                f"{' closed' if self._closed else ''}>")
+
+
+def _unlink_host(name: str, creator: int) -> None:
+    """Unlink the host segment and every domain segment; safe to call twice."""
+    if os.getpid() != creator:
+        return
+    try:
+        seg = Segment(name)
+        ndom = int(seg.u32[L.HH_NDOMAINS // 4])
+        seg.release()
+    except (EvtchnError, OSError, ValueError):
+        ndom = L.MAX_DOMAINS
+    for domid in range(ndom):
+        path = os.path.join("/dev/shm", L.domain_segment_name(name, domid))
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            if ndom == L.MAX_DOMAINS:
+                break
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        pass
+
+
+def _domain_layout(abi, vcpus, word_bits, link_bits, max_ports):
+    if abi not in L.ABI_NAMES:
+        raise ValueError(f"unknown ABI {abi!r}: choose one of {', '.join(L.ABI_NAMES)}")
+    code = L.ABI_NAMES[abi]
+    if not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
+        raise ValueError(f"vcpus must be an integer from 1 to {MAX_VCPUS}, not {vcpus!r}")
+    if word_bits not in (32, 64):
+        raise ValueError(f"word_bits must be 32 or 64 (xen_ulong_t), not {word_bits!r}")
+    if not isinstance(link_bits, int) or not 10 <= link_bits <= L.FIFO_MAX_LINK_BITS:
+        raise ValueError(f"link_bits must be an integer from 10 to {L.FIFO_MAX_LINK_BITS} "
+                         f"(4 flag bits leave 28 in a 32-bit event word), not {link_bits!r}")
+    limit = L.abi_max_ports(code, word_bits, link_bits)
+    if max_ports is None:
+        max_ports = limit
+    elif not isinstance(max_ports, int) or not 2 <= max_ports <= limit:
+        raise ValueError(f"max_ports must be an integer from 2 to {limit} (the {abi} limit "
+                         f"with word_bits={word_bits}, link_bits={link_bits}), "
+                         f"not {max_ports!r}")
+    return code, L.domain_layout(code, vcpus, word_bits, link_bits, max_ports)
+
+
+def _init_domain_state(dm: DomainMemory) -> None:
+    """What Xen's evtchn_init and a Linux guest's event init leave in a fresh domain."""
+    lay = dm.layout
+    dm.set_hdr(L.H_VALID, min(L.EVTCHNS_PER_BUCKET, _bucket_round(dm.max_ports)))
+    dm.set_hdr(L.H_ALLOC_HINT, 1)
+    dm.set_port_u8(0, L.P_STATE, L.ECS_RESERVED)        # port 0 is never handed out
+    if dm.abi == L.ABI_FIFO:
+        return
+    wbytes = dm.word_bits // 8
+    if dm.abi == L.ABI_2L:
+        start = (lay.offsets["shared_info"] + L.si_mask(dm.word_bits)) // wbytes
+        count = dm.word_bits
+    else:
+        start, count = lay.offsets["l3_mask"] // wbytes, dm.word_bits ** 2
+    dm.words[start:start + count] = ~np.zeros(1, dm.words.dtype)[0]   # Linux masks all ports
+    cpu0 = lay.cpumask(0) // wbytes                     # ... and binds them all to vCPU 0
+    dm.words[cpu0:cpu0 + lay.cpumask_bytes // wbytes] = ~np.zeros(1, dm.words.dtype)[0]
+
+
+def _bucket_round(n: int) -> int:
+    return -(-n // L.EVTCHNS_PER_BUCKET) * L.EVTCHNS_PER_BUCKET
+
+
+from .domain import Domain  # noqa: E402  (Domain needs Host's helpers above)
