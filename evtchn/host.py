@@ -72,8 +72,12 @@ class Host:
     opens it from any other process. Use it as a context manager, or call ``close()``.
     """
 
-    def __init__(self, backend: str | None = None, *, _attach: str | None = None):
+    def __init__(self, backend: str | None = None, *, inject: str | None = None,
+                 _attach: str | None = None):
         backend = backend or DEFAULT_BACKEND
+        if inject is not None and inject not in L.INJECTIONS:
+            raise ValueError(f"unknown injection {inject!r}: choose one of "
+                             f"{', '.join(L.INJECTIONS)}")
         self.backend = backend
         self._k = _make_kernels(backend)
         self._pid = os.getpid()
@@ -86,6 +90,7 @@ class Host:
             u32 = self._hseg.u32
             u32[L.HH_VERSION // 4] = L.LAYOUT_VERSION
             u32[L.HH_CREATOR // 4] = self._pid
+            u32[L.HH_INJECT // 4] = L.INJECTIONS[inject] if inject else 0
             self._hseg.u64[L.HH_MAGIC // 8] = L.HOST_MAGIC
             # Runs on close(), on garbage collection and at interpreter exit; only in this pid
             # (a forked child inherits the object but must not unlink its parent's memory).
@@ -111,6 +116,12 @@ class Host:
 
     def __reduce__(self):
         return (Host.attach, (self.name, self.backend))
+
+    @property
+    def inject(self) -> str | None:
+        """The historical bug this host runs with (stress --inject), or None."""
+        code = int(self._hseg.u32[L.HH_INJECT // 4])
+        return next((n for n, c in L.INJECTIONS.items() if c == code), None)
 
     # -- lifecycle --------------------------------------------------------------------------
     @property
@@ -165,6 +176,7 @@ class Host:
                                             f"Xen's domid space allows")
             seg = Segment(L.domain_segment_name(self.name, domid), lay.size)
             DomainMemory.initialise(seg, lay, domid, auto_expand)
+            seg.u32[L.H_INJECT // 4] = self._hseg.u32[L.HH_INJECT // 4]
             dm = DomainMemory(seg)
             _init_domain_state(dm)
             self._doms[domid] = dm

@@ -71,6 +71,15 @@ CB_READY, CB_HEAD = 0, 8
 FIFO_LOCK_TRIES = 3              # attempts to lock the (old, new) queue pair
 FIFO_LINK_RETRIES = 4            # LINK cmpxchg retries with BUSY set
 
+# --- Historical bugs the stress harness must catch (spec section 5), by name -> code ---------
+INJECTIONS = {
+    "2l-selector-before-upcall-clear": 1,   # R1: guest xchg's the selector, then clears the flag
+    "2l-unmask-test-before-clear": 2,       # R2: guest tests PENDING before clearing the mask
+    "fifo-ready-every-link": 3,             # R6: READY set on every link, not only a new HEAD
+    "fifo-old-tail-kept": 4,                # R7: an old tail is not invalidated on relink
+    "fifo-pending-before-lock": 5,          # R9: PENDING/LINKED tested before the queue locks
+}
+
 # --- vcpu_info / shared_info (x86-64, and x86-32 compat when word_bits == 32) ----------------
 LEGACY_MAX_VCPUS = 32
 VCPU_INFO_SIZE = 64
@@ -138,6 +147,7 @@ H_ARRAY_PAGES = 44               # FIFO event-array pages added so far (num_evtc
 H_ALLOC_HINT = 48                # no FREE port below this one
 H_AUTO_EXPAND = 52               # guest expands the event array on bind (Linux behaviour)
 H_RESET_BUSY = 56                # EVTCHNOP_reset in progress
+H_INJECT = 60                    # a known historical bug put back (INJECTIONS), 0 = none
 H_LAYOUT = 64                    # u64 region offsets, in REGIONS order
 REGIONS = ("shared_info", "vcpu_info_ext", "control", "l3_pending", "l3_mask", "l2_selector",
            "ports", "xen_vcpu", "guest_vcpu", "cpumask", "event_array")
@@ -152,6 +162,7 @@ HH_VERSION = 8
 HH_NDOMAINS = 12                 # published (release) after the domain segment is initialised
 HH_CREATOR = 16                  # pid of the creating process: the only one that unlinks
 HH_LOCK = 20                     # serialises create_domain
+HH_INJECT = 24                   # copied into each new domain's H_INJECT
 HOST_SIZE = PAGE_SIZE
 MAX_DOMAINS = DOMID_FIRST_RESERVED
 SEGMENT_PREFIX = "evtchn-"
