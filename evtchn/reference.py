@@ -14,6 +14,13 @@ import time
 from . import layout as L
 
 
+INJ_SELECTOR_FIRST = L.INJECTIONS["2l-selector-before-upcall-clear"]
+INJ_UNMASK_TEST_FIRST = L.INJECTIONS["2l-unmask-test-before-clear"]
+INJ_READY_EVERY_LINK = L.INJECTIONS["fifo-ready-every-link"]
+INJ_OLD_TAIL_KEPT = L.INJECTIONS["fifo-old-tail-kept"]
+INJ_PENDING_BEFORE_LOCK = L.INJECTIONS["fifo-pending-before-lock"]
+
+
 class ReferenceKernels:
     name = "reference"
     multiprocess = False
@@ -131,14 +138,17 @@ class ReferenceKernels:
         lastq = d.port_u32(port, L.P_LASTQ)
         old_vcpu, old_prio = lastq >> 16, lastq & 0xFF
         # One process: the (old, new) queue pair cannot change under us, the first try locks.
+        inject = d.hdr(L.H_INJECT)
         first = not (u32[wi] & L.FIFO_PENDING)
         u32[wi] = int(u32[wi]) | L.FIFO_PENDING
         linked = True
+        did_link = False
         if not u32[wi] & L.FIFO_MASKED and not u32[wi] & L.FIFO_LINKED:
             u32[wi] = int(u32[wi]) | L.FIFO_LINKED
+            did_link = True
             old_tail = d.queue_tail_off(old_vcpu, old_prio) // 4
-            if u32[old_tail] == port:                   # an old tail: that queue is now empty
-                u32[old_tail] = 0
+            if u32[old_tail] == port and inject != INJ_OLD_TAIL_KEPT:
+                u32[old_tail] = 0                       # an old tail: that queue is now empty
             if (old_vcpu, old_prio) != (vcpu, q_prio):
                 d.set_port_u32(port, L.P_LASTQ, L.lastq_pack(vcpu, q_prio))
             tail = d.queue_tail_off(vcpu, q_prio) // 4
@@ -148,7 +158,7 @@ class ReferenceKernels:
             if not linked:                              # queue was empty: new HEAD
                 u32[(d.layout.control_block(vcpu) + L.CB_HEAD) // 4 + q_prio] = port
             u32[tail] = port
-        if not linked:
+        if not linked or (did_link and inject == INJ_READY_EVERY_LINK):
             ready = (d.layout.control_block(vcpu) + L.CB_READY) // 4
             was = u32[ready] >> q_prio & 1
             u32[ready] = int(u32[ready]) | (1 << q_prio)
@@ -304,8 +314,13 @@ class ReferenceKernels:
             return
         w = d.word_bits
         pend, mask = self._bitmaps(d)
-        self._test_and_clear(d.words, mask + port // w, port % w)
-        if d.words[pend + port // w] >> (port % w) & 1:
+        if d.hdr(L.H_INJECT) == INJ_UNMASK_TEST_FIRST:     # R2: pending tested too early
+            pending = d.words[pend + port // w] >> (port % w) & 1
+            self._test_and_clear(d.words, mask + port // w, port % w)
+        else:
+            self._test_and_clear(d.words, mask + port // w, port % w)
+            pending = d.words[pend + port // w] >> (port % w) & 1
+        if pending:
             self._test_and_set(d.words, mask + port // w, port % w)
             self.hyp_unmask(domid, port)
 
@@ -316,11 +331,17 @@ class ReferenceKernels:
         d = self.doms[domid]
         vi = d.layout.vcpu_info(vcpu) + L.VI_UPCALL_PENDING
         n = 0
+        r1 = d.hdr(L.H_INJECT) == INJ_SELECTOR_FIRST and d.abi != L.ABI_FIFO
         while True:
-            d.u8[vi] = 0
             if d.abi == L.ABI_FIFO:
+                d.u8[vi] = 0
                 n, full = self._fifo_handle(d, vcpu, out, n)
+            elif r1:                                    # R1: selector swapped first
+                words = self._take_selectors(d, vcpu)
+                d.u8[vi] = 0
+                n, full = self._bitmap_handle(d, vcpu, out, n, words)
             else:
+                d.u8[vi] = 0                            # the master flag, then the selector
                 n, full = self._bitmap_handle(d, vcpu, out, n)
             if full or not d.u8[vi] & 1:
                 return n
@@ -340,13 +361,14 @@ class ReferenceKernels:
         cpu = d.cpumask_word_index(vcpu, word)
         return int(d.words[pend + word]) & ~int(d.words[mask + word]) & int(d.words[cpu])
 
-    def _bitmap_handle(self, d, vcpu: int, out, n: int):
+    def _bitmap_handle(self, d, vcpu: int, out, n: int, pending_words=None):
         """events_2l.c evtchn_2l_handle_events, generalised to 3l (one more selector level)."""
         w, cap = d.word_bits, len(out)
         timer = d.virq_port(vcpu, L.VIRQ_TIMER)         # the timer is served first
         if timer and n < cap and self._active(d, vcpu, timer // w) >> (timer % w) & 1:
             n = self._deliver(d, vcpu, timer, out, n)
-        pending_words = self._take_selectors(d, vcpu)
+        if pending_words is None:
+            pending_words = self._take_selectors(d, vcpu)
         nwords = w if d.abi == L.ABI_2L else w * w
         start_word = d.guest_u32(vcpu, L.G_RESUME_WORD)
         start_bit = d.guest_u32(vcpu, L.G_RESUME_BIT)

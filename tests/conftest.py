@@ -1,0 +1,57 @@
+"""Shared fixtures: the backends under test, and a guard that no test leaks /dev/shm segments."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+import evtchn
+
+SHM = "/dev/shm"
+
+
+def _available(backend: str) -> bool:
+    if backend == "reference":
+        return True
+    if backend == "cython":
+        return importlib.util.find_spec("evtchn._core") is not None
+    return (importlib.util.find_spec("numba") is not None
+            and importlib.util.find_spec("evtchn.numba_kernels") is not None)
+
+
+BACKENDS = [b for b in ("reference", "cython", "numba")]
+
+
+def pytest_configure(config):
+    # CI must run the compiled backend, not silently fall back to the oracle alone.
+    if os.environ.get("EVTCHN_REQUIRE_COMPILED") and not _available("cython"):
+        raise pytest.UsageError("EVTCHN_REQUIRE_COMPILED is set but evtchn._core is not built")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if not _available(request.param):
+        pytest.skip(f"backend {request.param} is not available")
+    return request.param
+
+
+@pytest.fixture
+def host(backend):
+    with evtchn.Host(backend) as h:
+        yield h
+
+
+def _ours() -> set[str]:
+    return {n for n in os.listdir(SHM) if n.startswith(f"evtchn-{os.getpid()}-")}
+
+
+@pytest.fixture(autouse=True)
+def no_shm_leak():
+    """Every test must release what it created, also when it fails."""
+    before = _ours()
+    yield
+    leaked = _ours() - before
+    for name in leaked:
+        os.unlink(os.path.join(SHM, name))
+    assert not leaked, f"test leaked shared memory: {sorted(leaked)}"
