@@ -182,13 +182,14 @@ class Domain:
     def _set_affinity(self, port: int, vcpu: int) -> None:
         """Linux bind_evtchn_to_cpu: the port's bit moves to `vcpu`'s cpu_evtchn_mask."""
         dm, w = self._dm, self._dm.word_bits
-        bit = 1 << (port % w)
-        for v in range(dm.vcpus):
+        bit = port % w
+        for v in range(dm.vcpus):              # atomics: other ports share these words
             idx = dm.cpumask_word_index(v, port // w)
+            address = self._base + idx * (w // 8)
             if v == vcpu:
-                dm.words[idx] = int(dm.words[idx]) | bit
-            elif int(dm.words[idx]) & bit:
-                dm.words[idx] = int(dm.words[idx]) & ~bit
+                self._k.set_bit(address, bit, w)
+            elif int(dm.words[idx]) >> bit & 1:
+                self._k.clear_bit(address, bit, w)
 
     # -- EVTCHNOP_alloc_unbound, bind_interdomain, bind_virq, bind_ipi -------------------------
     def alloc_unbound(self, remote_domid: int) -> int:

@@ -41,6 +41,23 @@ class ReferenceKernels:
     def unlock(self, address: int) -> None:
         pass
 
+    def set_bit(self, address: int, bit: int, word_bits: int) -> None:
+        """Atomically set `bit` of the W-bit word at `address` (guest bitops on shared data)."""
+        self._word_op(address, word_bits, lambda w: w | (1 << bit))
+
+    def clear_bit(self, address: int, bit: int, word_bits: int) -> None:
+        self._word_op(address, word_bits, lambda w: w & ~(1 << bit))
+
+    def _word_op(self, address: int, word_bits: int, fn) -> None:
+        for d in self.doms.values():
+            off = address - d.seg.address
+            if 0 <= off < d.seg.size:
+                view = d.u64 if word_bits == 64 else d.u32
+                idx = off // (word_bits // 8)
+                view[idx] = fn(int(view[idx]))
+                return
+        raise ValueError(f"address {address:#x} is in no mapped domain")
+
     # -- bit helpers on xen_ulong_t arrays -----------------------------------------------------
     @staticmethod
     def _test_and_set(words, idx: int, bit: int) -> bool:
