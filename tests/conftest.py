@@ -1,7 +1,7 @@
 """Shared fixtures: the backends under test, and a guard that no test leaks /dev/shm segments."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 
 import pytest
@@ -14,10 +14,12 @@ SHM = "/dev/shm"
 def _available(backend: str) -> bool:
     if backend == "reference":
         return True
-    if backend == "cython":
-        return importlib.util.find_spec("evtchn._core") is not None
-    return (importlib.util.find_spec("numba") is not None
-            and importlib.util.find_spec("evtchn.numba_kernels") is not None)
+    module, cls = {"cython": ("evtchn._core", "CythonKernels"),
+                   "numba": ("evtchn.numba_kernels", "NumbaKernels")}[backend]
+    try:
+        return hasattr(importlib.import_module(module), cls)
+    except ImportError:
+        return False
 
 
 BACKENDS = [b for b in ("reference", "cython", "numba")]

@@ -1,0 +1,222 @@
+# Lock-free atomics, futexes and a robust process-shared spinlock over shared memory.
+#
+#     from evtchn._atomics cimport at_load32, at_cas32, evlock_acquire, ...
+#
+# Everything here is a `static inline` C function over GCC's __atomic builtins, callable nogil
+# and noexcept. Several processes map the same segment, so only lock-free atomics are valid: a
+# libatomic lock would live in one process's memory and exclude nobody else. The asserts below
+# make a platform without them fail to compile rather than corrupt state silently.
+#
+# Orders: at_load* is acquire, at_store* is release, the *_relaxed variants are relaxed, every
+# read-modify-write (fetch_*, exchange, cas, test_and_*_bit) is seq_cst; evlock_* take the lock
+# with acquire and drop it with release, which is all a lock needs.
+#
+# Linux-only: the futex helpers use the futex(2) system call.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+
+# (A raw string, so the macro's backslash-newlines reach the generated C intact.)
+cdef extern from * nogil:
+    r"""
+    #ifndef EVTCHN_ATOMICS_H
+    #define EVTCHN_ATOMICS_H
+    #include <errno.h>
+    #include <sched.h>
+    #include <signal.h>
+    #include <stdint.h>
+    #include <sys/syscall.h>
+    #include <sys/types.h>
+    #include <time.h>
+    #include <unistd.h>
+    #include <linux/futex.h>
+
+    _Static_assert(__atomic_always_lock_free(1, 0), "evtchn needs lock-free 1-byte atomics");
+    _Static_assert(__atomic_always_lock_free(2, 0), "evtchn needs lock-free 2-byte atomics");
+    _Static_assert(__atomic_always_lock_free(4, 0), "evtchn needs lock-free 4-byte atomics");
+    _Static_assert(__atomic_always_lock_free(8, 0), "evtchn needs lock-free 8-byte atomics");
+
+    #define EVTCHN_AT_OPS(N, T)                                                                 \
+    static inline T at_load##N(const T *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }    \
+    static inline T at_load_relaxed##N(const T *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); } \
+    static inline void at_store##N(T *p, T v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }    \
+    static inline void at_store_relaxed##N(T *p, T v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); } \
+    static inline T at_fetch_or##N(T *p, T v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); } \
+    static inline T at_fetch_and##N(T *p, T v) { return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST); } \
+    static inline T at_fetch_add##N(T *p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); } \
+    static inline T at_fetch_sub##N(T *p, T v) { return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST); } \
+    static inline T at_exchange##N(T *p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); } \
+    /* Strong CAS: 1 if *p was *expected and is now desired; else 0 and *expected = *p. */    \
+    static inline int at_cas##N(T *p, T *expected, T desired) {                                \
+        return __atomic_compare_exchange_n(p, expected, desired, 0,                            \
+                                           __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                \
+    }                                                                                          \
+    /* Set / clear bit `bit` (0 = least significant) and return its previous value, 0 or 1. */ \
+    static inline int at_test_and_set_bit##N(T *p, unsigned bit) {                             \
+        T m = (T)((T)1 << bit);                                                                \
+        return (__atomic_fetch_or(p, m, __ATOMIC_SEQ_CST) & m) != 0;                           \
+    }                                                                                          \
+    static inline int at_test_and_clear_bit##N(T *p, unsigned bit) {                           \
+        T m = (T)((T)1 << bit);                                                                \
+        return (__atomic_fetch_and(p, (T)~m, __ATOMIC_SEQ_CST) & m) != 0;                      \
+    }
+
+    EVTCHN_AT_OPS(8, uint8_t)
+    EVTCHN_AT_OPS(16, uint16_t)
+    EVTCHN_AT_OPS(32, uint32_t)
+    EVTCHN_AT_OPS(64, uint64_t)
+    #undef EVTCHN_AT_OPS
+
+    static inline void at_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+    /* Spin-wait hint: on x86 PAUSE stops the spinning core from starving its SMT sibling and
+       avoids the memory-order mis-speculation flush when the awaited line finally changes. */
+    static inline void cpu_relax(void) {
+    #if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+    #endif
+    }
+
+    static inline int64_t monotonic_ns(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    }
+
+    /* Sleep while *addr == expected. FUTEX_WAIT without FUTEX_PRIVATE_FLAG keys the wait on the
+       mapped file and offset, so waiters and wakers in different processes meet. Returns 0
+       when woken or when *addr already differed (the caller re-checks its condition either way:
+       wake-ups may be spurious), ETIMEDOUT once timeout_ns (relative, CLOCK_MONOTONIC) passed,
+       EINTR on a signal. timeout_ns < 0 waits forever. */
+    static inline int futex_wait_u32(uint32_t *addr, uint32_t expected, int64_t timeout_ns) {
+        struct timespec ts, *tsp = NULL;
+        if (timeout_ns >= 0) {
+            ts.tv_sec = (time_t)(timeout_ns / 1000000000);
+            ts.tv_nsec = (long)(timeout_ns % 1000000000);
+            tsp = &ts;
+        }
+        if (syscall(SYS_futex, addr, FUTEX_WAIT, expected, tsp, NULL, 0) == 0) return 0;
+        return errno == EAGAIN ? 0 : errno;
+    }
+
+    /* Wake up to n waiters on addr (INT_MAX: all); returns how many woke, or -errno. */
+    static inline int futex_wake_u32(uint32_t *addr, int n) {
+        long r = syscall(SYS_futex, addr, FUTEX_WAKE, n, NULL, NULL, 0);
+        return r < 0 ? -errno : (int)r;
+    }
+
+    /* Robust process-shared spinlock: the u32 word holds the owner's pid, 0 when free.
+       Storing the pid (not just 1) is what lets a waiter notice that the holder died with the
+       lock held (SIGKILL, crash) and take it over, so no process can hang the others forever.
+       Caveats: a killed owner still counts as alive until its parent reaps it (a zombie
+       answers kill(pid, 0)); and a recycled pid reacquiring in the instant between the
+       liveness check and the steal would be robbed; both are accepted for a simulator. */
+    #define EVLOCK_SPINS 100             /* cpu_relax rounds before yielding the CPU */
+    #define EVLOCK_YIELDS_PER_CHECK 256  /* sched_yield rounds between liveness checks */
+
+    static inline int evlock_owner_dead(uint32_t owner) {
+        return kill((pid_t)owner, 0) == -1 && errno == ESRCH;   /* EPERM: alive, not ours */
+    }
+
+    static inline int evlock_try(uint32_t *w, uint32_t mypid) {
+        uint32_t free_ = 0;
+        return __atomic_compare_exchange_n(w, &free_, mypid, 0,
+                                           __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
+    }
+
+    static inline void evlock_acquire(uint32_t *w, uint32_t mypid) {
+        unsigned spins = 0, yields = 0;
+        for (;;) {
+            /* Read before CAS: waiters share the line instead of bouncing it in exclusive state. */
+            uint32_t owner = __atomic_load_n(w, __ATOMIC_RELAXED);
+            if (owner == 0) {
+                if (__atomic_compare_exchange_n(w, &owner, mypid, 0,
+                                                __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+                    return;
+                continue;
+            }
+            if (spins < EVLOCK_SPINS) {
+                spins++;
+                cpu_relax();
+                continue;
+            }
+            /* The holder may be descheduled (more processes than CPUs): give it the CPU. */
+            sched_yield();
+            if (++yields % EVLOCK_YIELDS_PER_CHECK == 0 && evlock_owner_dead(owner)) {
+                /* CAS from the dead pid: if several waiters noticed, exactly one wins. */
+                if (__atomic_compare_exchange_n(w, &owner, mypid, 0,
+                                                __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+                    return;
+            }
+        }
+    }
+
+    static inline void evlock_release(uint32_t *w) { __atomic_store_n(w, 0, __ATOMIC_RELEASE); }
+    #endif /* EVTCHN_ATOMICS_H */
+    """
+    # Acquire load, release store, relaxed variants.
+    uint8_t at_load8(const uint8_t *p) noexcept
+    uint16_t at_load16(const uint16_t *p) noexcept
+    uint32_t at_load32(const uint32_t *p) noexcept
+    uint64_t at_load64(const uint64_t *p) noexcept
+    uint8_t at_load_relaxed8(const uint8_t *p) noexcept
+    uint16_t at_load_relaxed16(const uint16_t *p) noexcept
+    uint32_t at_load_relaxed32(const uint32_t *p) noexcept
+    uint64_t at_load_relaxed64(const uint64_t *p) noexcept
+    void at_store8(uint8_t *p, uint8_t v) noexcept
+    void at_store16(uint16_t *p, uint16_t v) noexcept
+    void at_store32(uint32_t *p, uint32_t v) noexcept
+    void at_store64(uint64_t *p, uint64_t v) noexcept
+    void at_store_relaxed8(uint8_t *p, uint8_t v) noexcept
+    void at_store_relaxed16(uint16_t *p, uint16_t v) noexcept
+    void at_store_relaxed32(uint32_t *p, uint32_t v) noexcept
+    void at_store_relaxed64(uint64_t *p, uint64_t v) noexcept
+
+    # Read-modify-write, seq_cst, returning the old value.
+    uint8_t at_fetch_or8(uint8_t *p, uint8_t v) noexcept
+    uint16_t at_fetch_or16(uint16_t *p, uint16_t v) noexcept
+    uint32_t at_fetch_or32(uint32_t *p, uint32_t v) noexcept
+    uint64_t at_fetch_or64(uint64_t *p, uint64_t v) noexcept
+    uint8_t at_fetch_and8(uint8_t *p, uint8_t v) noexcept
+    uint16_t at_fetch_and16(uint16_t *p, uint16_t v) noexcept
+    uint32_t at_fetch_and32(uint32_t *p, uint32_t v) noexcept
+    uint64_t at_fetch_and64(uint64_t *p, uint64_t v) noexcept
+    uint8_t at_fetch_add8(uint8_t *p, uint8_t v) noexcept
+    uint16_t at_fetch_add16(uint16_t *p, uint16_t v) noexcept
+    uint32_t at_fetch_add32(uint32_t *p, uint32_t v) noexcept
+    uint64_t at_fetch_add64(uint64_t *p, uint64_t v) noexcept
+    uint8_t at_fetch_sub8(uint8_t *p, uint8_t v) noexcept
+    uint16_t at_fetch_sub16(uint16_t *p, uint16_t v) noexcept
+    uint32_t at_fetch_sub32(uint32_t *p, uint32_t v) noexcept
+    uint64_t at_fetch_sub64(uint64_t *p, uint64_t v) noexcept
+    uint8_t at_exchange8(uint8_t *p, uint8_t v) noexcept
+    uint16_t at_exchange16(uint16_t *p, uint16_t v) noexcept
+    uint32_t at_exchange32(uint32_t *p, uint32_t v) noexcept
+    uint64_t at_exchange64(uint64_t *p, uint64_t v) noexcept
+    int at_cas8(uint8_t *p, uint8_t *expected, uint8_t desired) noexcept
+    int at_cas16(uint16_t *p, uint16_t *expected, uint16_t desired) noexcept
+    int at_cas32(uint32_t *p, uint32_t *expected, uint32_t desired) noexcept
+    int at_cas64(uint64_t *p, uint64_t *expected, uint64_t desired) noexcept
+
+    # Old value (0/1) of bit `bit`, which is then set / cleared.
+    int at_test_and_set_bit8(uint8_t *p, unsigned bit) noexcept
+    int at_test_and_set_bit16(uint16_t *p, unsigned bit) noexcept
+    int at_test_and_set_bit32(uint32_t *p, unsigned bit) noexcept
+    int at_test_and_set_bit64(uint64_t *p, unsigned bit) noexcept
+    int at_test_and_clear_bit8(uint8_t *p, unsigned bit) noexcept
+    int at_test_and_clear_bit16(uint16_t *p, unsigned bit) noexcept
+    int at_test_and_clear_bit32(uint32_t *p, unsigned bit) noexcept
+    int at_test_and_clear_bit64(uint64_t *p, unsigned bit) noexcept
+
+    void at_fence() noexcept
+    void cpu_relax() noexcept
+    int64_t monotonic_ns() noexcept
+
+    # 0 (woken, or *addr != expected), ETIMEDOUT, EINTR; timeout_ns < 0: no timeout.
+    int futex_wait_u32(uint32_t *addr, uint32_t expected, int64_t timeout_ns) noexcept
+    # Number of waiters woken, or -errno.
+    int futex_wake_u32(uint32_t *addr, int n) noexcept
+
+    # Robust spinlock on a u32 word holding the owner's pid (0 = free).
+    void evlock_acquire(uint32_t *w, uint32_t mypid) noexcept
+    int evlock_try(uint32_t *w, uint32_t mypid) noexcept
+    void evlock_release(uint32_t *w) noexcept
