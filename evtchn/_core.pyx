@@ -463,30 +463,41 @@ cdef inline int set_pending(const dom_t *d, uint32_t v, uint32_t port) noexcept 
         return fifo_set_pending(d, v, port)
     return bitmap_set_pending(d, v, port)
 
-cdef void hyp_unmask(const dom_t *d, uint32_t port) noexcept nogil:
-    """EVTCHNOP_unmask (evtchn_2l_unmask / evtchn_fifo_unmask)."""
+cdef int hyp_unmask(const dom_t *d, uint32_t port) noexcept nogil:
+    """EVTCHNOP_unmask (evtchn_unmask: evtchn_2l_unmask / evtchn_fifo_unmask under the
+    channel lock, so it cannot relink a port that a concurrent close is freeing). Returns 1 if
+    it set PENDING 0 -> 1 itself (FIFO: the guest acked between the test and set_pending)."""
+    cdef uint32_t *lock = <uint32_t *>(port_at(d, port) + P_LOCK)
+    cdef int edge
+    evlock_acquire(lock, _mypid)
+    edge = hyp_unmask_locked(d, port)
+    evlock_release(lock)
+    return edge
+
+cdef int hyp_unmask_locked(const dom_t *d, uint32_t port) noexcept nogil:
     cdef uint32_t v, w
     cdef uint32_t *word
     if port_state(d, port) <= ECS_RESERVED:
-        return
+        return 0
     v = notify_vcpu(d, port)
     if d.abi == ABI_FIFO:
         word = fifo_word(d, port)
         if word == NULL:
-            return
+            return 0
         at_fetch_and32(word, ~FIFO_MASKED)
         # Relink if pending. As in Xen, a guest may ack (clear PENDING) between this test and
         # set_pending's test_and_set, which then sets PENDING again: the unmask itself makes a
         # new (spurious) edge, so a count of senders' edges can fall short of deliveries here.
         if at_load32(word) & FIFO_PENDING:
-            fifo_set_pending(d, v, port)
-        return
+            return fifo_set_pending(d, v, port)
+        return 0
     w = d.wb
     if (bm_test_and_clear(d, d.mask, port // w, port % w)
             and (bm_load(d, d.pend, port // w) >> (port % w)) & 1):
         raise_selectors(d, v, port)
+    return 0
 
-cdef void guest_unmask(const dom_t *d, uint32_t port) noexcept nogil:
+cdef int guest_unmask(const dom_t *d, uint32_t port) noexcept nogil:
     """Linux: clear MASKED locally, let Xen unmask a pending port. FIFO: clear_masked_cond
     (XSA-332 version), whose cmpxchg expects BUSY clear, so it spins while Xen retries a LINK
     update on this word; 2l/3l: evtchn_2l_unmask's HVM path (clear, test, re-mask, hypercall)."""
@@ -497,17 +508,16 @@ cdef void guest_unmask(const dom_t *d, uint32_t port) noexcept nogil:
     if d.abi == ABI_FIFO:
         word = fifo_word(d, port)
         if word == NULL:
-            return
+            return 0
         w = at_load32(word)
         while True:
             if not w & FIFO_MASKED:
-                return
+                return 0
             if w & FIFO_PENDING:
-                hyp_unmask(d, port)
-                return
+                return hyp_unmask(d, port)
             expected = w & ~FIFO_BUSY
             if at_cas32(word, &expected, expected & ~FIFO_MASKED):
-                return
+                return 0
             w = expected                         # the value seen; BUSY set: spin until clear
     if d.inject == INJ_UNMASK_TEST_FIRST:        # R2: a send in between is left stuck
         pending = (bm_load(d, d.pend, port // wb) >> (port % wb)) & 1
@@ -517,7 +527,8 @@ cdef void guest_unmask(const dom_t *d, uint32_t port) noexcept nogil:
         pending = (bm_load(d, d.pend, port // wb) >> (port % wb)) & 1
     if pending:
         bm_test_and_set(d, d.mask, port // wb, port % wb)
-        hyp_unmask(d, port)
+        return hyp_unmask(d, port)
+    return 0
 
 cdef int expand_array(const dom_t *d) noexcept nogil:
     """EVTCHNOP_expand_array (add_page_to_event_array): the guest fills the page with MASKED,
@@ -934,8 +945,10 @@ cdef class CythonKernels:
 
     def hyp_unmask(self, domid, uint32_t port):
         cdef dom_t *d = self._dom(domid)
+        cdef int edge
         with nogil:
-            hyp_unmask(d, port)
+            edge = hyp_unmask(d, port)
+        return edge
 
     def is_pending(self, domid, uint32_t port):
         cdef dom_t *d = self._dom(domid)
@@ -1070,8 +1083,10 @@ cdef class CythonKernels:
 
     def guest_unmask(self, domid, uint32_t port):
         cdef dom_t *d = self._dom(domid)
+        cdef int edge
         with nogil:
-            guest_unmask(d, port)
+            edge = guest_unmask(d, port)
+        return edge
 
     def consume(self, domid, uint32_t vcpu, uint32_t[::1] out):
         """Run vCPU's upcall handler once into `out`; returns the number of ports delivered."""

@@ -435,9 +435,10 @@ class Domain:
                                         f"{L.FIFO_PRIORITY_MIN} lowest)")
         self._dm.set_port_u8(p, L.P_PRIORITY, prio)
 
-    def hyp_unmask(self, port: int) -> None:
-        """EVTCHNOP_unmask itself: clear the mask and re-raise a pending event."""
-        self._k.hyp_unmask(self.domid, self._valid_port(port))
+    def hyp_unmask(self, port: int) -> int:
+        """EVTCHNOP_unmask itself: clear the mask and re-raise a pending event. Returns 1 if
+        that set PENDING 0 -> 1 (see unmask)."""
+        return self._k.hyp_unmask(self.domid, self._valid_port(port))
 
     def expand_array(self) -> None:
         """EVTCHNOP_expand_array: add the next event-array page (the guest fills it with
@@ -500,10 +501,14 @@ class Domain:
     def mask(self, port: int) -> None:
         self._k.guest_mask(self.domid, self._guest_port(port))
 
-    def unmask(self, port: int) -> None:
+    def unmask(self, port: int) -> int:
         """As a Linux guest unmasks: clear the mask locally; when the port is pending, Xen
-        unmasks it (EVTCHNOP_unmask), which re-raises it on its vCPU."""
-        self._k.guest_unmask(self.domid, self._guest_port(port))
+        unmasks it (EVTCHNOP_unmask), which re-raises it on its vCPU.
+
+        Returns 1 in the rare case that made a new event: FIFO, when the guest acked the
+        port between Xen's test of PENDING and its set_pending (as in Xen), else 0. A harness
+        that counts events exactly adds these to the senders' count."""
+        return self._k.guest_unmask(self.domid, self._guest_port(port))
 
     def is_pending(self, port: int) -> bool:
         return self._k.is_pending(self.domid, self._guest_port(port))

@@ -203,25 +203,27 @@ class ReferenceKernels:
         pend, _ = self._bitmaps(d)
         self._test_and_clear(d.words, pend + port // d.word_bits, port % d.word_bits)
 
-    def hyp_unmask(self, domid: int, port: int) -> None:
-        """EVTCHNOP_unmask body: the caller checked the port is valid."""
+    def hyp_unmask(self, domid: int, port: int) -> int:
+        """EVTCHNOP_unmask body: the caller checked the port is valid. Returns 1 if it set
+        PENDING 0 -> 1 itself (FIFO, when the guest acked between the test and set_pending)."""
         d = self.doms[domid]
         if d.state(port) <= L.ECS_RESERVED:
-            return
+            return 0
         vcpu = d.notify_vcpu(port)
         if d.abi == L.ABI_FIFO:
             wi = self._fifo_word(d, port)
             if wi is None:
-                return
+                return 0
             d.u32[wi] = int(d.u32[wi]) & ~L.FIFO_MASKED
             if d.u32[wi] & L.FIFO_PENDING:
-                self._fifo_set_pending(d, vcpu, port)
-            return
+                return self._fifo_set_pending(d, vcpu, port)
+            return 0
         w = d.word_bits
         pend, mask = self._bitmaps(d)
         if (self._test_and_clear(d.words, mask + port // w, port % w)
                 and d.words[pend + port // w] >> (port % w) & 1):
             self._raise_selectors(d, vcpu, port)
+        return 0
 
     def is_pending(self, domid: int, port: int) -> bool:
         d = self.doms[domid]
@@ -313,22 +315,21 @@ class ReferenceKernels:
         _, mask = self._bitmaps(d)
         self._test_and_set(d.words, mask + port // d.word_bits, port % d.word_bits)
 
-    def guest_unmask(self, domid: int, port: int) -> None:
+    def guest_unmask(self, domid: int, port: int) -> int:
         """Linux: clear MASKED locally; when the port is pending, let Xen unmask it
         (evtchn_2l_unmask, HVM path; events_fifo clear_masked_cond, XSA-332 version)."""
         d = self.doms[domid]
         if d.abi == L.ABI_FIFO:
             wi = self._fifo_word(d, port)
             if wi is None:
-                return
+                return 0
             w = int(d.u32[wi])
             if not w & L.FIFO_MASKED:
-                return
+                return 0
             if w & L.FIFO_PENDING:
-                self.hyp_unmask(domid, port)
-                return
+                return self.hyp_unmask(domid, port)
             d.u32[wi] = w & ~L.FIFO_MASKED              # BUSY is never set with one process
-            return
+            return 0
         w = d.word_bits
         pend, mask = self._bitmaps(d)
         if d.hdr(L.H_INJECT) == INJ_UNMASK_TEST_FIRST:     # R2: pending tested too early
@@ -339,7 +340,8 @@ class ReferenceKernels:
             pending = d.words[pend + port // w] >> (port % w) & 1
         if pending:
             self._test_and_set(d.words, mask + port // w, port % w)
-            self.hyp_unmask(domid, port)
+            return self.hyp_unmask(domid, port)
+        return 0
 
     # -- guest side: the upcall handler --------------------------------------------------------
     def consume(self, domid: int, vcpu: int, out) -> int:
