@@ -21,6 +21,9 @@ cdef extern from * nogil:
     #ifndef EVTCHN_ATOMICS_H
     #define EVTCHN_ATOMICS_H
     #include <errno.h>
+    #include <fcntl.h>
+    #include <stdio.h>
+    #include <string.h>
     #include <sched.h>
     #include <signal.h>
     #include <stdint.h>
@@ -107,14 +110,31 @@ cdef extern from * nogil:
     /* Robust process-shared spinlock: the u32 word holds the owner's pid, 0 when free.
        Storing the pid (not just 1) is what lets a waiter notice that the holder died with the
        lock held (SIGKILL, crash) and take it over, so no process can hang the others forever.
-       Caveats: a killed owner still counts as alive until its parent reaps it (a zombie
-       answers kill(pid, 0)); and a recycled pid reacquiring in the instant between the
+       Caveat: a recycled pid reacquiring in the instant between the
        liveness check and the steal would be robbed; both are accepted for a simulator. */
     #define EVLOCK_SPINS 100             /* cpu_relax rounds before yielding the CPU */
     #define EVLOCK_YIELDS_PER_CHECK 256  /* sched_yield rounds between liveness checks */
 
+    /* Dead: gone (ESRCH), or a zombie (killed, not yet reaped by its parent: it still
+       answers kill(pid, 0), and a parent waiting on its lock before reaping would hang). */
     static inline int evlock_owner_dead(uint32_t owner) {
-        return kill((pid_t)owner, 0) == -1 && errno == ESRCH;   /* EPERM: alive, not ours */
+        char path[32], buf[256];
+        ssize_t n;
+        char *state;
+        int fd;
+        if (kill((pid_t)owner, 0) == -1 && errno == ESRCH)   /* EPERM: alive, not ours */
+            return 1;
+        snprintf(path, sizeof path, "/proc/%u/stat", owner);
+        fd = open(path, O_RDONLY);
+        if (fd < 0)
+            return 0;
+        n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (n <= 0)
+            return 0;
+        buf[n] = 0;
+        state = strrchr(buf, ')');             /* "pid (comm) S ...": comm may hold spaces */
+        return state != NULL && (state[2] == 'Z' || state[2] == 'X');
     }
 
     static inline int evlock_try(uint32_t *w, uint32_t mypid) {

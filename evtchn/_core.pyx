@@ -405,7 +405,12 @@ cdef int fifo_set_pending(const dom_t *d, uint32_t v, uint32_t port) noexcept no
     cdef int linked, do_link
     if word == NULL:                             # replayed when the page is added (917c123029)
         at_store8(<uint8_t *>(pe + P_PENDING), 1)
-        return 0
+        # Dekker with expand_array (which publishes the page, fences, then reads the flag):
+        # if the page appeared meanwhile its replay may have missed our flag, so raise it here.
+        at_fence()
+        word = fifo_word(d, port)
+        if word == NULL:
+            return 0
     if d.inject == INJ_PENDING_BEFORE_LOCK:
         # R9, Xen before 71ac522909: PENDING set and MASKED/LINKED tested before any queue
         # lock, so a concurrent linker can leave this sender returning before the event is
@@ -544,6 +549,7 @@ cdef int expand_array(const dom_t *d) noexcept nogil:
     for i in range(FIFO_WORDS_PER_PAGE):
         at_store_relaxed32(base + i, FIFO_MASKED)
     at_store32(d.array_pages, pages + 1)
+    at_fence()                                   # pairs with fifo_set_pending's re-check
     valid = at_load32(d.valid)
     end = first + FIFO_WORDS_PER_PAGE
     if valid < end:
@@ -1065,8 +1071,12 @@ cdef class CythonKernels:
             if port != 0:
                 plock = <uint32_t *>(port_at(d, port) + P_LOCK)
                 if evlock_try(plock, _mypid):
-                    target = vcpu if per_vcpu else notify_vcpu(d, port)
-                    r = set_pending(d, target, port)
+                    # Xen's virq_lock keeps the binding stable; here re-check under the channel
+                    # lock that the port still serves this VIRQ (it may have been closed and
+                    # re-bound to something else since the lookup).
+                    if virq_port(d, vcpu if per_vcpu else 0, virq) == port:
+                        target = vcpu if per_vcpu else notify_vcpu(d, port)
+                        r = set_pending(d, target, port)
                     evlock_release(plock)
         return r
 

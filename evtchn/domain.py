@@ -163,25 +163,41 @@ class Domain:
                 fill(port)
             self._init_port(port, state, vcpu)
             self._unlock_chans((self.domid, port))
+            self._set_affinity(port, vcpu)
         finally:
             self._unlock_domains(self.domid)
         return port
 
     # -- the guest's side of binding (Linux) ---------------------------------------------------
-    def _guest_bind(self, port: int, vcpu: int) -> None:
-        """Expand the FIFO array to cover the port, bind it to `vcpu`, enable (unmask) it."""
+    def _guest_bind(self, port: int) -> None:
+        """Expand the FIFO array to cover the port, then enable (unmask) it. (The port was
+        bound to its vCPU's cpu_evtchn_mask under the event lock, at allocation.)"""
         dm = self._dm
-        if dm.abi == L.ABI_FIFO:
-            if dm.hdr(L.H_AUTO_EXPAND):
-                while dm.array_pages() * L.FIFO_WORDS_PER_PAGE <= port:
-                    self.expand_array()
-        else:
-            self._set_affinity(port, vcpu)
+        if dm.abi == L.ABI_FIFO and dm.hdr(L.H_AUTO_EXPAND):
+            self._expand_to(port)
         self.unmask(port)
 
+    def _expand_to(self, port: int) -> None:
+        """Add event-array pages until `port` has a word; under the event lock, so two
+        binders never both add a page for the same port."""
+        dm = self._dm
+        self._lock_domains(self.domid)
+        try:
+            while dm.array_pages() * L.FIFO_WORDS_PER_PAGE <= port:
+                r = self._k.expand_array(self.domid)
+                if r < 0:
+                    raise EvtchnError(-r, f"the event array of domain {self.domid} cannot "
+                                          f"grow to port {port}")
+        finally:
+            self._unlock_domains(self.domid)
+
     def _set_affinity(self, port: int, vcpu: int) -> None:
-        """Linux bind_evtchn_to_cpu: the port's bit moves to `vcpu`'s cpu_evtchn_mask."""
+        """Linux bind_evtchn_to_cpu: the port's bit moves to `vcpu`'s cpu_evtchn_mask.
+        Callers hold the event lock (Linux: irq_mapping_update_lock), so two rebinds or a
+        close and a re-bind of the same port cannot interleave their updates."""
         dm, w = self._dm, self._dm.word_bits
+        if dm.abi == L.ABI_FIFO:
+            return
         bit = port % w
         for v in range(dm.vcpus):              # atomics: other ports share these words
             idx = dm.cpumask_word_index(v, port // w)
@@ -204,7 +220,7 @@ class Domain:
             self._dm.set_port_u16(port, L.P_REMOTE_DOM, rd)
             self._dm.set_port_u32(port, L.P_REMOTE_PORT, 0)
         port = self._alloc(L.ECS_UNBOUND, 0, fill)
-        self._guest_bind(port, 0)
+        self._guest_bind(port)
         return port
 
     def bind_interdomain(self, remote_domid: int, remote_port: int) -> int:
@@ -238,9 +254,10 @@ class Domain:
                 self._k.set_pending(self.domid, 0, lport)
             finally:
                 self._unlock_chans(*chans)
+            self._set_affinity(lport, 0)
         finally:
             self._unlock_domains(self.domid, rdom)
-        self._guest_bind(lport, 0)
+        self._guest_bind(lport)
         return lport
 
     def bind_virq(self, virq: int, vcpu: int = 0) -> int:
@@ -268,16 +285,17 @@ class Domain:
             self._init_port(port, L.ECS_VIRQ, vc)
             self._unlock_chans((self.domid, port))
             self._dm.set_virq_port(vc, v_, port)
+            self._set_affinity(port, vc)
         finally:
             self._unlock_domains(self.domid)
-        self._guest_bind(port, vc)
+        self._guest_bind(port)
         return port
 
     def bind_ipi(self, vcpu: int = 0) -> int:
         """A port that this domain's send() raises on `vcpu` of this same domain."""
         vc = self._vcpu(vcpu)
         port = self._alloc(L.ECS_IPI, vc)
-        self._guest_bind(port, vc)
+        self._guest_bind(port)
         return port
 
     # -- EVTCHNOP_close ------------------------------------------------------------------------
@@ -300,11 +318,10 @@ class Domain:
                         continue
             try:
                 self._close_locked(p, state)
+                self._set_affinity(p, 0)         # Linux resets the affinity (R4)
             finally:
                 self._unlock_domains(self.domid, *(() if rdom is None else (rdom,)))
             break
-        if dm.abi != L.ABI_FIFO:                 # Linux resets the affinity (R4)
-            self._set_affinity(p, 0)
 
     def _close_locked(self, p: int, state: int) -> None:
         dm = self._dm
@@ -412,11 +429,18 @@ class Domain:
                                             f"its vcpu cannot change")
             was_masked = self.is_masked(p)
             self.mask(p)
+            # Under the port's channel lock and its peer's: a sender holds the latter while it
+            # reads the notify vCPU and raises it, so it has either finished (the unmask below
+            # re-raises on the new vCPU) or will see the new one.
+            chans = [(self.domid, p)]
+            if state == L.ECS_INTERDOMAIN:
+                chans.append((dm.port_u16(p, L.P_REMOTE_DOM), dm.port_u32(p, L.P_REMOTE_PORT)))
+            self._lock_chans(*chans)
             dm.set_port_u16(p, L.P_NOTIFY_VCPU, vc)
+            self._unlock_chans(*chans)
+            self._set_affinity(p, vc)
         finally:
             self._unlock_domains(self.domid)
-        if dm.abi != L.ABI_FIFO:
-            self._set_affinity(p, vc)
         if not was_masked:
             self.unmask(p)
 
@@ -477,7 +501,12 @@ class Domain:
     def _reset_fifo(self) -> None:
         dm, lay = self._dm, self._dm.layout
         self._lock_domains(self.domid)
+        handlers = [self._base + lay.guest_vcpu(v) + L.G_HANDLER_LOCK for v in range(dm.vcpus)]
+        for h in handlers:                       # no upcall handler runs meanwhile
+            self._k.lock(h)
         try:
+            words = dm.array_pages() * L.FIFO_WORDS_PER_PAGE
+            dm.set_hdr(L.H_ARRAY_PAGES, 0)       # unpublish the array before clearing it
             for v in range(dm.vcpus):
                 cb = lay.control_block(v)
                 dm.u8[cb:cb + L.CONTROL_BLOCK_SIZE] = 0
@@ -490,11 +519,11 @@ class Domain:
             stride = L.PORT_SIZE // 4
             end = ports + stride * self.valid_ports
             dm.u32[ports + L.P_LASTQ // 4:end:stride] = 0
-            words = dm.array_pages() * L.FIFO_WORDS_PER_PAGE
             ea = lay.event_word(0) // 4
             dm.u32[ea:ea + words] = 0
-            dm.set_hdr(L.H_ARRAY_PAGES, 0)
         finally:
+            for h in reversed(handlers):
+                self._k.unlock(h)
             self._unlock_domains(self.domid)
 
     # -- guest side: mask, unmask, tests ------------------------------------------------------
