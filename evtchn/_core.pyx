@@ -940,14 +940,15 @@ cdef class CythonKernels:
         return r
 
     def clear_pending(self, domid, uint32_t port):
+        """Clear PENDING; returns 1 if it was set (an event destroyed undelivered)."""
         cdef dom_t *d = self._dom(domid)
         cdef uint32_t *word
         if d.abi == ABI_FIFO:
             word = fifo_word(d, port)
             if word != NULL:
-                at_fetch_and32(word, ~FIFO_PENDING)
-            return
-        bm_test_and_clear(d, d.pend, port // d.wb, port % d.wb)
+                return 1 if at_fetch_and32(word, ~FIFO_PENDING) & FIFO_PENDING else 0
+            return 0
+        return bm_test_and_clear(d, d.pend, port // d.wb, port % d.wb)
 
     def hyp_unmask(self, domid, uint32_t port):
         cdef dom_t *d = self._dom(domid)

@@ -117,36 +117,49 @@ class Domain:
 
     # -- port allocation (get_free_port) -------------------------------------------------------
     def _get_free_port(self) -> int:
-        """The lowest FREE port that is not still LINKED; the caller holds the event lock."""
+        """The lowest FREE port that is not still LINKED (get_free_port); the caller holds the
+        event lock. H_ALLOC_HINT: no FREE port lies below it, so the scan starts there."""
         dm = self._dm
-        port = dm.hdr(L.H_ALLOC_HINT)
-        hint = None
-        while port < dm.max_ports:
-            if port >= dm.hdr(L.H_VALID) or dm.state(port) == L.ECS_FREE:
-                if hint is None:
-                    hint = port
-                if port >= dm.hdr(L.H_VALID) or not self._k.is_linked(self.domid, port):
-                    break
-            port += 1
-        else:
+        hint, port = None, None
+        for p in self._free_ports_from(dm.hdr(L.H_ALLOC_HINT)):
+            if hint is None:
+                hint = p
+            if p >= dm.hdr(L.H_VALID) or not self._k.is_linked(self.domid, p):
+                port = p
+                break
+        if port is None:
             raise EvtchnError(E.ENOSPC, f"no free port in domain {self.domid}: all "
                                         f"{dm.max_ports - 1} usable ports of its "
                                         f"{self.abi} limit ({dm.max_ports}) are in use")
-        dm.set_hdr(L.H_ALLOC_HINT, hint)
+        dm.set_hdr(L.H_ALLOC_HINT, port + 1 if hint == port else hint)
         valid = dm.hdr(L.H_VALID)
         if port >= valid:                        # allocate buckets; publish the size last
             bucket = L.EVTCHNS_PER_BUCKET
             dm.set_hdr(L.H_VALID, (port // bucket + 1) * bucket)
         return port
 
-    def _free_port(self, port: int) -> None:
+    def _free_ports_from(self, start: int):
+        """FREE ports >= start in increasing order (ports beyond valid_evtchns are free);
+        vectorised over the port table, one chunk at a time."""
+        dm = self._dm
+        stride, chunk = L.PORT_SIZE, 4096
+        base = dm.layout.port(0) + L.P_STATE
+        valid = dm.hdr(L.H_VALID)
+        for lo in range(start, valid, chunk):
+            hi = min(lo + chunk, valid)
+            states = dm.u8[base + lo * stride:base + hi * stride:stride]
+            yield from (lo + int(i) for i in np.flatnonzero(states == L.ECS_FREE))
+        yield from range(max(start, valid), dm.max_ports)
+
+    def _free_port(self, port: int) -> int:
         """evtchn_free: clear PENDING, state FREE, notify vCPU 0 (mask, LINKED untouched)."""
         dm = self._dm
-        self._k.clear_pending(self.domid, port)
+        destroyed = self._k.clear_pending(self.domid, port)
         dm.set_port_u8(port, L.P_STATE, L.ECS_FREE)
         dm.set_port_u16(port, L.P_NOTIFY_VCPU, 0)
         if port < dm.hdr(L.H_ALLOC_HINT):
             dm.set_hdr(L.H_ALLOC_HINT, port)
+        return destroyed
 
     def _init_port(self, port: int, state: int, vcpu: int = 0) -> None:
         dm = self._dm
@@ -299,8 +312,9 @@ class Domain:
         return port
 
     # -- EVTCHNOP_close ------------------------------------------------------------------------
-    def close(self, port: int) -> None:
-        """Close `port`; an interdomain peer goes back to unbound, waiting for us."""
+    def close(self, port: int) -> int:
+        """Close `port`; an interdomain peer goes back to unbound, waiting for us. Returns 1
+        if the port was pending (Xen clears it: that event is never delivered), else 0."""
         p = self._valid_port(port)
         dm = self._dm
         while True:
@@ -317,13 +331,13 @@ class Domain:
                         self._unlock_domains(self.domid, rdom)
                         continue
             try:
-                self._close_locked(p, state)
+                destroyed = self._close_locked(p, state)
                 self._set_affinity(p, 0)         # Linux resets the affinity (R4)
             finally:
                 self._unlock_domains(self.domid, *(() if rdom is None else (rdom,)))
-            break
+            return destroyed
 
-    def _close_locked(self, p: int, state: int) -> None:
+    def _close_locked(self, p: int, state: int) -> int:
         dm = self._dm
         if state in (L.ECS_FREE, L.ECS_RESERVED):
             raise EvtchnError(E.EINVAL, f"port {p} of domain {self.domid} is not bound")
@@ -342,7 +356,7 @@ class Domain:
                 rdm = self.host._dm(rdom)
                 rdm.set_port_u16(rport, L.P_REMOTE_DOM, self.domid)
                 rdm.set_port_u8(rport, L.P_STATE, L.ECS_UNBOUND)
-            self._free_port(p)
+            return self._free_port(p)
         finally:
             self._unlock_chans(*chans)
 
@@ -410,10 +424,11 @@ class Domain:
             fields["virq"] = dm.port_u32(p, L.P_REMOTE_PORT)
         return PortStatus(**fields)
 
-    def bind_vcpu(self, port: int, vcpu: int) -> None:
+    def bind_vcpu(self, port: int, vcpu: int) -> int:
         """Deliver `port` to `vcpu` from now on (Linux xen_rebind_evtchn_to_cpu: mask,
         EVTCHNOP_bind_vcpu, move the binding, unmask, which re-raises a pending event there).
-        An event already on a FIFO queue is still delivered from that queue."""
+        An event already on a FIFO queue is still delivered from that queue. Returns what
+        the final unmask returns (1 if it made a new event, see unmask)."""
         vc = self._vcpu(vcpu)
         p = self._valid_port(port)
         dm = self._dm
@@ -441,8 +456,7 @@ class Domain:
             self._set_affinity(p, vc)
         finally:
             self._unlock_domains(self.domid)
-        if not was_masked:
-            self.unmask(p)
+        return 0 if was_masked else self.unmask(p)
 
     def set_priority(self, port: int, priority: int) -> None:
         """FIFO: the queue used from the port's next link on (an event already LINKED stays)."""

@@ -193,15 +193,19 @@ class ReferenceKernels:
         d.u32[wi] = (w & ~(L.FIFO_BUSY | link_mask)) | port
         return True
 
-    def clear_pending(self, domid: int, port: int) -> None:
+    def clear_pending(self, domid: int, port: int) -> int:
+        """Clear PENDING; returns 1 if it was set (an event destroyed undelivered)."""
         d = self.doms[domid]
         if d.abi == L.ABI_FIFO:
             wi = self._fifo_word(d, port)
-            if wi is not None:
-                d.u32[wi] = int(d.u32[wi]) & ~L.FIFO_PENDING
-            return
+            if wi is None:
+                return 0
+            was = int(d.u32[wi]) >> L.FIFO_PENDING_BIT & 1
+            d.u32[wi] = int(d.u32[wi]) & ~L.FIFO_PENDING
+            return was
         pend, _ = self._bitmaps(d)
-        self._test_and_clear(d.words, pend + port // d.word_bits, port % d.word_bits)
+        return int(self._test_and_clear(d.words, pend + port // d.word_bits,
+                                        port % d.word_bits))
 
     def hyp_unmask(self, domid: int, port: int) -> int:
         """EVTCHNOP_unmask body: the caller checked the port is valid. Returns 1 if it set

@@ -1,0 +1,1289 @@
+"""The Numba backend: every ABI kernel as ``@njit(cache=True)`` code over raw shared-memory
+addresses, with real CPU atomics (evtchn._numba_atomics), in the reference's step order.
+
+``NumbaKernels`` has exactly the interface of ``evtchn.reference.ReferenceKernels``; each method
+is a thin Python call into one jitted kernel. The kernels themselves take a *domain table*: an
+int64 array of shape (domains, NCOLS), one row per domain mapped in this process, holding the
+domain's base address, its configuration (ABI, word and link bits, vCPUs, port limit) and the
+absolute addresses of its regions, read from the domain header when the domain is mapped. What
+other processes change (``H_VALID``, ``H_ARRAY_PAGES``, ``H_INJECT``, port state, ...) is read
+from the shared memory itself on every call, with atomic loads. A row whose base is 0 is a
+domain this process has not mapped: a send to it is refused with -ESRCH (``Domain.send`` maps
+every domain first, so only user code holding an old table can see that).
+
+Multi-process protocol, shared with the Cython kernels and the C benchmark (same lock words,
+same order): EVTCHNOP_send holds the sender's channel lock (``P_LOCK``); FIFO set_pending locks
+the (new, old) queue pair in address order, re-checks and gives up after 3 tries; set_link
+retries with BUSY at most 4 times; the upcall handler runs under the robust per-vCPU handler lock
+(``G_HANDLER_LOCK``); a vCPU blocked in wait() counts itself in ``X_BLOCKED`` and sleeps on the
+``X_KICK`` futex, which mark_upcall_pending bumps and wakes only when someone is blocked. Locks
+are robust spinlocks holding the owner's pid (see _numba_atomics).
+
+Guest-private per-vCPU state (resume position, FIFO local heads and local READY) is accessed
+only under the handler lock, so it uses relaxed atomics; everything another process reads
+without a common lock uses sequentially consistent ones.
+
+Cache: kernels are compiled on first use and cached in ``__pycache__`` (``cache=True``), so a
+worker process loads machine code instead of compiling. Numba keys that cache on this file only;
+``refresh_cache_guard`` drops it when layout.py or _numba_atomics.py (whose constants and code
+are baked in) change.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.core.errors import TypingError
+from numba.cpython.unsafe.numbers import trailing_zeros
+from numba.extending import intrinsic
+
+from . import layout as L
+from ._numba_atomics import (
+    cas_u32, cpu_relax, fence, fetch_add_u32, fetch_and_u8, fetch_and_u32, fetch_and_u64,
+    fetch_or_u8, fetch_or_u32, fetch_or_u64, fetch_sub_u32, futex_wait, futex_wake, load_u8,
+    load_u16, load_u32, load_u64, lock_acquire, lock_release, lock_try, monotonic_ns, store_u8,
+    store_u32, xchg_u32, xchg_u64,
+)
+
+# --- domain table columns -----------------------------------------------------------------------
+(C_BASE, C_ABI, C_WB, C_LB, C_VCPUS, C_MAXP, C_SIZE,
+ C_SI, C_VIEXT, C_CTRL, C_L3P, C_L3M, C_L2SEL, C_PORTS, C_XV, C_GV, C_CPUMASK, C_EA,
+ C_CPUB, C_PEND, C_MASK, C_SEL, C_L2B, C_LINKMASK, C_WSHIFT) = range(25)
+NCOLS = 25
+
+# --- constants baked into the kernels (module globals are compile-time constants) ----------------
+ABI_2L, ABI_3L, ABI_FIFO = L.ABI_2L, L.ABI_3L, L.ABI_FIFO
+ECS_RESERVED, ECS_UNBOUND = L.ECS_RESERVED, L.ECS_UNBOUND
+ECS_INTERDOMAIN, ECS_IPI = L.ECS_INTERDOMAIN, L.ECS_IPI
+PAGE_SIZE, WORDS_PER_PAGE = L.PAGE_SIZE, L.FIFO_WORDS_PER_PAGE
+PENDING, MASKED, LINKED, BUSY = L.FIFO_PENDING, L.FIFO_MASKED, L.FIFO_LINKED, L.FIFO_BUSY
+PENDING_BIT, LINKED_BIT = L.FIFO_PENDING_BIT, L.FIFO_LINKED_BIT
+LOCK_TRIES, LINK_RETRIES = L.FIFO_LOCK_TRIES, L.FIFO_LINK_RETRIES
+CB_READY, CB_HEAD = L.CB_READY, L.CB_HEAD
+PORT_SIZE, P_LOCK, P_REMOTE_PORT, P_REMOTE_DOM = L.PORT_SIZE, L.P_LOCK, L.P_REMOTE_PORT, \
+    L.P_REMOTE_DOM
+P_NOTIFY_VCPU, P_STATE, P_PRIORITY, P_PENDING, P_LASTQ = L.P_NOTIFY_VCPU, L.P_STATE, \
+    L.P_PRIORITY, L.P_PENDING, L.P_LASTQ
+XEN_VCPU_SIZE, X_KICK, X_BLOCKED, X_QUEUES, X_VIRQ = L.XEN_VCPU_SIZE, L.X_KICK, L.X_BLOCKED, \
+    L.X_QUEUES, L.X_VIRQ
+QUEUE_SIZE, Q_TAIL, Q_LOCK = L.QUEUE_SIZE, L.Q_TAIL, L.Q_LOCK
+GUEST_VCPU_SIZE, G_HANDLER_LOCK, G_LOCAL_READY = L.GUEST_VCPU_SIZE, L.G_HANDLER_LOCK, \
+    L.G_LOCAL_READY
+G_LOCAL_HEAD, G_RESUME_WORD, G_RESUME_BIT = L.G_LOCAL_HEAD, L.G_RESUME_WORD, L.G_RESUME_BIT
+VCPU_INFO_SIZE, LEGACY_MAX_VCPUS, VI_UPCALL_PENDING = L.VCPU_INFO_SIZE, L.LEGACY_MAX_VCPUS, \
+    L.VI_UPCALL_PENDING
+H_VALID, H_ARRAY_PAGES, H_INJECT = L.H_VALID, L.H_ARRAY_PAGES, L.H_INJECT
+VIRQ_TIMER, NR_VIRQS = L.VIRQ_TIMER, L.NR_VIRQS
+VIRQ_PER_VCPU_0, VIRQ_PER_VCPU_1, VIRQ_PER_VCPU_2, VIRQ_PER_VCPU_3 = sorted(L.VIRQ_PER_VCPU)
+INJ_SELECTOR_FIRST = L.INJECTIONS["2l-selector-before-upcall-clear"]      # R1
+INJ_UNMASK_TEST_FIRST = L.INJECTIONS["2l-unmask-test-before-clear"]       # R2
+INJ_READY_EVERY_LINK = L.INJECTIONS["fifo-ready-every-link"]              # R6
+INJ_OLD_TAIL_KEPT = L.INJECTIONS["fifo-old-tail-kept"]                    # R7
+INJ_PENDING_BEFORE_LOCK = L.INJECTIONS["fifo-pending-before-lock"]        # R9
+EINVAL, ESRCH, ENOSPC, EINTR = _errno.EINVAL, _errno.ESRCH, _errno.ENOSPC, _errno.EINTR
+FUTEX_WAKE_ALL = 0x7FFFFFFF
+WAIT_SLICE_NS = 50_000_000             # wait() returns to Python this often (Ctrl-C)
+
+_U64_ONE = np.uint64(1)
+_U64_ZERO = np.uint64(0)
+_U64_ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+# --- relaxed / release atomics for lock-protected or publish-only stores -------------------------
+
+def _check_ints(name, **tys):
+    for what, ty in tys.items():
+        if not isinstance(ty, types.Integer):
+            raise TypingError(f"{name}: {what} must be an integer, got {ty}")
+
+
+def _ptr32(context, builder, ty, val):
+    addr = context.cast(builder, val, ty, types.uintp)
+    return builder.inttoptr(addr, ir.IntType(32).as_pointer())
+
+
+@intrinsic
+def _load_rlx_u32(typingctx, addr):
+    """Relaxed (monotonic) atomic load of the u32 at addr."""
+    _check_ints("_load_rlx_u32", addr=addr)
+
+    def codegen(context, builder, sig, args):
+        return builder.load_atomic(_ptr32(context, builder, sig.args[0], args[0]),
+                                   "monotonic", 4)
+    return types.uint32(addr), codegen
+
+
+def _make_store32(ordering, name):
+    @intrinsic
+    def store(typingctx, addr, val):
+        _check_ints(name, addr=addr, val=val)
+
+        def codegen(context, builder, sig, args):
+            ptr = _ptr32(context, builder, sig.args[0], args[0])
+            v = context.cast(builder, args[1], sig.args[1], types.uint32)
+            builder.store_atomic(v, ptr, ordering, 4)
+            return context.get_dummy_value()
+        return types.none(addr, val), codegen
+    store.__doc__ = f"{name}(addr, val): {ordering} atomic store of a u32."
+    return store
+
+
+_store_rlx_u32 = _make_store32("monotonic", "_store_rlx_u32")
+_store_rel_u32 = _make_store32("release", "_store_rel_u32")
+
+
+@intrinsic
+def _tget(typingctx, tb, idx):
+    """Element idx of the int64 domain table at address tb: a plain load marked invariant (the
+    table does not change while a kernel runs), so LLVM may reuse it across atomics."""
+    _check_ints("_tget", tb=tb, idx=idx)
+
+    def codegen(context, builder, sig, args):
+        base = context.cast(builder, args[0], sig.args[0], types.uintp)
+        i = context.cast(builder, args[1], sig.args[1], types.intp)
+        addr = builder.add(base, builder.mul(i, ir.Constant(i.type, 8)))
+        ld = builder.load(builder.inttoptr(addr, ir.IntType(64).as_pointer()), align=8)
+        ld.set_metadata("invariant.load", builder.module.add_metadata([]))
+        return ld
+    return types.int64(tb, idx), codegen
+
+
+def _make_plain(width):
+    uty = {8: types.uint8, 32: types.uint32, 64: types.uint64}[width]
+
+    @intrinsic
+    def load(typingctx, addr):
+        _check_ints("_pload", addr=addr)
+
+        def codegen(context, builder, sig, args):
+            a = context.cast(builder, args[0], sig.args[0], types.uintp)
+            return builder.load(builder.inttoptr(a, ir.IntType(width).as_pointer()),
+                                align=width // 8)
+        return uty(addr), codegen
+
+    @intrinsic
+    def store(typingctx, addr, val):
+        _check_ints("_pstore", addr=addr, val=val)
+
+        def codegen(context, builder, sig, args):
+            a = context.cast(builder, args[0], sig.args[0], types.uintp)
+            v = context.cast(builder, args[1], sig.args[1], uty)
+            builder.store(v, builder.inttoptr(a, ir.IntType(width).as_pointer()),
+                          align=width // 8)
+            return context.get_dummy_value()
+        return types.none(addr, val), codegen
+    return load, store
+
+
+def _make_bit_op(op, width):
+    name = f"_bt{op}{width}"
+
+    @intrinsic
+    def bitop(typingctx, addr, bit):
+        _check_ints(name, addr=addr, bit=bit)
+
+        def codegen(context, builder, sig, args):
+            ity = ir.IntType(width)
+            a = context.cast(builder, args[0], sig.args[0], types.uintp)
+            ptr = builder.inttoptr(a, ity.as_pointer())
+            b = context.cast(builder, args[1], sig.args[1], types.int64)
+            b = builder.trunc(b, ity) if width < 64 else b
+            m = builder.shl(ir.Constant(ity, 1), b)
+            if op == "s":
+                old = builder.atomic_rmw("or", ptr, m, "seq_cst")
+            else:
+                old = builder.atomic_rmw("and", ptr, builder.not_(m), "seq_cst")
+            return builder.icmp_unsigned("!=", builder.and_(old, m), ir.Constant(ity, 0))
+        return types.boolean(addr, bit), codegen
+    what = "set" if op == "s" else "clear"
+    bitop.__doc__ = (f"{name}(addr, bit) -> bool: seq_cst test_and_{what} of a bit of the "
+                     f"u{width} at addr (x86: lock bt{op})")
+    return bitop
+
+
+# Test-and-set/clear of one bit: the RMW and the test in one function let LLVM emit x86's
+# `lock bts` / `lock btr` instead of a cmpxchg loop (fetch_or's full old value is not needed).
+_bts8, _bts32, _bts64 = (_make_bit_op("s", w) for w in (8, 32, 64))
+_btr32, _btr64 = (_make_bit_op("r", w) for w in (32, 64))
+
+
+# Private memory of the calling process (the consumer's output buffer, scratch): plain access.
+_pload_u8, _pstore_u8 = _make_plain(8)
+_pload_u32, _pstore_u32 = _make_plain(32)
+_pload_u64, _pstore_u64 = _make_plain(64)
+
+
+@intrinsic
+def _scratch64(typingctx):
+    """Address of 64 uint64 on the calling function's stack (its entry block)."""
+    def codegen(context, builder, sig, args):
+        buf = cgutils.alloca_once(builder, ir.IntType(64), size=64, name="scratch")
+        return builder.ptrtoint(buf, ir.IntType(64))
+    return types.int64(), codegen
+
+
+# --- W-bit words (xen_ulong_t: 64, or 32 in the compat layout), carried as uint64 ----------------
+
+@njit(cache=True)
+def _wload(addr, wb):
+    if wb == 64:
+        return load_u64(addr)
+    return np.uint64(load_u32(addr))
+
+
+@njit(cache=True)
+def _wor(addr, wb, val):
+    """fetch_or on a W-bit word -> the old value."""
+    if wb == 64:
+        return fetch_or_u64(addr, val)
+    return np.uint64(fetch_or_u32(addr, np.uint32(val & np.uint64(0xFFFFFFFF))))
+
+
+@njit(cache=True)
+def _wand(addr, wb, val):
+    """fetch_and on a W-bit word -> the old value."""
+    if wb == 64:
+        return fetch_and_u64(addr, val)
+    return np.uint64(fetch_and_u32(addr, np.uint32(val & np.uint64(0xFFFFFFFF))))
+
+
+@njit(cache=True)
+def _wxchg(addr, wb, val):
+    if wb == 64:
+        return xchg_u64(addr, val)
+    return np.uint64(xchg_u32(addr, np.uint32(val & np.uint64(0xFFFFFFFF))))
+
+
+@njit(cache=True)
+def _bit(b):
+    return _U64_ONE << np.uint64(b)
+
+
+@njit(inline="always", cache=True)
+def _test_and_set(tb, d, base, idx, bit):
+    """test_and_set of bit `bit` of word `idx` of the W-bit array at `base`."""
+    wb = _T(tb, d, C_WB)
+    if wb == 64:
+        return _bts64(base + idx * 8, bit)
+    return _bts32(base + idx * 4, bit)
+
+
+@njit(inline="always", cache=True)
+def _test_and_clear(tb, d, base, idx, bit):
+    wb = _T(tb, d, C_WB)
+    if wb == 64:
+        return _btr64(base + idx * 8, bit)
+    return _btr32(base + idx * 4, bit)
+
+
+@njit(cache=True)
+def _test(tb, d, base, idx, bit):
+    wb = _T(tb, d, C_WB)
+    return (_wload(base + idx * (wb // 8), wb) >> np.uint64(bit)) & _U64_ONE != _U64_ZERO
+
+
+# --- addresses (the DomainLayout accessors of layout.py, absolute) -------------------------------
+# Internal kernels take the domain table as its address `tb` (and only integers otherwise):
+# passing an array between jitted functions costs two atomic reference-count updates per call.
+
+@njit(cache=True)
+def _T(tb, d, col):
+    return _tget(tb, d * NCOLS + col)
+
+
+@njit(cache=True)
+def _vcpu_info(tb, d, v):
+    if v < LEGACY_MAX_VCPUS:
+        return _T(tb, d, C_SI) + VCPU_INFO_SIZE * v
+    return _T(tb, d, C_VIEXT) + VCPU_INFO_SIZE * (v - LEGACY_MAX_VCPUS)
+
+
+@njit(cache=True)
+def _port(tb, d, port):
+    return _T(tb, d, C_PORTS) + PORT_SIZE * port
+
+
+@njit(cache=True)
+def _xen_vcpu(tb, d, v):
+    return _T(tb, d, C_XV) + XEN_VCPU_SIZE * v
+
+
+@njit(cache=True)
+def _guest_vcpu(tb, d, v):
+    return _T(tb, d, C_GV) + GUEST_VCPU_SIZE * v
+
+
+@njit(cache=True)
+def _control_block(tb, d, v):
+    return _T(tb, d, C_CTRL) + PAGE_SIZE * v
+
+
+@njit(cache=True)
+def _queue(tb, d, v, prio):
+    return _T(tb, d, C_XV) + XEN_VCPU_SIZE * v + X_QUEUES + QUEUE_SIZE * prio
+
+
+@njit(cache=True)
+def _hdr(tb, d, off):
+    return np.int64(load_u32(_T(tb, d, C_BASE) + off))
+
+
+@njit(cache=True)
+def _state(tb, d, port):
+    return np.int64(load_u8(_port(tb, d, port) + P_STATE))
+
+
+@njit(cache=True)
+def _notify_vcpu(tb, d, port):
+    return np.int64(load_u16(_port(tb, d, port) + P_NOTIFY_VCPU))
+
+
+@njit(inline="always", cache=True)
+def _port_ok(tb, d, port):
+    """A port the guest can address (below the domain's limit)."""
+    return port >= 0 and port < _T(tb, d, C_MAXP)
+
+
+@njit(inline="always", cache=True)
+def _vcpu_ok(tb, d, v):
+    return v >= 0 and v < _T(tb, d, C_VCPUS)
+
+
+@njit(cache=True)
+def _fifo_word(tb, d, port):
+    """Address of the port's event word, or 0 when its array page has not been added."""
+    if port < 0 or port >= _hdr(tb, d, H_ARRAY_PAGES) * WORDS_PER_PAGE:
+        return np.int64(0)
+    return _T(tb, d, C_EA) + 4 * port
+
+
+# --- upcall and kick (vcpu_mark_events_pending) --------------------------------------------------
+
+@njit(inline="always", cache=True)
+def _mark_upcall_pending(tb, d, v):
+    if _bts8(_vcpu_info(tb, d, v) + VI_UPCALL_PENDING, 0):
+        return
+    x = _xen_vcpu(tb, d, v)
+    if load_u32(x + X_BLOCKED) != 0:                 # kick only a vCPU blocked in wait()
+        fetch_add_u32(x + X_KICK, 1)
+        futex_wake(x + X_KICK, FUTEX_WAKE_ALL)
+
+
+# --- hypervisor side: 2l / 3l -------------------------------------------------------------------
+
+@njit(inline="always", cache=True)
+def _raise_selectors(tb, d, v, port):
+    """Selector bit(s) of the notify vCPU, then the upcall flag (event_2l.c order)."""
+    w = _T(tb, d, C_WB)
+    ws = _T(tb, d, C_WSHIFT)
+    sel = _vcpu_info(tb, d, v) + _T(tb, d, C_SEL)
+    if _T(tb, d, C_ABI) == ABI_3L:                        # L2 bit port/W covers L3 word port/W
+        l2 = port >> ws
+        if _test_and_set(tb, d, _T(tb, d, C_L2SEL) + _T(tb, d, C_L2B) * v, l2 >> ws, l2 & (w - 1)):
+            return
+        if not _test_and_set(tb, d, sel, 0, l2 >> ws):
+            _mark_upcall_pending(tb, d, v)
+        return
+    if not _test_and_set(tb, d, sel, 0, port >> ws):
+        _mark_upcall_pending(tb, d, v)
+
+
+@njit(inline="always", cache=True)
+def _bitmap_set_pending(tb, d, v, port):
+    w = _T(tb, d, C_WB)
+    ws = _T(tb, d, C_WSHIFT)
+    if _test_and_set(tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1)):
+        return np.int64(0)                             # coalesced
+    if not _test(tb, d, _T(tb, d, C_MASK), port >> ws, port & (w - 1)):
+        _raise_selectors(tb, d, v, port)
+    return np.int64(1)
+
+
+# --- hypervisor side: FIFO -----------------------------------------------------------------------
+
+@njit(cache=True)
+def _fifo_set_link(tb, d, tail_port, port):
+    """evtchn_fifo_set_link: 1 linked, 0 the tail was already consumed (write HEAD)."""
+    tw = _fifo_word(tb, d, tail_port)
+    if tw == 0:
+        return False
+    link_mask = _T(tb, d, C_LINKMASK)
+    w = load_u32(tw)
+    if not w & LINKED:
+        return False
+    old = cas_u32(tw, w, (w & ~(BUSY | link_mask)) | port)
+    if old == w:
+        return True
+    fetch_or_u32(tw, BUSY)                             # the guest cannot clear MASKED now
+    w = load_u32(tw)
+    for _ in range(LINK_RETRIES):
+        if not w & LINKED:
+            fetch_and_u32(tw, ~BUSY)
+            return False
+        old = cas_u32(tw, w, (w & ~(BUSY | link_mask)) | port)
+        if old == w:
+            return True                                # the new value has BUSY clear
+        w = old
+    fetch_and_u32(tw, ~BUSY)                           # misbehaving guest: "not linked"
+    return True
+
+
+@njit(cache=True)
+def _lock(addr, pid):
+    """lock_acquire with its uncontended path inlined (one cmpxchg, no call)."""
+    if load_u32(addr) == 0 and cas_u32(addr, 0, pid) == 0:
+        return
+    lock_acquire(addr, pid)
+
+
+@njit(cache=True)
+def _lock_pair(a, b, pid):
+    if a == b:
+        _lock(a, pid)
+    elif a < b:
+        _lock(a, pid)
+        _lock(b, pid)
+    else:
+        _lock(b, pid)
+        _lock(a, pid)
+
+
+@njit(cache=True)
+def _fifo_link_tail(tb, d, v, prio, q, port):
+    """Append `port` to queue q (locked): LINK on the tail or a new HEAD; True if linked."""
+    tail = q + Q_TAIL
+    linked = False
+    t = load_u32(tail)
+    if t != 0:
+        linked = _fifo_set_link(tb, d, np.int64(t), port)
+    if not linked:                                     # the queue was empty: new HEAD
+        _store_rel_u32(_control_block(tb, d, v) + CB_HEAD + 4 * prio, port)
+    _store_rel_u32(tail, port)
+    return linked
+
+
+@njit(cache=True)
+def _fifo_ready(tb, d, v, prio):
+    if not _bts32(_control_block(tb, d, v) + CB_READY, prio):
+        _mark_upcall_pending(tb, d, v)
+
+
+@njit(cache=True)
+def _fifo_set_pending(tb, d, v, port, pid):
+    """event_fifo.c evtchn_fifo_set_pending, after Xen 71ac522909 (queue locks first)."""
+    wa = _fifo_word(tb, d, port)
+    pe = _port(tb, d, port)
+    if wa == 0:
+        store_u8(pe + P_PENDING, 1)                     # replayed when the page is added
+        return np.int64(0)
+    inject = _hdr(tb, d, H_INJECT)
+    if inject == INJ_PENDING_BEFORE_LOCK:
+        return _fifo_set_pending_pre71ac(tb, d, v, port, pid, wa, pe)
+    lastq = np.int64(0)
+    prio = np.int64(0)
+    q = np.int64(0)
+    oq = np.int64(0)
+    locked = False
+    for _ in range(LOCK_TRIES):                        # lock the (new, old) queue pair
+        lastq = np.int64(load_u32(pe + P_LASTQ))
+        prio = np.int64(load_u8(pe + P_PRIORITY))
+        q = _queue(tb, d, v, prio)
+        oq = _queue(tb, d, lastq >> 16, lastq & 0xFF)
+        _lock_pair(q + Q_LOCK, oq + Q_LOCK, pid)
+        if lastq == load_u32(pe + P_LASTQ) and prio == load_u8(pe + P_PRIORITY):
+            locked = True
+            break
+        if oq != q:
+            lock_release(oq + Q_LOCK)
+        lock_release(q + Q_LOCK)
+    if not locked:
+        return np.int64(0)                             # "too many queue changes": nothing set
+    first = not _bts32(wa, PENDING_BIT)
+    linked = True
+    did_link = False
+    if not (load_u32(wa) & MASKED) and not _bts32(wa, LINKED_BIT):
+        did_link = True
+        if inject != INJ_OLD_TAIL_KEPT and load_u32(oq + Q_TAIL) == port:
+            _store_rel_u32(oq + Q_TAIL, 0)             # an old tail: that queue is now empty
+        if oq != q:
+            _store_rel_u32(pe + P_LASTQ, (v << 16) | prio)
+            lock_release(oq + Q_LOCK)
+            oq = q
+        linked = _fifo_link_tail(tb, d, v, prio, q, port)
+    if oq != q:
+        lock_release(oq + Q_LOCK)
+    lock_release(q + Q_LOCK)
+    if not linked or (did_link and inject == INJ_READY_EVERY_LINK):
+        _fifo_ready(tb, d, v, prio)
+    return np.int64(first)
+
+
+@njit(cache=True)
+def _fifo_set_pending_pre71ac(tb, d, v, port, pid, wa, pe):
+    """R9: evtchn_fifo_set_pending before Xen 71ac522909. PENDING is set and MASKED/LINKED are
+    tested without any queue lock; only then is the old queue locked (3 tries), LINKED set
+    inside it, and the lock handed over to the new queue after unlocking the old one."""
+    was_pending = _bts32(wa, PENDING_BIT)
+    w = load_u32(wa)
+    if not (w & MASKED) and not (w & LINKED):
+        prio = np.int64(load_u8(pe + P_PRIORITY))     # no lock: may race a priority change
+        q = _queue(tb, d, v, prio)
+        oq = np.int64(0)
+        locked = False
+        for _ in range(LOCK_TRIES):                    # lock_old_queue
+            lastq = np.int64(load_u32(pe + P_LASTQ))
+            oq = _queue(tb, d, lastq >> 16, lastq & 0xFF)
+            _lock(oq + Q_LOCK, pid)
+            if lastq == load_u32(pe + P_LASTQ):
+                locked = True
+                break
+            lock_release(oq + Q_LOCK)
+        if locked:
+            if _bts32(wa, LINKED_BIT):
+                lock_release(oq + Q_LOCK)
+            else:
+                if load_u32(oq + Q_TAIL) == port:
+                    _store_rel_u32(oq + Q_TAIL, 0)
+                if oq != q:
+                    _store_rel_u32(pe + P_LASTQ, (v << 16) | prio)
+                    lock_release(oq + Q_LOCK)
+                    _lock(q + Q_LOCK, pid)
+                linked = _fifo_link_tail(tb, d, v, prio, q, port)
+                lock_release(q + Q_LOCK)
+                if not linked:
+                    _fifo_ready(tb, d, v, prio)
+    return np.int64(not was_pending)
+
+
+@njit(inline="always", cache=True)
+def _set_pending(tb, d, v, port, pid):
+    if _state(tb, d, port) <= ECS_RESERVED:           # evtchn_usable()
+        return np.int64(0)
+    if _T(tb, d, C_ABI) == ABI_FIFO:
+        return _fifo_set_pending(tb, d, v, port, pid)
+    return _bitmap_set_pending(tb, d, v, port)
+
+
+@njit(cache=True)
+def _hyp_unmask(tb, d, port, pid):
+    """EVTCHNOP_unmask body; the caller checked that the port is valid."""
+    if _state(tb, d, port) <= ECS_RESERVED:
+        return
+    v = _notify_vcpu(tb, d, port)
+    if _T(tb, d, C_ABI) == ABI_FIFO:
+        wa = _fifo_word(tb, d, port)
+        if wa == 0:
+            return
+        fetch_and_u32(wa, ~MASKED)
+        if load_u32(wa) & PENDING:
+            _fifo_set_pending(tb, d, v, port, pid)
+        return
+    w = _T(tb, d, C_WB)
+    ws = _T(tb, d, C_WSHIFT)
+    if (_test_and_clear(tb, d, _T(tb, d, C_MASK), port >> ws, port & (w - 1))
+            and _test(tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1))):
+        _raise_selectors(tb, d, v, port)
+
+
+# --- entry kernels: hypervisor side --------------------------------------------------------------
+
+@njit(cache=True)
+def _clear_pending(tb, d, port):
+    if _T(tb, d, C_ABI) == ABI_FIFO:
+        wa = _fifo_word(tb, d, port)
+        if wa != 0:
+            fetch_and_u32(wa, ~PENDING)
+        return
+    w = _T(tb, d, C_WB)
+    ws = _T(tb, d, C_WSHIFT)
+    _test_and_clear(tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1))
+
+
+@njit(cache=True)
+def _is_pending(tb, d, port):
+    if _T(tb, d, C_ABI) == ABI_FIFO:
+        wa = _fifo_word(tb, d, port)
+        return wa != 0 and (load_u32(wa) & PENDING) != 0
+    w = _T(tb, d, C_WB)
+    ws = _T(tb, d, C_WSHIFT)
+    return _test(tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1))
+
+
+@njit(cache=True)
+def _is_masked(tb, d, port):
+    if _T(tb, d, C_ABI) == ABI_FIFO:
+        wa = _fifo_word(tb, d, port)
+        return wa == 0 or (load_u32(wa) & MASKED) != 0
+    w = _T(tb, d, C_WB)
+    ws = _T(tb, d, C_WSHIFT)
+    return _test(tb, d, _T(tb, d, C_MASK), port >> ws, port & (w - 1))
+
+
+@njit(cache=True)
+def _is_linked(tb, d, port):
+    if _T(tb, d, C_ABI) != ABI_FIFO:
+        return False
+    wa = _fifo_word(tb, d, port)
+    return wa != 0 and (load_u32(wa) & LINKED) != 0
+
+
+@njit(cache=True)
+def _expand_array(tb, d, pid):
+    """Linux fills the new page with MASKED; EVTCHNOP_expand_array publishes it and re-raises
+    the ports of its range sent to while it was missing. 0 or -ENOSPC; the caller holds the
+    event lock."""
+    pages = _hdr(tb, d, H_ARRAY_PAGES)
+    first = pages * WORDS_PER_PAGE
+    if first >= np.int64(1) << _T(tb, d, C_LB):
+        return np.int64(-ENOSPC)
+    base = _T(tb, d, C_EA) + 4 * first
+    for i in range(WORDS_PER_PAGE):
+        store_u32(base + 4 * i, MASKED)
+    store_u32(_T(tb, d, C_BASE) + H_ARRAY_PAGES, pages + 1)   # publish after the words
+    valid = _hdr(tb, d, H_VALID)
+    for port in range(first, min(first + WORDS_PER_PAGE, valid)):
+        if load_u8(_port(tb, d, port) + P_PENDING):
+            _fifo_set_pending(tb, d, _notify_vcpu(tb, d, port), port, pid)
+    return np.int64(0)
+
+
+@njit(inline="always", cache=True)
+def _send(tb, nrows, d, port, pid):
+    """EVTCHNOP_send under the sender's channel lock: 1 new edge, 0 coalesced or dropped,
+    -errno when refused."""
+    if port < 0 or port >= _hdr(tb, d, H_VALID):
+        return np.int64(-EINVAL)
+    pe = _port(tb, d, port)
+    _lock(pe + P_LOCK, pid)
+    state = np.int64(load_u8(pe + P_STATE))
+    if state == ECS_INTERDOMAIN:
+        rd = np.int64(load_u16(pe + P_REMOTE_DOM))
+        rport = np.int64(load_u32(pe + P_REMOTE_PORT))
+        if rd >= nrows or _T(tb, rd, C_BASE) == 0:
+            r = np.int64(-ESRCH)                       # a peer this table does not map
+        else:
+            r = _set_pending(tb, rd, _notify_vcpu(tb, rd, rport), rport, pid)
+    elif state == ECS_IPI:
+        r = _set_pending(tb, d, _notify_vcpu(tb, d, port), port, pid)
+    elif state == ECS_UNBOUND:
+        r = np.int64(0)                                # dropped silently, as Xen does
+    else:
+        r = np.int64(-EINVAL)
+    lock_release(pe + P_LOCK)
+    return r
+
+
+@njit(cache=True)
+def _raise_virq(tb, d, virq, v, pid):
+    """send_guest_vcpu_virq / send_guest_domain_virq: a channel lock that is taken means the
+    port is being closed or rebound, and the event is dropped, as Xen's trylock does."""
+    per_vcpu = (virq == VIRQ_PER_VCPU_0 or virq == VIRQ_PER_VCPU_1 or
+                virq == VIRQ_PER_VCPU_2 or virq == VIRQ_PER_VCPU_3)
+    port = np.int64(load_u32(_xen_vcpu(tb, d, v if per_vcpu else 0) + X_VIRQ + 4 * virq))
+    if port == 0:
+        return np.int64(0)
+    lk = _port(tb, d, port) + P_LOCK
+    if not lock_try(lk, pid):
+        return np.int64(0)
+    r = _set_pending(tb, d, v if per_vcpu else _notify_vcpu(tb, d, port), port, pid)
+    lock_release(lk)
+    return r
+
+
+# --- entry kernels: guest mask / unmask ----------------------------------------------------------
+
+@njit(cache=True)
+def _guest_mask(tb, d, port):
+    if _T(tb, d, C_ABI) == ABI_FIFO:
+        wa = _fifo_word(tb, d, port)
+        if wa != 0:
+            fetch_or_u32(wa, MASKED)
+        return
+    w = _T(tb, d, C_WB)
+    ws = _T(tb, d, C_WSHIFT)
+    _test_and_set(tb, d, _T(tb, d, C_MASK), port >> ws, port & (w - 1))
+
+
+@njit(cache=True)
+def _guest_unmask(tb, d, port, pid):
+    """Linux: clear the mask locally; a pending port is unmasked by Xen (EVTCHNOP_unmask),
+    which re-raises it (evtchn_2l_unmask HVM path; events_fifo clear_masked_cond)."""
+    fence()                                            # XSA-332: earlier writes first
+    if _T(tb, d, C_ABI) == ABI_FIFO:
+        wa = _fifo_word(tb, d, port)
+        if wa == 0:
+            return
+        w = load_u32(wa)
+        while True:
+            if not w & MASKED:
+                return
+            if w & PENDING:
+                _hyp_unmask(tb, d, port, pid)
+                return
+            expected = w & ~BUSY                       # fails while Xen holds BUSY: spin
+            old = cas_u32(wa, expected, expected & ~MASKED)
+            if old == expected:
+                return
+            w = old
+            cpu_relax()
+    w = _T(tb, d, C_WB)
+    ws = _T(tb, d, C_WSHIFT)
+    mask = _T(tb, d, C_MASK)
+    if _hdr(tb, d, H_INJECT) == INJ_UNMASK_TEST_FIRST:    # R2: pending tested too early
+        pending = _test(tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1))
+        _test_and_clear(tb, d, mask, port >> ws, port & (w - 1))
+    else:
+        _test_and_clear(tb, d, mask, port >> ws, port & (w - 1))
+        pending = _test(tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1))
+    if pending:
+        _test_and_set(tb, d, mask, port >> ws, port & (w - 1))
+        _hyp_unmask(tb, d, port, pid)
+
+
+# --- guest side: the upcall handler --------------------------------------------------------------
+# `out` is the caller's uint32 buffer (address, capacity); `pw` a scratch bitmap of W-bit words
+# (address): bit k set = pending-array word k still to scan (2l: one word; 3l: W words).
+
+@njit(cache=True)
+def _active(tb, d, v, word):
+    """pending & ~mask & cpu_evtchn_mask[cpu] of one word (active_evtchns)."""
+    wb = _T(tb, d, C_WB)
+    wbytes = wb // 8
+    pend = _wload(_T(tb, d, C_PEND) + word * wbytes, wb)
+    mask = _wload(_T(tb, d, C_MASK) + word * wbytes, wb)
+    cpu = _wload(_T(tb, d, C_CPUMASK) + _T(tb, d, C_CPUB) * v + word * wbytes, wb)
+    return pend & ~mask & cpu
+
+
+@njit(inline="always", cache=True)
+def _deliver(tb, d, port, out, n):
+    """The IRQ ack then the handler: delivered iff this atomic clear saw PENDING set."""
+    w = _T(tb, d, C_WB)
+    ws = _T(tb, d, C_WSHIFT)
+    if _test_and_clear(tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1)):
+        _pstore_u32(out + 4 * n, port)
+        return n + 1
+    return n
+
+
+@njit(cache=True)
+def _take_selectors(tb, d, v, pw, npw):
+    """xchg the selector(s) to 0 into pw: bit k of the pw words = pending-array word k."""
+    wb = _T(tb, d, C_WB)
+    l1 = _wxchg(_vcpu_info(tb, d, v) + _T(tb, d, C_SEL), wb, _U64_ZERO)
+    if _T(tb, d, C_ABI) == ABI_2L:
+        _pstore_u64(pw, l1)
+        return
+    l2base = _T(tb, d, C_L2SEL) + _T(tb, d, C_L2B) * v
+    for j in range(npw):
+        if (l1 >> np.uint64(j)) & _U64_ONE:
+            _pstore_u64(pw + 8 * j, _wxchg(l2base + j * (wb // 8), wb, _U64_ZERO))
+        else:
+            _pstore_u64(pw + 8 * j, _U64_ZERO)
+
+
+@njit(cache=True)
+def _put_back(tb, d, v, pw, npw):
+    """Return unscanned selector bits, then set the upcall flag (a software resend)."""
+    wb = _T(tb, d, C_WB)
+    sel = _vcpu_info(tb, d, v) + _T(tb, d, C_SEL)
+    if _T(tb, d, C_ABI) == ABI_2L:
+        _wor(sel, wb, _pload_u64(pw))
+    else:
+        l2base = _T(tb, d, C_L2SEL) + _T(tb, d, C_L2B) * v
+        l1 = _U64_ZERO
+        for j in range(npw):
+            x = _pload_u64(pw + 8 * j)
+            if x != _U64_ZERO:
+                _wor(l2base + j * (wb // 8), wb, x)
+                l1 |= _bit(j)
+        _wor(sel, wb, l1)
+    fetch_or_u8(_vcpu_info(tb, d, v) + VI_UPCALL_PENDING, 1)
+
+
+@njit(cache=True)
+def _find_from(pw, npw, w, start):
+    """The lowest set bit >= start of the bitmap pw (W bits per word), or -1."""
+    ws = 6 if w == 64 else 5
+    j = start >> ws
+    if j >= npw:
+        return np.int64(-1)
+    x = _pload_u64(pw + 8 * j) & (_U64_ALL << np.uint64(start & (w - 1)))
+    while True:
+        if x != _U64_ZERO:
+            return j * w + np.int64(trailing_zeros(x))
+        j += 1
+        if j >= npw:
+            return np.int64(-1)
+        x = _pload_u64(pw + 8 * j)
+
+
+@njit(cache=True)
+def _any(pw, npw):
+    for j in range(npw):
+        if _pload_u64(pw + 8 * j) != _U64_ZERO:
+            return True
+    return False
+
+
+@njit(cache=True)
+def _bitmap_handle(tb, d, v, out, cap, n, pw, npw, taken):
+    """events_2l.c evtchn_2l_handle_events (3l: one more selector level): the timer first,
+    then a rotating scan resuming after the last port handled. -> (n, out was full)"""
+    w = _T(tb, d, C_WB)
+    ws = _T(tb, d, C_WSHIFT)
+    timer = np.int64(load_u32(_xen_vcpu(tb, d, v) + X_VIRQ + 4 * VIRQ_TIMER))
+    if timer != 0 and n < cap and ((_active(tb, d, v, timer >> ws) >> np.uint64(timer & (w - 1)))
+                                   & _U64_ONE) != _U64_ZERO:
+        n = _deliver(tb, d, timer, out, n)
+    if not taken:
+        _take_selectors(tb, d, v, pw, npw)
+    nwords = w if _T(tb, d, C_ABI) == ABI_2L else w * w
+    g = _guest_vcpu(tb, d, v)
+    start_word = np.int64(_load_rlx_u32(g + G_RESUME_WORD))
+    start_bit = np.int64(_load_rlx_u32(g + G_RESUME_BIT))
+    word = start_word
+    i = 0
+    while _any(pw, npw):
+        nxt = _find_from(pw, npw, w, word)
+        if nxt < 0:                                    # wrap around
+            word = 0
+            i += 1
+            continue
+        word = nxt
+        bits = _active(tb, d, v, word)
+        bit = start_bit if (word == start_word and i == 0) else 0
+        while True:
+            cand = bits & (_U64_ALL << np.uint64(bit))
+            if cand == _U64_ZERO:
+                break
+            if n == cap:                               # out is full: give the rest back
+                _put_back(tb, d, v, pw, npw)
+                return n, True
+            bit = np.int64(trailing_zeros(cand))
+            n = _deliver(tb, d, word * w + bit, out, n)
+            bit = (bit + 1) & (w - 1)
+            _store_rlx_u32(g + G_RESUME_BIT, bit)
+            _store_rlx_u32(g + G_RESUME_WORD, word if bit != 0 else (word + 1) & (nwords - 1))
+            if bit == 0:
+                break
+        if word != start_word or i != 0:               # the start word is scanned twice
+            at = pw + 8 * (word >> ws)
+            _pstore_u64(at, _pload_u64(at) & ~_bit(word & (w - 1)))
+        word = (word + 1) & (nwords - 1)
+        i += 1
+    return n, False
+
+
+@njit(cache=True)
+def _fifo_consume_one(tb, d, v, q, ready, out, n):
+    """events_fifo.c consume_one: clear_linked by cmpxchg, deliver iff PENDING and not MASKED
+    and our atomic clear of PENDING saw it; the next LINK becomes the local head."""
+    slot = _guest_vcpu(tb, d, v) + G_LOCAL_HEAD + 4 * q
+    port = np.int64(_load_rlx_u32(slot))
+    if port == 0:
+        port = np.int64(load_u32(_control_block(tb, d, v) + CB_HEAD + 4 * q))
+    wa = _fifo_word(tb, d, port) if port != 0 else np.int64(0)
+    if wa == 0:                                        # no valid HEAD: nothing to take
+        return ready & ~np.uint32(1 << q), n
+    link_mask = _T(tb, d, C_LINKMASK)
+    w = load_u32(wa)
+    while True:
+        old = cas_u32(wa, w, w & ~(LINKED | link_mask))
+        if old == w:
+            break
+        w = old
+    nxt = np.int64(w & link_mask)
+    if nxt == 0:
+        ready &= ~np.uint32(1 << q)
+    w = load_u32(wa)
+    if (w & PENDING) and not (w & MASKED):             # masked: dropped, stays PENDING
+        if _btr32(wa, PENDING_BIT):
+            _pstore_u32(out + 4 * n, port)
+            n += 1
+    _store_rlx_u32(slot, nxt)
+    return ready, n
+
+
+@njit(cache=True)
+def _fifo_handle(tb, d, v, out, cap, n):
+    """events_fifo.c __evtchn_fifo_handle_events: lowest ready priority first, READY re-read
+    after every event so a higher priority preempts."""
+    cb_ready = _control_block(tb, d, v) + CB_READY
+    local_ready = _guest_vcpu(tb, d, v) + G_LOCAL_READY
+    ready = _load_rlx_u32(local_ready) | xchg_u32(cb_ready, 0)
+    _store_rlx_u32(local_ready, 0)
+    while ready != 0:
+        if n == cap:
+            _store_rlx_u32(local_ready, ready)
+            fetch_or_u8(_vcpu_info(tb, d, v) + VI_UPCALL_PENDING, 1)
+            return n, True
+        q = np.int64(trailing_zeros(ready))
+        ready, n = _fifo_consume_one(tb, d, v, q, ready, out, n)
+        ready |= xchg_u32(cb_ready, 0)
+    return n, False
+
+
+@njit(cache=True)
+def _consume(tb, d, v, out, cap, pid):
+    """__xen_evtchn_do_upcall under the vCPU's handler lock: clear upcall_pending, handle
+    events, repeat while it was set again; stops early when out (cap ports) is full."""
+    hl = _guest_vcpu(tb, d, v) + G_HANDLER_LOCK
+    _lock(hl, pid)
+    flag = _vcpu_info(tb, d, v) + VI_UPCALL_PENDING
+    abi = _T(tb, d, C_ABI)
+    pw = _scratch64()
+    npw = _T(tb, d, C_WB) if abi == ABI_3L else 1
+    r1 = abi != ABI_FIFO and _hdr(tb, d, H_INJECT) == INJ_SELECTOR_FIRST
+    n = np.int64(0)
+    while True:
+        if abi == ABI_FIFO:
+            store_u8(flag, 0)
+            n, full = _fifo_handle(tb, d, v, out, cap, n)
+        elif r1:                                       # R1: the selector swapped first
+            _take_selectors(tb, d, v, pw, npw)
+            store_u8(flag, 0)
+            n, full = _bitmap_handle(tb, d, v, out, cap, n, pw, npw, True)
+        else:
+            store_u8(flag, 0)                          # the master flag, then the selector
+            n, full = _bitmap_handle(tb, d, v, out, cap, n, pw, npw, False)
+        if full or not (load_u8(flag) & 1):
+            break
+    lock_release(hl)
+    return n
+
+
+@njit(nogil=True, cache=True)
+def _wait(tb, d, v, timeout_ns):
+    """Sleep on the vCPU's kick futex until its upcall flag is set (True) or timeout_ns passed
+    (False; < 0 waits forever). Returns early (False) when a signal interrupts the futex."""
+    x = _xen_vcpu(tb, d, v)
+    flag = _vcpu_info(tb, d, v) + VI_UPCALL_PENDING
+    fetch_add_u32(x + X_BLOCKED, 1)
+    deadline = monotonic_ns() + timeout_ns
+    got = False
+    while True:
+        seen = load_u32(x + X_KICK)
+        if load_u8(flag) & 1:
+            got = True
+            break
+        if timeout_ns < 0:
+            left = np.int64(-1)
+        else:
+            left = deadline - monotonic_ns()
+            if left <= 0:
+                break
+        if futex_wait(x + X_KICK, seen, left) == -EINTR:
+            break
+    fetch_sub_u32(x + X_BLOCKED, 1)
+    return got
+
+
+@njit(cache=True)
+def _upcall_pending(tb, d, v):
+    return (load_u8(_vcpu_info(tb, d, v) + VI_UPCALL_PENDING) & 1) != 0
+
+
+# --- entry kernels: the domain table as an array, called once per Python call --------------------
+
+@njit(cache=True)
+def _tb(dt):
+    return np.int64(dt.ctypes.data)
+
+
+@njit(cache=True)
+def k_set_pending(dt, d, v, port, pid):
+    """set_pending on (domain d, vCPU v, port) -> 1 if PENDING went 0 -> 1, else 0."""
+    return _set_pending(_tb(dt), d, v, port, pid)
+
+
+@njit(cache=True)
+def k_clear_pending(dt, d, port):
+    _clear_pending(_tb(dt), d, port)
+
+
+@njit(cache=True)
+def k_hyp_unmask(dt, d, port, pid):
+    _hyp_unmask(_tb(dt), d, port, pid)
+
+
+@njit(cache=True)
+def k_is_pending(dt, d, port):
+    return _is_pending(_tb(dt), d, port)
+
+
+@njit(cache=True)
+def k_is_masked(dt, d, port):
+    return _is_masked(_tb(dt), d, port)
+
+
+@njit(cache=True)
+def k_is_linked(dt, d, port):
+    return _is_linked(_tb(dt), d, port)
+
+
+@njit(cache=True)
+def k_expand_array(dt, d, pid):
+    return _expand_array(_tb(dt), d, pid)
+
+
+@njit(cache=True)
+def k_send(dt, d, port, pid):
+    return _send(_tb(dt), dt.shape[0], d, port, pid)
+
+
+@njit(nogil=True, cache=True)
+def _send_many(tb, nrows, d, ports, nports, edges, nedges, pid):
+    """send() each port of the uint32 array at `ports`; the uint8 array at `edges` gets 1 where
+    that send was a new edge (skipped when nedges < nports). Stops at the first refusal:
+    (number sent, errno or 0)."""
+    write = nedges >= nports
+    for i in range(nports):
+        r = _send(tb, nrows, d, np.int64(_pload_u32(ports + 4 * i)), pid)
+        if r < 0:
+            return np.int64(i), -r
+        if write:
+            _pstore_u8(edges + i, r)
+    return np.int64(nports), np.int64(0)
+
+
+@njit(nogil=True, cache=True)
+def k_send_many(dt, d, ports, edges, pid):
+    return _send_many(_tb(dt), dt.shape[0], d, np.int64(ports.ctypes.data), ports.shape[0],
+                      np.int64(edges.ctypes.data), edges.shape[0], pid)
+
+
+@njit(cache=True)
+def k_raise_virq(dt, d, virq, v, pid):
+    return _raise_virq(_tb(dt), d, virq, v, pid)
+
+
+@njit(cache=True)
+def k_guest_mask(dt, d, port):
+    _guest_mask(_tb(dt), d, port)
+
+
+@njit(cache=True)
+def k_guest_unmask(dt, d, port, pid):
+    _guest_unmask(_tb(dt), d, port, pid)
+
+
+@njit(nogil=True, cache=True)
+def k_consume(dt, d, v, out, pid):
+    return _consume(_tb(dt), d, v, np.int64(out.ctypes.data), out.shape[0], pid)
+
+
+@njit(nogil=True, cache=True)
+def k_wait(dt, d, v, timeout_ns):
+    return _wait(_tb(dt), d, v, timeout_ns)
+
+
+@njit(cache=True)
+def k_upcall_pending(dt, d, v):
+    return _upcall_pending(_tb(dt), d, v)
+
+
+# --- locks and guest bitops at raw addresses (the control plane's primitives) --------------------
+
+@njit(cache=True)
+def k_lock(addr, pid):
+    return lock_acquire(addr, pid)
+
+
+@njit(cache=True)
+def k_trylock(addr, pid):
+    return lock_try(addr, pid)
+
+
+@njit(cache=True)
+def k_unlock(addr):
+    lock_release(addr)
+
+
+@njit(cache=True)
+def k_set_bit(addr, bit, wb):
+    _wor(addr, wb, _bit(bit))
+
+
+@njit(cache=True)
+def k_clear_bit(addr, bit, wb):
+    _wand(addr, wb, ~_bit(bit))
+
+
+# --- the domain table ----------------------------------------------------------------------------
+
+def table_row(dm) -> np.ndarray:
+    """The domain-table row of one mapped domain (evtchn.memory.DomainMemory)."""
+    lay, base = dm.layout, dm.seg.address
+    off = lay.offsets
+    row = np.zeros(NCOLS, np.int64)
+    row[C_BASE] = base
+    row[C_ABI], row[C_WB], row[C_LB] = dm.abi, dm.word_bits, dm.link_bits
+    row[C_VCPUS], row[C_MAXP], row[C_SIZE] = dm.vcpus, dm.max_ports, dm.seg.size
+    for col, name in ((C_SI, "shared_info"), (C_VIEXT, "vcpu_info_ext"), (C_CTRL, "control"),
+                      (C_L3P, "l3_pending"), (C_L3M, "l3_mask"), (C_L2SEL, "l2_selector"),
+                      (C_PORTS, "ports"), (C_XV, "xen_vcpu"), (C_GV, "guest_vcpu"),
+                      (C_CPUMASK, "cpumask"), (C_EA, "event_array")):
+        row[col] = base + off[name]
+    row[C_CPUB] = lay.cpumask_bytes
+    if dm.abi == L.ABI_3L:
+        row[C_PEND], row[C_MASK] = row[C_L3P], row[C_L3M]
+    else:
+        row[C_PEND] = row[C_SI] + L.SI_PENDING
+        row[C_MASK] = row[C_SI] + L.si_mask(dm.word_bits)
+    row[C_SEL] = L.vi_pending_sel(dm.word_bits)
+    row[C_L2B] = lay.l2_selector_bytes
+    row[C_LINKMASK] = (1 << dm.link_bits) - 1
+    row[C_WSHIFT] = dm.word_bits.bit_length() - 1
+    return row
+
+
+_NO_EDGES = np.zeros(0, np.uint8)
+
+
+class NumbaKernels:
+    """The ReferenceKernels interface over jitted kernels; safe across processes."""
+
+    name = "numba"
+    multiprocess = True
+
+    def __init__(self):
+        self.doms = {}                       # keeps every mapped segment alive
+        self.table = np.zeros((4, NCOLS), np.int64)
+
+    def map_domain(self, dm) -> None:
+        rows = self.table.shape[0]
+        if dm.domid >= rows:                 # grow; earlier tables stay valid for their rows
+            new = np.zeros((max(2 * rows, dm.domid + 1), NCOLS), np.int64)
+            new[:rows] = self.table
+            self.table = new
+        self.table[dm.domid] = table_row(dm)
+        self.doms[dm.domid] = dm
+
+    # -- locks and bitops at raw addresses ------------------------------------------------------
+    def lock(self, address: int) -> None:
+        k_lock(address, os.getpid())
+
+    def trylock(self, address: int) -> bool:
+        return bool(k_trylock(address, os.getpid()))
+
+    def unlock(self, address: int) -> None:
+        k_unlock(address)
+
+    def set_bit(self, address: int, bit: int, word_bits: int) -> None:
+        k_set_bit(address, bit, word_bits)
+
+    def clear_bit(self, address: int, bit: int, word_bits: int) -> None:
+        k_clear_bit(address, bit, word_bits)
+
+    # -- hypervisor side --------------------------------------------------------------------------
+    def set_pending(self, domid: int, vcpu: int, port: int) -> int:
+        return k_set_pending(self.table, domid, vcpu, port, os.getpid())
+
+    def clear_pending(self, domid: int, port: int) -> None:
+        k_clear_pending(self.table, domid, port)
+
+    def hyp_unmask(self, domid: int, port: int) -> None:
+        k_hyp_unmask(self.table, domid, port, os.getpid())
+
+    def is_pending(self, domid: int, port: int) -> bool:
+        return bool(k_is_pending(self.table, domid, port))
+
+    def is_masked(self, domid: int, port: int) -> bool:
+        return bool(k_is_masked(self.table, domid, port))
+
+    def is_linked(self, domid: int, port: int) -> bool:
+        return bool(k_is_linked(self.table, domid, port))
+
+    def expand_array(self, domid: int) -> int:
+        return k_expand_array(self.table, domid, os.getpid())
+
+    def send(self, domid: int, port: int) -> int:
+        return k_send(self.table, domid, port, os.getpid())
+
+    def send_many(self, domid: int, ports, edges=None) -> tuple[int, int]:
+        n, err = k_send_many(self.table, domid, ports, _NO_EDGES if edges is None else edges,
+                             os.getpid())
+        return int(n), int(err)
+
+    def raise_virq(self, domid: int, virq: int, vcpu: int) -> int:
+        return k_raise_virq(self.table, domid, virq, vcpu, os.getpid())
+
+    # -- guest side -------------------------------------------------------------------------------
+    def guest_mask(self, domid: int, port: int) -> None:
+        k_guest_mask(self.table, domid, port)
+
+    def guest_unmask(self, domid: int, port: int) -> None:
+        k_guest_unmask(self.table, domid, port, os.getpid())
+
+    def consume(self, domid: int, vcpu: int, out) -> int:
+        return k_consume(self.table, domid, vcpu, out, os.getpid())
+
+    def wait(self, domid: int, vcpu: int, timeout: float | None) -> bool:
+        """Futex waits of at most 50 ms each, so Python sees Ctrl-C between them."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if deadline is None:
+                slice_ns = WAIT_SLICE_NS
+            else:
+                slice_ns = min(WAIT_SLICE_NS, max(0, int((deadline - time.monotonic()) * 1e9)))
+            if k_wait(self.table, domid, vcpu, slice_ns):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+    def upcall_pending(self, domid: int, vcpu: int) -> bool:
+        return bool(k_upcall_pending(self.table, domid, vcpu))
+
+
+# --- cache guard ---------------------------------------------------------------------------------
+
+_HERE = Path(__file__).resolve().parent
+CACHE_DEPS = (_HERE / "layout.py", _HERE / "_numba_atomics.py", _HERE / "numba_kernels.py")
+
+
+def refresh_cache_guard(namespace: dict, stamp_name: str, deps=CACHE_DEPS) -> bool:
+    """Numba invalidates a cached function only when its own file changes. Drop the cache of
+    every dispatcher in `namespace` when one of `deps` (baked-in constants, inlined callees)
+    changed since the stamp beside that cache was written. Returns True if it flushed."""
+    dispatchers = [obj for obj in namespace.values()
+                   if hasattr(obj, "py_func") and hasattr(getattr(obj, "_cache", None), "flush")]
+    cache_path = next((getattr(d._cache, "cache_path", None) for d in dispatchers), None)
+    if not cache_path:
+        return False
+    digest = hashlib.sha256()
+    for path in deps:
+        try:
+            digest.update(path.read_bytes())
+        except OSError:
+            return False
+    want = digest.hexdigest()
+    stamp = Path(cache_path) / stamp_name
+    try:
+        if stamp.read_text() == want:
+            return False
+    except OSError:
+        pass
+    try:                                   # where numba cannot write, it caches nothing either
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stamp.with_name(f"{stamp_name}.{os.getpid()}.tmp")
+        tmp.write_text(want)
+    except OSError:
+        return False
+    for disp in dispatchers:
+        try:
+            disp._cache.flush()
+        except OSError:
+            pass
+    os.replace(tmp, stamp)
+    return True
+
+
+refresh_cache_guard(globals(), "numba_kernels.deps", CACHE_DEPS[:2])
