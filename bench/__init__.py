@@ -1,0 +1,1 @@
+"""evtchn's benchmarks: ``python -m bench`` (see bench/cli.py); not part of the wheel."""

@@ -1,0 +1,924 @@
+/* evtchn_ref: the C yardstick for evtchn's benchmark (bench/cases.py, case stream1x1).
+ *
+ * It attaches to the domains of a live evtchn host (/dev/shm/<host>-d<domid>, created, set up and
+ * bound by the Python benchmark) and runs, on the same memory, the same steps as evtchn's kernels
+ * (evtchn/reference.py's order, with the atomics and locks of evtchn/_core.pyx):
+ *
+ *   sender process   for each port of a batch, EVTCHNOP_send on the sender's local port: take its
+ *                    channel lock, read state and peer, set_pending on the peer: FIFO (lastq, queue
+ *                    lock(s) in address order, PENDING, LINKED, old tail, set_link with BUSY
+ *                    retries, HEAD, tail, unlock, READY, upcall flag, kick only a blocked vCPU) or
+ *                    2-level (pending, selector, upcall flag, kick); then unlock. Flow control:
+ *                    a batch starts only while at most --window events are in flight.
+ *   vCPU process     the upcall handler under the vCPU's handler lock (consume) into a buffer of
+ *                    --cap ports; when a call delivers nothing, poll the upcall flag for up to
+ *                    --spin-ns, then block on the vCPU's kick futex (evtchn's wait()).
+ *
+ * Both start at a common CLOCK_MONOTONIC instant; the sender stops after --duration; the vCPU
+ * drains and stops. Rate = delivered / (last delivery - start). With --isolated one process
+ * alternates a batch of sends and the consume calls that drain it (the kernels' cost per event
+ * without any cross-CPU traffic).
+ *
+ * Offsets: constants come from layout.h, generated from evtchn/layout.py at build time
+ * (bench/c/gen_layout.py); region offsets are read from each domain's header. Build and run
+ * (python -m bench does both):
+ *
+ *   python bench/c/gen_layout.py BUILD && cc -O2 -I BUILD -o BUILD/evtchn_ref bench/c/evtchn_ref.c
+ *   BUILD/evtchn_ref --host evtchn-123-abcd --sender 1 --receiver 0 --vcpu 0 --ports 1-1024 \
+ *                    --batch 1024 --window 1024 --cap 4096 --spin-ns 50000 --duration 1.0
+ *
+ * Prints one JSON object (counts, nanoseconds) on stdout; exit status 0 unless something failed
+ * (bad arguments, mapping, a child that crashed or overran its time limit).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "layout.h"
+
+_Static_assert(__atomic_always_lock_free(1, 0), "needs lock-free 1-byte atomics");
+_Static_assert(__atomic_always_lock_free(4, 0), "needs lock-free 4-byte atomics");
+_Static_assert(__atomic_always_lock_free(8, 0), "needs lock-free 8-byte atomics");
+
+#define SEQ __ATOMIC_SEQ_CST
+#define ACQ __ATOMIC_ACQUIRE
+#define REL __ATOMIC_RELEASE
+#define RLX __ATOMIC_RELAXED
+
+static const uint32_t PENDING = (uint32_t)EVL_FIFO_PENDING;
+static const uint32_t MASKED = (uint32_t)EVL_FIFO_MASKED;
+static const uint32_t LINKED = (uint32_t)EVL_FIFO_LINKED;
+static const uint32_t BUSY = (uint32_t)EVL_FIFO_BUSY;
+
+#define MAX_DOMS 64
+
+/* ---------------------------------------------------------------------------------------- */
+/* time, futex, lock                                                                         */
+
+static inline int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void sleep_until(int64_t t) {
+    struct timespec ts = {(time_t)(t / 1000000000), (long)(t % 1000000000)};
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {
+    }
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Shared (not FUTEX_PRIVATE) futexes: the waiter and the waker are different processes. */
+static inline int futex_wait(uint32_t *addr, uint32_t expected, int64_t timeout_ns) {
+    struct timespec ts = {(time_t)(timeout_ns / 1000000000), (long)(timeout_ns % 1000000000)};
+    if (syscall(SYS_futex, addr, FUTEX_WAIT, expected, &ts, NULL, 0) == 0) return 0;
+    return errno == EAGAIN ? 0 : errno;
+}
+
+static inline void futex_wake(uint32_t *addr) {
+    syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* evtchn's lock word: the owner's pid, 0 when free (same protocol as evtchn/_atomics.pxd, so a
+ * Python control-plane operation racing the benchmark would exclude us and we it). */
+static inline void lock_acquire(uint32_t *w, uint32_t me) {
+    unsigned spins = 0, yields = 0;
+    for (;;) {
+        uint32_t owner = __atomic_load_n(w, RLX);
+        if (owner == 0) {
+            if (__atomic_compare_exchange_n(w, &owner, me, 0, ACQ, RLX)) return;
+            continue;
+        }
+        if (spins < 100) {
+            spins++;
+            cpu_relax();
+            continue;
+        }
+        sched_yield();
+        if (++yields % 256 == 0 && kill((pid_t)owner, 0) == -1 && errno == ESRCH &&
+            __atomic_compare_exchange_n(w, &owner, me, 0, ACQ, RLX))
+            return;                                     /* the owner died holding it */
+    }
+}
+
+static inline void lock_release(uint32_t *w) { __atomic_store_n(w, 0, REL); }
+
+/* ---------------------------------------------------------------------------------------- */
+/* a mapped domain                                                                           */
+
+typedef struct {
+    uint8_t *base;
+    size_t size;
+    uint32_t domid, abi, vcpus, word_bits, link_bits, link_mask;
+    uint64_t shared_info, vcpu_info_ext, control, ports, xen_vcpu, guest_vcpu, cpumask,
+        event_array, cpumask_bytes;
+} dom_t;
+
+static dom_t *doms[MAX_DOMS];
+
+static inline uint32_t *U32(const dom_t *d, uint64_t off) { return (uint32_t *)(d->base + off); }
+static inline uint64_t *U64(const dom_t *d, uint64_t off) { return (uint64_t *)(d->base + off); }
+static inline uint32_t hdr(const dom_t *d, uint64_t off) {
+    return __atomic_load_n(U32(d, off), ACQ);
+}
+
+/* The DomainLayout accessors of evtchn/layout.py. */
+static inline uint64_t port_off(const dom_t *d, uint32_t port) {
+    return d->ports + (uint64_t)EVL_PORT_SIZE * port;
+}
+static inline uint64_t vcpu_info_off(const dom_t *d, uint32_t v) {
+    return v < EVL_LEGACY_MAX_VCPUS
+               ? d->shared_info + (uint64_t)EVL_VCPU_INFO_SIZE * v
+               : d->vcpu_info_ext + (uint64_t)EVL_VCPU_INFO_SIZE * (v - EVL_LEGACY_MAX_VCPUS);
+}
+static inline uint64_t control_off(const dom_t *d, uint32_t v) {
+    return d->control + (uint64_t)EVL_PAGE_SIZE * v;
+}
+static inline uint64_t xen_vcpu_off(const dom_t *d, uint32_t v) {
+    return d->xen_vcpu + (uint64_t)EVL_XEN_VCPU_SIZE * v;
+}
+static inline uint64_t guest_vcpu_off(const dom_t *d, uint32_t v) {
+    return d->guest_vcpu + (uint64_t)EVL_GUEST_VCPU_SIZE * v;
+}
+static inline uint64_t queue_off(const dom_t *d, uint32_t v, uint32_t prio) {
+    return xen_vcpu_off(d, v) + EVL_X_QUEUES + (uint64_t)EVL_QUEUE_SIZE * prio;
+}
+static inline uint32_t *event_word(const dom_t *d, uint32_t port) {
+    return U32(d, d->event_array + 4 * (uint64_t)port);
+}
+static inline uint8_t *upcall_flag(const dom_t *d, uint32_t v) {
+    return d->base + vcpu_info_off(d, v) + EVL_VI_UPCALL_PENDING;
+}
+
+static int fail(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "evtchn_ref: ");
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    return -1;
+}
+
+static dom_t *map_domain(const char *host, uint32_t domid) {
+    char path[512];
+    snprintf(path, sizeof path, "/dev/shm/%s-d%u", host, domid);
+    int fd = open(path, O_RDWR);
+    if (fd < 0) {
+        fail("cannot open %s", path);
+        return NULL;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || st.st_size < EVL_PAGE_SIZE) {
+        close(fd);
+        fail("%s is not an evtchn domain segment", path);
+        return NULL;
+    }
+    uint8_t *base = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (base == MAP_FAILED) {
+        fail("cannot map %s", path);
+        return NULL;
+    }
+    dom_t *d = calloc(1, sizeof *d);
+    d->base = base;
+    d->size = (size_t)st.st_size;
+    if (__atomic_load_n(U64(d, EVL_H_MAGIC), ACQ) != EVL_DOMAIN_MAGIC ||
+        hdr(d, EVL_H_VERSION) != EVL_LAYOUT_VERSION) {
+        fail("%s: bad magic or layout version (rebuild the benchmark's C program)", path);
+        return NULL;
+    }
+    d->domid = hdr(d, EVL_H_DOMID);
+    d->abi = hdr(d, EVL_H_ABI);
+    d->vcpus = hdr(d, EVL_H_VCPUS);
+    d->word_bits = hdr(d, EVL_H_WORD_BITS);
+    d->link_bits = hdr(d, EVL_H_LINK_BITS);
+    d->link_mask = (uint32_t)((1u << d->link_bits) - 1);
+    d->shared_info = *U64(d, EVL_H_REGION_SHARED_INFO);
+    d->vcpu_info_ext = *U64(d, EVL_H_REGION_VCPU_INFO_EXT);
+    d->control = *U64(d, EVL_H_REGION_CONTROL);
+    d->ports = *U64(d, EVL_H_REGION_PORTS);
+    d->xen_vcpu = *U64(d, EVL_H_REGION_XEN_VCPU);
+    d->guest_vcpu = *U64(d, EVL_H_REGION_GUEST_VCPU);
+    d->cpumask = *U64(d, EVL_H_REGION_CPUMASK);
+    d->event_array = *U64(d, EVL_H_REGION_EVENT_ARRAY);
+    d->cpumask_bytes = *U64(d, EVL_H_CPUMASK_BYTES);
+    if (*U64(d, EVL_H_SEGMENT_SIZE) != d->size) {
+        fail("%s: size differs from the size in its header", path);
+        return NULL;
+    }
+    if (d->abi == EVL_ABI_3L) {
+        fail("%s: the 3l ABI is not part of this benchmark", path);
+        return NULL;
+    }
+    if (d->abi == EVL_ABI_2L && d->word_bits != 64) {
+        fail("%s: only word_bits=64 is implemented for 2l", path);
+        return NULL;
+    }
+    return d;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* statistics, in the anonymous shared page the parent reads after the children exit        */
+
+typedef struct {
+    volatile int64_t start_ns;       /* both children start at this CLOCK_MONOTONIC time */
+    volatile uint32_t ready;         /* children that mapped everything and are waiting */
+    volatile uint32_t sender_done;   /* set (release) after the sender's last batch */
+    char pad[64];
+    volatile int64_t progress;       /* delivered so far, published by the consumer */
+    char pad2[64];
+    int64_t sent, edges, refused, batches, kicks, lost_lockq, link_gaveup, sender_end_ns;
+    int64_t delivered, calls, nonempty_calls, full_calls, waits, sleeps, last_ns, consumer_end_ns;
+    int64_t consumer_kicks;
+} ctl_t;
+
+static ctl_t *ctl;
+
+/* ---------------------------------------------------------------------------------------- */
+/* hypervisor side                                                                           */
+
+/* vcpu_mark_events_pending: set the upcall flag; kick (futex) only a vCPU blocked in wait. */
+static inline void mark_upcall_pending(dom_t *d, uint32_t v, int64_t *kicks) {
+    if (__atomic_fetch_or(upcall_flag(d, v), 1, SEQ) & 1) return;
+    uint64_t x = xen_vcpu_off(d, v);
+    __atomic_thread_fence(SEQ);                 /* Dekker with wait: flag set, then BLOCKED */
+    if (__atomic_load_n(U32(d, x + EVL_X_BLOCKED), SEQ)) {
+        __atomic_fetch_add(U32(d, x + EVL_X_KICK), 1, SEQ);
+        futex_wake(U32(d, x + EVL_X_KICK));
+        ++*kicks;
+    }
+}
+
+/* event_2l.c set_pending: pending bit, then (unmasked) selector bit, then the upcall flag. */
+static inline int l2_set_pending(dom_t *d, uint32_t v, uint32_t port, int64_t *kicks) {
+    uint64_t *pend = U64(d, d->shared_info + EVL_SI_PENDING);
+    uint64_t *mask = U64(d, d->shared_info + EVL_SI_MASK_64);
+    uint64_t bit = 1ULL << (port % 64);
+    uint32_t word = port / 64;
+    if (__atomic_fetch_or(&pend[word], bit, SEQ) & bit) return 0;   /* coalesced */
+    if (!(__atomic_load_n(&mask[word], ACQ) & bit)) {
+        uint64_t *sel = U64(d, vcpu_info_off(d, v) + EVL_VI_PENDING_SEL_64);
+        uint64_t sbit = 1ULL << word;
+        if (!(__atomic_fetch_or(sel, sbit, SEQ) & sbit)) mark_upcall_pending(d, v, kicks);
+    }
+    return 1;
+}
+
+/* evtchn_fifo_set_link: link the tail to `port` iff the tail is still LINKED. 1: linked,
+ * 0: the tail was consumed (caller writes HEAD), -1: the tail word changed under the cmpxchg. */
+static inline int try_set_link(uint32_t *tw, uint32_t *w, uint32_t port, uint32_t link_mask) {
+    if (!(*w & LINKED)) return 0;
+    uint32_t nw = (*w & ~(BUSY | link_mask)) | port;
+    return __atomic_compare_exchange_n(tw, w, nw, 0, SEQ, SEQ) ? 1 : -1;
+}
+
+static inline int fifo_set_link(dom_t *d, uint32_t tail, uint32_t port) {
+    uint32_t *tw = event_word(d, tail);
+    uint32_t w = __atomic_load_n(tw, ACQ);
+    int r = try_set_link(tw, &w, port, d->link_mask);
+    if (r >= 0) return r;
+    __atomic_fetch_or(tw, BUSY, SEQ);           /* the guest cannot clear MASKED meanwhile */
+    w = __atomic_load_n(tw, ACQ);
+    for (int i = 0; i < EVL_FIFO_LINK_RETRIES; i++) {
+        r = try_set_link(tw, &w, port, d->link_mask);
+        if (r == 1) return 1;                   /* the new value has BUSY clear */
+        if (r == 0) {
+            __atomic_fetch_and(tw, ~BUSY, SEQ);
+            return 0;
+        }
+    }
+    __atomic_fetch_and(tw, ~BUSY, SEQ);
+    ctl->link_gaveup++;
+    return 1;                                   /* misbehaving guest: treated as linked */
+}
+
+/* event_fifo.c evtchn_fifo_set_pending (after Xen 71ac522909). */
+static inline int fifo_set_pending(dom_t *d, uint32_t v, uint32_t port, uint32_t me,
+                                   int64_t *kicks) {
+    uint8_t *pe = d->base + port_off(d, port);
+    if (port >= hdr(d, EVL_H_ARRAY_PAGES) * (uint32_t)EVL_FIFO_WORDS_PER_PAGE) {
+        __atomic_store_n(pe + EVL_P_PENDING, 1, REL);   /* replayed when the page is added */
+        return 0;
+    }
+    uint32_t *word = event_word(d, port);
+    uint32_t *plastq = (uint32_t *)(pe + EVL_P_LASTQ);
+    uint32_t lastq = 0, q_prio = 0, *qlock = NULL, *oqlock = NULL;
+    uint64_t q = 0, oq = 0;
+    int tries;
+    for (tries = 0; tries < EVL_FIFO_LOCK_TRIES; tries++) {
+        lastq = __atomic_load_n(plastq, ACQ);
+        q_prio = __atomic_load_n(pe + EVL_P_PRIORITY, ACQ);
+        q = queue_off(d, v, q_prio);
+        oq = queue_off(d, lastq >> 16, lastq & 0xFF);
+        qlock = U32(d, q + EVL_Q_LOCK);
+        oqlock = U32(d, oq + EVL_Q_LOCK);
+        if (q == oq) {
+            lock_acquire(qlock, me);
+        } else if (q < oq) {
+            lock_acquire(qlock, me);
+            lock_acquire(oqlock, me);
+        } else {
+            lock_acquire(oqlock, me);
+            lock_acquire(qlock, me);
+        }
+        if (lastq == __atomic_load_n(plastq, ACQ) &&
+            q_prio == __atomic_load_n(pe + EVL_P_PRIORITY, ACQ))
+            break;
+        if (q != oq) lock_release(oqlock);
+        lock_release(qlock);
+    }
+    if (tries == EVL_FIFO_LOCK_TRIES) {         /* "lost event (too many queue changes)" */
+        ctl->lost_lockq++;
+        return 0;
+    }
+    int first = !(__atomic_fetch_or(word, PENDING, SEQ) & PENDING);
+    int linked = 1;
+    if (!(__atomic_load_n(word, ACQ) & MASKED) &&
+        !(__atomic_fetch_or(word, LINKED, SEQ) & LINKED)) {
+        uint32_t *otail = U32(d, oq + EVL_Q_TAIL), *tail = U32(d, q + EVL_Q_TAIL);
+        if (__atomic_load_n(otail, ACQ) == port)  /* an old tail: that queue is now empty */
+            __atomic_store_n(otail, 0, REL);
+        if (oq != q) {
+            __atomic_store_n(plastq, (v << 16) | q_prio, REL);
+            lock_release(oqlock);
+            oq = q;
+        }
+        linked = 0;
+        uint32_t t = __atomic_load_n(tail, ACQ);
+        if (t) linked = fifo_set_link(d, t, port);
+        if (!linked)                            /* the queue was empty: new HEAD */
+            __atomic_store_n(U32(d, control_off(d, v) + EVL_CB_HEAD + 4 * q_prio), port, REL);
+        __atomic_store_n(tail, port, REL);
+    }
+    if (oq != q) lock_release(oqlock);
+    lock_release(qlock);
+    if (!linked) {
+        uint32_t rb = 1u << q_prio;
+        if (!(__atomic_fetch_or(U32(d, control_off(d, v) + EVL_CB_READY), rb, SEQ) & rb))
+            mark_upcall_pending(d, v, kicks);
+    }
+    return first;
+}
+
+static inline int set_pending(dom_t *d, uint32_t v, uint32_t port, uint32_t me, int64_t *kicks) {
+    if (__atomic_load_n(d->base + port_off(d, port) + EVL_P_STATE, ACQ) <= EVL_ECS_RESERVED)
+        return 0;                               /* evtchn_usable() */
+    if (d->abi == EVL_ABI_FIFO) return fifo_set_pending(d, v, port, me, kicks);
+    return l2_set_pending(d, v, port, kicks);
+}
+
+/* EVTCHNOP_send: the sender's channel lock around reading its state and peer. 1: new edge,
+ * 0: coalesced or dropped, < 0: -errno. */
+static inline int send(dom_t *ld, uint32_t lport, uint32_t me, int64_t *kicks) {
+    if (lport >= hdr(ld, EVL_H_VALID)) return -EINVAL;
+    uint8_t *pe = ld->base + port_off(ld, lport);
+    uint32_t *lock = (uint32_t *)(pe + EVL_P_LOCK);
+    int r;
+    lock_acquire(lock, me);
+    uint8_t state = __atomic_load_n(pe + EVL_P_STATE, ACQ);
+    if (state == EVL_ECS_INTERDOMAIN) {
+        uint32_t rdom = __atomic_load_n((uint16_t *)(pe + EVL_P_REMOTE_DOM), ACQ);
+        uint32_t rport = __atomic_load_n((uint32_t *)(pe + EVL_P_REMOTE_PORT), ACQ);
+        dom_t *rd = rdom < MAX_DOMS ? doms[rdom] : NULL;
+        if (rd == NULL) {
+            r = -ESRCH;                         /* a peer this program did not map */
+        } else {
+            uint8_t *rpe = rd->base + port_off(rd, rport);
+            uint32_t v = __atomic_load_n((uint16_t *)(rpe + EVL_P_NOTIFY_VCPU), ACQ);
+            r = set_pending(rd, v, rport, me, kicks);
+        }
+    } else if (state == EVL_ECS_IPI) {
+        uint32_t v = __atomic_load_n((uint16_t *)(pe + EVL_P_NOTIFY_VCPU), ACQ);
+        r = set_pending(ld, v, lport, me, kicks);
+    } else if (state == EVL_ECS_UNBOUND) {
+        r = 0;
+    } else {
+        r = -EINVAL;
+    }
+    lock_release(lock);
+    return r;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* guest side: the upcall handler                                                           */
+
+/* 2l: the IRQ ack clears PENDING; the port is delivered iff this call cleared it. */
+static inline uint32_t l2_deliver(dom_t *d, uint32_t port, uint32_t *out, uint32_t n) {
+    uint64_t *pend = U64(d, d->shared_info + EVL_SI_PENDING);
+    uint64_t bit = 1ULL << (port % 64);
+    if (__atomic_fetch_and(&pend[port / 64], ~bit, SEQ) & bit) out[n++] = port;
+    return n;
+}
+
+static inline uint64_t l2_active(dom_t *d, uint32_t v, uint32_t word) {
+    uint64_t *pend = U64(d, d->shared_info + EVL_SI_PENDING);
+    uint64_t *mask = U64(d, d->shared_info + EVL_SI_MASK_64);
+    uint64_t *cpu = U64(d, d->cpumask + d->cpumask_bytes * v);
+    return __atomic_load_n(&pend[word], ACQ) & ~__atomic_load_n(&mask[word], ACQ) &
+           __atomic_load_n(&cpu[word], ACQ);
+}
+
+/* events_2l.c evtchn_2l_handle_events: timer first, xchg the selector, rotating scan. */
+static uint32_t l2_handle(dom_t *d, uint32_t v, uint32_t *out, uint32_t n, uint32_t cap,
+                          int *full) {
+    const uint32_t w = 64, nwords = 64;
+    uint64_t virq = xen_vcpu_off(d, v) + EVL_X_VIRQ + 4 * EVL_VIRQ_TIMER;
+    uint32_t timer = __atomic_load_n(U32(d, virq), ACQ);
+    if (timer && n < cap && (l2_active(d, v, timer / w) >> (timer % w) & 1))
+        n = l2_deliver(d, timer, out, n);
+    uint64_t *sel = U64(d, vcpu_info_off(d, v) + EVL_VI_PENDING_SEL_64);
+    uint64_t pending_words = __atomic_exchange_n(sel, 0, SEQ);
+    uint32_t *rword = U32(d, guest_vcpu_off(d, v) + EVL_G_RESUME_WORD);
+    uint32_t *rbit = U32(d, guest_vcpu_off(d, v) + EVL_G_RESUME_BIT);
+    uint32_t start_word = __atomic_load_n(rword, RLX), start_bit = __atomic_load_n(rbit, RLX);
+    uint32_t word = start_word, i = 0;
+    while (pending_words) {
+        uint64_t cand = pending_words & ~((1ULL << word) - 1);
+        if (cand == 0) {                        /* wrap around */
+            word = 0;
+            i++;
+            continue;
+        }
+        word = (uint32_t)__builtin_ctzll(cand);
+        uint64_t bits = l2_active(d, v, word);
+        uint32_t bit = (word == start_word && i == 0) ? start_bit : 0;
+        for (;;) {
+            uint64_t cand_bits = bits & ~((1ULL << bit) - 1);
+            if (!cand_bits) break;
+            if (n == cap) {                     /* out is full: give the rest back */
+                __atomic_fetch_or(sel, pending_words, SEQ);
+                mark_upcall_pending(d, v, &ctl->consumer_kicks);
+                *full = 1;
+                return n;
+            }
+            bit = (uint32_t)__builtin_ctzll(cand_bits);
+            n = l2_deliver(d, word * w + bit, out, n);
+            bit = (bit + 1) % w;
+            __atomic_store_n(rbit, bit, RLX);
+            __atomic_store_n(rword, bit ? word : (word + 1) % nwords, RLX);
+            if (bit == 0) break;
+        }
+        if (word != start_word || i != 0)       /* the start word is scanned twice */
+            pending_words &= ~(1ULL << word);
+        word = (word + 1) % nwords;
+        i++;
+    }
+    return n;
+}
+
+/* events_fifo.c consume_one: clear_linked (cmpxchg loop), deliver iff PENDING and not MASKED
+ * and our atomic clear of PENDING saw it set. */
+static inline uint32_t fifo_consume_one(dom_t *d, uint32_t v, uint32_t q, uint32_t *ready,
+                                        uint32_t *out, uint32_t n) {
+    uint32_t *head_slot = U32(d, guest_vcpu_off(d, v) + EVL_G_LOCAL_HEAD + 4 * q);
+    uint32_t port = __atomic_load_n(head_slot, RLX);
+    if (port == 0) port = __atomic_load_n(U32(d, control_off(d, v) + EVL_CB_HEAD + 4 * q), ACQ);
+    if (port == 0 || port >= hdr(d, EVL_H_ARRAY_PAGES) * (uint32_t)EVL_FIFO_WORDS_PER_PAGE) {
+        *ready &= ~(1u << q);                   /* no valid HEAD: nothing to take */
+        return n;
+    }
+    uint32_t *word = event_word(d, port);
+    uint32_t w = __atomic_load_n(word, ACQ);
+    while (!__atomic_compare_exchange_n(word, &w, w & ~(LINKED | d->link_mask), 0, SEQ, SEQ)) {
+    }
+    uint32_t next = w & d->link_mask;
+    if (next == 0) *ready &= ~(1u << q);
+    w = __atomic_load_n(word, ACQ);
+    if ((w & PENDING) && !(w & MASKED) && (__atomic_fetch_and(word, ~PENDING, SEQ) & PENDING))
+        out[n++] = port;
+    __atomic_store_n(head_slot, next, RLX);
+    return n;
+}
+
+/* events_fifo.c __evtchn_fifo_handle_events: lowest ready queue first, READY re-read after
+ * every event. */
+static uint32_t fifo_handle(dom_t *d, uint32_t v, uint32_t *out, uint32_t n, uint32_t cap,
+                            int *full) {
+    uint32_t *cb_ready = U32(d, control_off(d, v) + EVL_CB_READY);
+    uint32_t *local_ready = U32(d, guest_vcpu_off(d, v) + EVL_G_LOCAL_READY);
+    uint32_t ready = __atomic_load_n(local_ready, RLX) | __atomic_exchange_n(cb_ready, 0, SEQ);
+    __atomic_store_n(local_ready, 0, RLX);
+    while (ready) {
+        if (n == cap) {
+            __atomic_store_n(local_ready, ready, RLX);
+            mark_upcall_pending(d, v, &ctl->consumer_kicks);
+            *full = 1;
+            return n;
+        }
+        uint32_t q = (uint32_t)__builtin_ctz(ready);
+        n = fifo_consume_one(d, v, q, &ready, out, n);
+        ready |= __atomic_exchange_n(cb_ready, 0, SEQ);
+    }
+    return n;
+}
+
+/* __xen_evtchn_do_upcall under the vCPU's handler lock: clear the upcall flag (xchg), handle
+ * events, repeat while it was set again; stop early when `out` is full. */
+static uint32_t consume(dom_t *d, uint32_t v, uint32_t *out, uint32_t cap, uint32_t me) {
+    uint8_t *flag = upcall_flag(d, v);
+    uint32_t *hlock = U32(d, guest_vcpu_off(d, v) + EVL_G_HANDLER_LOCK);
+    uint32_t n = 0;
+    lock_acquire(hlock, me);
+    for (;;) {
+        int full = 0;
+        __atomic_exchange_n(flag, 0, SEQ);
+        if (d->abi == EVL_ABI_FIFO)
+            n = fifo_handle(d, v, out, n, cap, &full);
+        else
+            n = l2_handle(d, v, out, n, cap, &full);
+        if (full || !(__atomic_load_n(flag, ACQ) & 1)) break;
+    }
+    lock_release(hlock);
+    return n;
+}
+
+/* A halted vCPU: sleep on the kick futex until the upcall flag is set. 1: upcall, 0: timeout. */
+static int wait_upcall(dom_t *d, uint32_t v, int64_t timeout_ns) {
+    uint64_t x = xen_vcpu_off(d, v);
+    uint32_t *blocked = U32(d, x + EVL_X_BLOCKED), *kick = U32(d, x + EVL_X_KICK);
+    uint8_t *flag = upcall_flag(d, v);
+    if (__atomic_load_n(flag, ACQ) & 1) return 1;
+    int64_t deadline = now_ns() + timeout_ns;
+    int r = 0;
+    __atomic_fetch_add(blocked, 1, SEQ);
+    for (;;) {
+        uint32_t seen = __atomic_load_n(kick, SEQ);
+        __atomic_thread_fence(SEQ);             /* Dekker with kick: BLOCKED++, then the flag */
+        if (__atomic_load_n(flag, SEQ) & 1) {
+            r = 1;
+            break;
+        }
+        int64_t left = deadline - now_ns();
+        if (left <= 0) break;
+        ctl->sleeps++;
+        futex_wait(kick, seen, left);
+    }
+    __atomic_fetch_sub(blocked, 1, SEQ);
+    return r;
+}
+
+/* The benchmark's idle policy before it blocks: poll the upcall flag for up to spin_ns. */
+static int poll_upcall(dom_t *d, uint32_t v, int64_t spin_ns) {
+    uint8_t *flag = upcall_flag(d, v);
+    int64_t end = now_ns() + spin_ns;
+    do {
+        for (int i = 0; i < 64; i++) {
+            if (__atomic_load_n(flag, ACQ) & 1) return 1;
+            cpu_relax();
+        }
+    } while (now_ns() < end);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* the two processes                                                                         */
+
+typedef struct {
+    const char *host;
+    uint32_t sender, receiver, vcpu, batch, cap, nports, window;
+    uint32_t *ports;
+    double duration, wait_timeout;
+    int64_t spin_ns;
+    int sender_cpu, vcpu_cpu;                   /* -1: not pinned */
+} args_t;
+
+static void pin(int cpu) {
+    if (cpu < 0) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    if (sched_setaffinity(0, sizeof set, &set) != 0) fail("cannot pin to cpu %d", cpu);
+}
+
+static void run_sender(const args_t *a) {
+    dom_t *ld = doms[a->sender];
+    pin(a->sender_cpu);
+    uint32_t me = (uint32_t)getpid();
+    int64_t sent = 0, edges = 0, refused = 0, batches = 0, kicks = 0;
+    __atomic_fetch_add(&ctl->ready, 1, SEQ);
+    while (__atomic_load_n(&ctl->start_ns, ACQ) == 0) cpu_relax();
+    int64_t t0 = ctl->start_ns, deadline = t0 + (int64_t)(a->duration * 1e9);
+    sleep_until(t0);
+    uint32_t k = 0;                             /* next port index: batches walk the list */
+    while (now_ns() < deadline) {
+        if (a->window) {                        /* flow control: at most `window` in flight */
+            while (edges + a->batch - __atomic_load_n(&ctl->progress, ACQ) > a->window &&
+                   now_ns() < deadline)
+                cpu_relax();
+            if (now_ns() >= deadline) break;
+        }
+        for (uint32_t i = 0; i < a->batch; i++) {
+            int r = send(ld, a->ports[k], me, &kicks);
+            if (++k == a->nports) k = 0;
+            if (r < 0) {
+                refused++;
+                continue;
+            }
+            edges += r;
+        }
+        sent += a->batch;
+        batches++;
+    }
+    ctl->sent = sent;
+    ctl->edges = edges;
+    ctl->refused = refused;
+    ctl->batches = batches;
+    ctl->kicks = kicks;
+    ctl->sender_end_ns = now_ns();
+    __atomic_store_n(&ctl->sender_done, 1, SEQ);
+}
+
+static void run_consumer(const args_t *a) {
+    dom_t *d = doms[a->receiver];
+    uint32_t me = (uint32_t)getpid();
+    pin(a->vcpu_cpu);
+    uint32_t *buf = malloc(sizeof(uint32_t) * a->cap);
+    int64_t delivered = 0, calls = 0, nonempty = 0, fulls = 0, waits = 0, last = 0;
+    int64_t timeout = (int64_t)(a->wait_timeout * 1e9);
+    int final = 0;
+    __atomic_fetch_add(&ctl->ready, 1, SEQ);
+    while (__atomic_load_n(&ctl->start_ns, ACQ) == 0) cpu_relax();
+    int64_t t0 = ctl->start_ns;
+    sleep_until(t0);
+    last = t0;
+    for (;;) {
+        uint32_t n = consume(d, a->vcpu, buf, a->cap, me);
+        calls++;
+        if (n) {
+            delivered += n;
+            __atomic_store_n(&ctl->progress, delivered, REL);
+            nonempty++;
+            last = now_ns();
+            if (n == a->cap) {
+                fulls++;
+                continue;
+            }
+        }
+        if (final) break;                       /* drained after the sender finished */
+        if (n) continue;
+        if (__atomic_load_n(&ctl->sender_done, SEQ)) {
+            final = 1;                          /* one more pass sees every last event */
+            continue;
+        }
+        if (a->spin_ns > 0 && poll_upcall(d, a->vcpu, a->spin_ns)) continue;
+        waits++;
+        wait_upcall(d, a->vcpu, timeout);
+    }
+    ctl->delivered = delivered;
+    ctl->calls = calls;
+    ctl->nonempty_calls = nonempty;
+    ctl->full_calls = fulls;
+    ctl->waits = waits;
+    ctl->last_ns = last;
+    ctl->consumer_end_ns = now_ns();
+    free(buf);
+}
+
+static int64_t left_pending(const args_t *a);
+
+/* --isolated: one process alternates a batch of sends and the consume calls that drain it, so
+ * nothing races and no cache line moves between CPUs: the kernels' own cost per event. */
+static int run_isolated(const args_t *a) {
+    dom_t *ld = doms[a->sender], *d = doms[a->receiver];
+    uint32_t me = (uint32_t)getpid();
+    uint32_t *buf = malloc(sizeof(uint32_t) * a->cap);
+    int64_t kicks = 0, sent = 0, edges = 0, refused = 0, delivered = 0, calls = 0, batches = 0;
+    int64_t send_ns = 0, consume_ns = 0;
+    pin(a->sender_cpu);
+    int64_t end = now_ns() + (int64_t)(a->duration * 1e9);
+    uint32_t k = 0;
+    while (now_ns() < end) {
+        int64_t t0 = now_ns();
+        for (uint32_t i = 0; i < a->batch; i++) {
+            int r = send(ld, a->ports[k], me, &kicks);
+            if (++k == a->nports) k = 0;
+            if (r < 0)
+                refused++;
+            else
+                edges += r;
+        }
+        int64_t t1 = now_ns();
+        uint32_t n;
+        do {
+            n = consume(d, a->vcpu, buf, a->cap, me);
+            delivered += n;
+            calls++;
+        } while (n == a->cap);
+        consume_ns += now_ns() - t1;
+        send_ns += t1 - t0;
+        sent += a->batch;
+        batches++;
+    }
+    free(buf);
+    printf("{\"abi\": \"%s\", \"mode\": \"isolated\", \"sent\": %lld, \"edges\": %lld, "
+           "\"refused\": %lld, \"delivered\": %lld, \"consume_calls\": %lld, "
+           "\"batches\": %lld, \"send_ns\": %lld, \"consume_ns\": %lld, "
+           "\"left_pending\": %lld}\n",
+           d->abi == EVL_ABI_FIFO ? "fifo" : "2l", (long long)sent, (long long)edges,
+           (long long)refused, (long long)delivered, (long long)calls, (long long)batches,
+           (long long)send_ns, (long long)consume_ns, (long long)left_pending(a));
+    return 0;
+}
+
+/* Receiver ports still PENDING (or, FIFO, LINKED) after the run: must be 0. */
+static int64_t left_pending(const args_t *a) {
+    dom_t *ld = doms[a->sender];
+    int64_t left = 0;
+    for (uint32_t i = 0; i < a->nports; i++) {
+        uint8_t *pe = ld->base + port_off(ld, a->ports[i]);
+        uint32_t rdom = *(uint16_t *)(pe + EVL_P_REMOTE_DOM);
+        uint32_t rport = *(uint32_t *)(pe + EVL_P_REMOTE_PORT);
+        dom_t *rd = rdom < MAX_DOMS ? doms[rdom] : NULL;
+        if (rd == NULL) continue;
+        if (rd->abi == EVL_ABI_FIFO) {
+            if (rport < hdr(rd, EVL_H_ARRAY_PAGES) * (uint32_t)EVL_FIFO_WORDS_PER_PAGE &&
+                (__atomic_load_n(event_word(rd, rport), SEQ) & (PENDING | LINKED)))
+                left++;
+        } else {
+            uint64_t *pend = U64(rd, rd->shared_info + EVL_SI_PENDING);
+            if (__atomic_load_n(&pend[rport / 64], SEQ) >> (rport % 64) & 1) left++;
+        }
+    }
+    return left;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* command line, fork, report                                                                */
+
+static int parse_ports(const char *spec, args_t *a) {
+    size_t cap = 1024;
+    a->ports = malloc(cap * sizeof(uint32_t));
+    a->nports = 0;
+    char *copy = strdup(spec), *save = NULL;
+    for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        char *end;
+        unsigned long lo = strtoul(tok, &end, 10), hi = lo;
+        if (*end == '-') hi = strtoul(end + 1, &end, 10);
+        if (*end != '\0' || hi < lo || hi >= (1ul << 28)) {
+            free(copy);
+            return fail("bad port range %s", tok);
+        }
+        for (unsigned long p = lo; p <= hi; p++) {
+            if (a->nports == cap) a->ports = realloc(a->ports, (cap *= 2) * sizeof(uint32_t));
+            a->ports[a->nports++] = (uint32_t)p;
+        }
+    }
+    free(copy);
+    return a->nports ? 0 : fail("no ports in %s", spec);
+}
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: evtchn_ref --host NAME --sender DOMID --receiver DOMID --ports A-B[,C...]\n"
+            "                  [--vcpu V] [--batch N] [--window N] [--cap N] [--spin-ns N]\n"
+            "                  [--duration S] [--wait-timeout S] [--pin SENDER_CPU,VCPU_CPU]\n"
+            "                  [--isolated]\n");
+    exit(2);
+}
+
+static int map_needed(args_t *a) {
+    uint32_t want[3] = {a->sender, a->receiver, 0};
+    for (int i = 0; i < 2; i++) {
+        if (want[i] >= MAX_DOMS) return fail("domid %u is beyond this program's table", want[i]);
+        if (!doms[want[i]] && !(doms[want[i]] = map_domain(a->host, want[i]))) return -1;
+    }
+    dom_t *ld = doms[a->sender];                /* and every peer the sender's ports name */
+    for (uint32_t i = 0; i < a->nports; i++) {
+        if (a->ports[i] >= hdr(ld, EVL_H_VALID))
+            return fail("port %u is not valid in domain %u", a->ports[i], a->sender);
+        uint32_t rdom = *(uint16_t *)(ld->base + port_off(ld, a->ports[i]) + EVL_P_REMOTE_DOM);
+        if (rdom < MAX_DOMS && !doms[rdom] && !(doms[rdom] = map_domain(a->host, rdom)))
+            return -1;
+    }
+    if (a->vcpu >= doms[a->receiver]->vcpus)
+        return fail("domain %u has no vcpu %u", a->receiver, a->vcpu);
+    return 0;
+}
+
+static int wait_child(pid_t pid, int64_t deadline, const char *what) {
+    int status;
+    for (;;) {
+        pid_t r = waitpid(pid, &status, WNOHANG);
+        if (r == pid) break;
+        if (r < 0) return fail("waitpid failed for the %s", what);
+        if (now_ns() > deadline) {
+            kill(pid, SIGKILL);
+            waitpid(pid, &status, 0);
+            return fail("the %s overran its time limit and was killed", what);
+        }
+        struct timespec ts = {0, 2000000};
+        nanosleep(&ts, NULL);
+    }
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return fail("the %s failed", what);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    args_t a = {.vcpu = 0, .batch = 1024, .cap = 4096, .duration = 1.0, .wait_timeout = 0.01,
+                .sender_cpu = -1, .vcpu_cpu = -1};
+    const char *ports = NULL;
+    int have_sender = 0, have_receiver = 0, isolated = 0;
+    static struct option opts[] = {
+        {"host", required_argument, 0, 'h'},     {"sender", required_argument, 0, 's'},
+        {"receiver", required_argument, 0, 'r'}, {"vcpu", required_argument, 0, 'v'},
+        {"ports", required_argument, 0, 'p'},    {"batch", required_argument, 0, 'b'},
+        {"cap", required_argument, 0, 'c'},      {"duration", required_argument, 0, 'd'},
+        {"wait-timeout", required_argument, 0, 'w'}, {"spin-ns", required_argument, 0, 'n'},
+        {"window", required_argument, 0, 'W'},  {"pin", required_argument, 0, 'P'},
+        {"isolated", no_argument, 0, 'I'},
+        {0, 0, 0, 0}};
+    int c;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 'h': a.host = optarg; break;
+        case 's': a.sender = (uint32_t)atoi(optarg); have_sender = 1; break;
+        case 'r': a.receiver = (uint32_t)atoi(optarg); have_receiver = 1; break;
+        case 'v': a.vcpu = (uint32_t)atoi(optarg); break;
+        case 'p': ports = optarg; break;
+        case 'b': a.batch = (uint32_t)atoi(optarg); break;
+        case 'c': a.cap = (uint32_t)atoi(optarg); break;
+        case 'd': a.duration = atof(optarg); break;
+        case 'w': a.wait_timeout = atof(optarg); break;
+        case 'n': a.spin_ns = atoll(optarg); break;
+        case 'W': a.window = (uint32_t)atoi(optarg); break;
+        case 'I': isolated = 1; break;
+        case 'P':
+            if (sscanf(optarg, "%d,%d", &a.sender_cpu, &a.vcpu_cpu) != 2) usage();
+            break;
+        default: usage();
+        }
+    }
+    if (!a.host || !ports || !have_sender || !have_receiver || a.batch == 0 || a.cap == 0 ||
+        a.duration <= 0 || a.wait_timeout <= 0)
+        usage();
+    if (parse_ports(ports, &a) || map_needed(&a)) return 1;
+
+    ctl = mmap(NULL, sizeof *ctl, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (ctl == MAP_FAILED) {
+        fail("cannot map the control page");
+        return 1;
+    }
+    memset(ctl, 0, sizeof *ctl);
+    if (isolated) return run_isolated(&a);
+    fflush(NULL);
+    pid_t consumer = fork();
+    if (consumer == 0) {
+        run_consumer(&a);
+        _exit(0);
+    }
+    pid_t sender = consumer > 0 ? fork() : -1;
+    if (sender == 0) {
+        run_sender(&a);
+        _exit(0);
+    }
+    if (consumer < 0 || sender < 0) {
+        if (consumer > 0) kill(consumer, SIGKILL);
+        fail("fork failed");
+        return 1;
+    }
+    int64_t limit = now_ns() + 10 * 1000000000LL;
+    while (__atomic_load_n(&ctl->ready, SEQ) < 2 && now_ns() < limit) sched_yield();
+    int64_t t0 = now_ns() + 20 * 1000000;       /* both sleep until then */
+    __atomic_store_n(&ctl->start_ns, t0, SEQ);
+    int64_t deadline = t0 + (int64_t)(a.duration * 1e9) + 30 * 1000000000LL;
+    int bad = wait_child(sender, deadline, "sender");
+    bad |= wait_child(consumer, deadline, "consumer");
+    if (bad) return 1;
+    int64_t elapsed = ctl->last_ns - t0;
+    printf("{\"abi\": \"%s\", \"sent\": %lld, \"edges\": %lld, \"refused\": %lld, "
+           "\"batches\": %lld, \"kicks\": %lld, \"lost_lock_tries\": %lld, "
+           "\"link_gave_up\": %lld, \"delivered\": %lld, \"consume_calls\": %lld, "
+           "\"nonempty_calls\": %lld, \"full_calls\": %lld, \"waits\": %lld, "
+           "\"futex_sleeps\": %lld, \"elapsed_ns\": %lld, \"sender_ns\": %lld, "
+           "\"consumer_ns\": %lld, \"left_pending\": %lld}\n",
+           doms[a.receiver]->abi == EVL_ABI_FIFO ? "fifo" : "2l", (long long)ctl->sent,
+           (long long)ctl->edges, (long long)ctl->refused, (long long)ctl->batches,
+           (long long)ctl->kicks, (long long)ctl->lost_lockq, (long long)ctl->link_gaveup,
+           (long long)ctl->delivered, (long long)ctl->calls, (long long)ctl->nonempty_calls,
+           (long long)ctl->full_calls, (long long)ctl->waits, (long long)ctl->sleeps,
+           (long long)elapsed, (long long)(ctl->sender_end_ns - t0),
+           (long long)(ctl->consumer_end_ns - t0), (long long)left_pending(&a));
+    return 0;
+}
