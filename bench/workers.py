@@ -69,6 +69,7 @@ def sender_main(conn, host_name: str, backend: str, domid: int, ports, ctl, cpu=
 
     def run(state, p):
         dom, batch, window = state["dom"], p["batch"], p["window"]
+        relax = os.sched_yield if p.get("yield") else None     # more processes than CPUs
         arr = np.ascontiguousarray(ports, dtype=np.uint32)
         nb = len(arr) // batch
         chunks = [arr[i * batch:(i + 1) * batch] for i in range(nb)]
@@ -82,7 +83,8 @@ def sender_main(conn, host_name: str, backend: str, domid: int, ports, ctl, cpu=
         while clock() < deadline:
             if window:                      # flow control: at most `window` edges in flight
                 while nedges + batch - ctl[PROGRESS] > window and clock() < deadline:
-                    pass
+                    if relax:
+                        relax()
                 if clock() >= deadline:
                     break
             dom.send_many(chunks[i], edges)

@@ -27,6 +27,15 @@
  *   BUILD/evtchn_ref --host evtchn-123-abcd --sender 1 --receiver 0 --vcpu 0 --ports 1-1024 \
  *                    --batch 1024 --window 1024 --cap 4096 --spin-ns 50000 --duration 1.0
  *
+ * With --handoff busy|idle (no host needed) it measures the floor under evtchn's send-to-handler
+ * latency instead (bench/latency.py): two processes on a shared anonymous page, one event at a
+ * time; the sender stores a CLOCK_MONOTONIC timestamp and bumps a sequence word; the receiver
+ * either spins on that word (busy) or sleeps on it in FUTEX_WAIT and is woken by FUTEX_WAKE
+ * (idle: the sender sends only once the receiver said it is going to sleep, and then waits
+ * --gap-ns more so it is asleep); the receiver records now - timestamp:
+ *
+ *   BUILD/evtchn_ref --handoff idle --count 2000 --gap-ns 100000 --pin 0,1
+ *
  * Prints one JSON object (counts, nanoseconds) on stdout; exit status 0 unless something failed
  * (bad arguments, mapping, a child that crashed or overran its time limit).
  */
@@ -794,7 +803,8 @@ static void usage(void) {
             "usage: evtchn_ref --host NAME --sender DOMID --receiver DOMID --ports A-B[,C...]\n"
             "                  [--vcpu V] [--batch N] [--window N] [--cap N] [--spin-ns N]\n"
             "                  [--duration S] [--wait-timeout S] [--pin SENDER_CPU,VCPU_CPU]\n"
-            "                  [--isolated]\n");
+            "                  [--isolated]\n"
+            "       evtchn_ref --handoff busy|idle [--count N] [--gap-ns N] [--pin S,R]\n");
     exit(2);
 }
 
@@ -835,6 +845,67 @@ static int wait_child(pid_t pid, int64_t deadline, const char *what) {
     return 0;
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* --handoff: a shared-memory hand-off (busy) and a futex wake-up (idle), nothing else         */
+
+typedef struct {
+    _Alignas(64) uint32_t seq;                  /* events sent so far; the futex word */
+    _Alignas(64) int64_t t_send;                /* CLOCK_MONOTONIC ns of the latest send */
+    _Alignas(64) uint32_t ack;                  /* events the receiver has handled */
+    _Alignas(64) uint32_t sleeping;             /* the receiver is about to FUTEX_WAIT */
+    _Alignas(64) int64_t lat[];                 /* per event: handler time - send time */
+} handoff_t;
+
+static int run_handoff(int idle, uint32_t count, int64_t gap_ns, int scpu, int rcpu) {
+    size_t size = sizeof(handoff_t) + sizeof(int64_t) * count;
+    handoff_t *h = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (h == MAP_FAILED) return fail("cannot map the hand-off page");
+    memset(h, 0, size);
+    fflush(NULL);
+    pid_t child = fork();
+    if (child < 0) return fail("fork failed");
+    if (child == 0) {                           /* the receiver */
+        pin(rcpu);
+        for (uint32_t i = 0; i < count; i++) {
+            if (idle) {
+                __atomic_store_n(&h->sleeping, 1, SEQ);
+                while (__atomic_load_n(&h->seq, ACQ) == i) futex_wait(&h->seq, i, 1000000000);
+            } else {
+                while (__atomic_load_n(&h->seq, ACQ) == i) cpu_relax();
+            }
+            int64_t t = now_ns();
+            __atomic_store_n(&h->sleeping, 0, SEQ);
+            h->lat[i] = t - __atomic_load_n(&h->t_send, ACQ);
+            __atomic_store_n(&h->ack, i + 1, REL);
+        }
+        _exit(0);
+    }
+    pin(scpu);
+    int64_t limit = now_ns() + 60 * 1000000000LL;
+    for (uint32_t i = 0; i < count; i++) {
+        while (__atomic_load_n(&h->ack, ACQ) != i || (idle && !__atomic_load_n(&h->sleeping, ACQ))) {
+            if (now_ns() > limit) {
+                kill(child, SIGKILL);
+                waitpid(child, NULL, 0);
+                return fail("the hand-off receiver stopped answering");
+            }
+            cpu_relax();
+        }
+        if (gap_ns > 0) {
+            struct timespec ts = {gap_ns / 1000000000, gap_ns % 1000000000};
+            nanosleep(&ts, NULL);
+        }
+        __atomic_store_n(&h->t_send, now_ns(), REL);
+        __atomic_store_n(&h->seq, i + 1, SEQ);
+        if (idle) futex_wake(&h->seq);
+    }
+    if (wait_child(child, now_ns() + 10 * 1000000000LL, "hand-off receiver")) return 1;
+    printf("{\"mode\": \"%s\", \"count\": %u, \"latency_ns\": [", idle ? "idle" : "busy", count);
+    for (uint32_t i = 0; i < count; i++) printf(i ? ", %lld" : "%lld", (long long)h->lat[i]);
+    printf("]}\n");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     args_t a = {.vcpu = 0, .batch = 1024, .cap = 4096, .duration = 1.0, .wait_timeout = 0.01,
                 .sender_cpu = -1, .vcpu_cpu = -1};
@@ -848,7 +919,12 @@ int main(int argc, char **argv) {
         {"wait-timeout", required_argument, 0, 'w'}, {"spin-ns", required_argument, 0, 'n'},
         {"window", required_argument, 0, 'W'},  {"pin", required_argument, 0, 'P'},
         {"isolated", no_argument, 0, 'I'},
+        {"handoff", required_argument, 0, 'H'}, {"count", required_argument, 0, 'C'},
+        {"gap-ns", required_argument, 0, 'G'},
         {0, 0, 0, 0}};
+    const char *handoff = NULL;
+    uint32_t count = 2000;
+    int64_t gap_ns = 100000;
     int c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {
@@ -864,11 +940,18 @@ int main(int argc, char **argv) {
         case 'n': a.spin_ns = atoll(optarg); break;
         case 'W': a.window = (uint32_t)atoi(optarg); break;
         case 'I': isolated = 1; break;
+        case 'H': handoff = optarg; break;
+        case 'C': count = (uint32_t)atoi(optarg); break;
+        case 'G': gap_ns = atoll(optarg); break;
         case 'P':
             if (sscanf(optarg, "%d,%d", &a.sender_cpu, &a.vcpu_cpu) != 2) usage();
             break;
         default: usage();
         }
+    }
+    if (handoff) {
+        if ((strcmp(handoff, "busy") && strcmp(handoff, "idle")) || count == 0) usage();
+        return run_handoff(!strcmp(handoff, "idle"), count, gap_ns, a.sender_cpu, a.vcpu_cpu);
     }
     if (!a.host || !ports || !have_sender || !have_receiver || a.batch == 0 || a.cap == 0 ||
         a.duration <= 0 || a.wait_timeout <= 0)

@@ -1,0 +1,61 @@
+"""One process, nothing racing: the cost of evtchn's calls (asv time_ benchmarks)."""
+import numpy as np
+
+from . import _common  # noqa: F401  (sys.path)
+from ._common import BACKEND
+
+from evtchn import Host
+
+
+class SendConsume:
+    """send_many over 1024 interdomain ports, then consume_into until drained; and one event
+    through send + consume_into."""
+    params = ["fifo", "2l"]
+    param_names = ["abi"]
+    timeout = 60
+
+    def setup(self, abi):
+        self.host = Host(BACKEND)
+        self.rx = self.host.create_domain(abi=abi, vcpus=1)
+        self.tx = self.host.create_domain(abi=abi, vcpus=1)
+        ports = []
+        for _ in range(1024):
+            r = self.rx.alloc_unbound(self.tx.domid)
+            ports.append(self.tx.bind_interdomain(self.rx.domid, r))
+        self.ports = np.asarray(ports, dtype=np.uint32)
+        self.one = int(ports[0])
+        self.edges = np.zeros(len(ports), np.uint8)
+        self.buf = np.empty(4096, np.uint32)
+        self.rx.consume(0)
+
+    def teardown(self, abi):
+        self.host.close()
+
+    def time_send_many_consume_1024(self, abi):
+        self.tx.send_many(self.ports, self.edges)
+        while self.rx.consume_into(0, self.buf) == len(self.buf):
+            pass
+
+    def time_send_consume_one(self, abi):
+        self.tx.send(self.one)
+        self.rx.consume_into(0, self.buf)
+
+
+class Bind:
+    """alloc_unbound + bind_interdomain + close of one port pair."""
+    params = ["fifo", "2l", "3l"]
+    param_names = ["abi"]
+
+    def setup(self, abi):
+        self.host = Host(BACKEND)
+        self.rx = self.host.create_domain(abi=abi, vcpus=1)
+        self.tx = self.host.create_domain(abi=abi, vcpus=1)
+
+    def teardown(self, abi):
+        self.host.close()
+
+    def time_bind_close(self, abi):
+        r = self.rx.alloc_unbound(self.tx.domid)
+        s = self.tx.bind_interdomain(self.rx.domid, r)
+        self.tx.close(s)
+        self.rx.close(r)
