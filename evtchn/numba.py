@@ -44,7 +44,10 @@ Python). ``v`` is a ``Views``; ports, vCPUs and VIRQs are integers; arrays are c
                                     signal arrives. Called from a function without nogil=True
                                     it holds the GIL while it sleeps: keep timeout_ns short
     upcall_pending(v, vcpu) -> bool
-    mask(v, port), unmask(v, port)  the guest's mask / unmask (unmask re-raises a pending port)
+    mask(v, port)                   the guest's mask
+    unmask(v, port) -> int          the guest's unmask; a pending port is re-raised by Xen's
+                                    unmask, which returns 1 in the rare case it set PENDING
+                                    itself (FIFO: an ack raced it; count it as an edge)
     is_pending(v, port), is_masked(v, port), is_linked(v, port) -> bool
     set_pending(v, vcpu, port) -> int    Xen's set_pending on v's domain (no send checks)
     raise_virq(v, virq, vcpu) -> int     Xen raising a VIRQ of v's domain
@@ -154,8 +157,9 @@ def mask(v, port):
 
 @njit(inline="always", cache=True)
 def unmask(v, port):
-    if _k._port_ok(_tb(v), v.domid, port):
-        _k._guest_unmask(_tb(v), v.domid, port, v.pid)
+    if not _k._port_ok(_tb(v), v.domid, port):
+        return np.int64(0)
+    return _k._guest_unmask(_tb(v), v.domid, port, v.pid)
 
 
 @njit(inline="always", cache=True)

@@ -2,22 +2,27 @@
 addresses, with real CPU atomics (evtchn._numba_atomics), in the reference's step order.
 
 ``NumbaKernels`` has exactly the interface of ``evtchn.reference.ReferenceKernels``; each method
-is a thin Python call into one jitted kernel. The kernels themselves take a *domain table*: an
+is a thin Python call into one jitted entry kernel (``k_*``). These take a *domain table*: an
 int64 array of shape (domains, NCOLS), one row per domain mapped in this process, holding the
 domain's base address, its configuration (ABI, word and link bits, vCPUs, port limit) and the
 absolute addresses of its regions, read from the domain header when the domain is mapped. What
 other processes change (``H_VALID``, ``H_ARRAY_PAGES``, ``H_INJECT``, port state, ...) is read
 from the shared memory itself on every call, with atomic loads. A row whose base is 0 is a
 domain this process has not mapped: a send to it is refused with -ESRCH (``Domain.send`` maps
-every domain first, so only user code holding an old table can see that).
+every domain first, so only user code holding an old table can see that). Below the entry
+kernels everything takes the table as an address and integers only (no array crosses a call, so
+no reference counting), and evtchn.numba exposes the same internals to users' @njit code.
 
-Multi-process protocol, shared with the Cython kernels and the C benchmark (same lock words,
-same order): EVTCHNOP_send holds the sender's channel lock (``P_LOCK``); FIFO set_pending locks
-the (new, old) queue pair in address order, re-checks and gives up after 3 tries; set_link
-retries with BUSY at most 4 times; the upcall handler runs under the robust per-vCPU handler lock
-(``G_HANDLER_LOCK``); a vCPU blocked in wait() counts itself in ``X_BLOCKED`` and sleeps on the
-``X_KICK`` futex, which mark_upcall_pending bumps and wakes only when someone is blocked. Locks
-are robust spinlocks holding the owner's pid (see _numba_atomics).
+Multi-process protocol, shared with the Cython kernels (same lock words, same order), so
+processes on either backend drive one host: EVTCHNOP_send holds the sender's channel lock
+(``P_LOCK``), EVTCHNOP_unmask the port's own, a VIRQ only tries it (and re-checks its binding
+under it); FIFO set_pending locks the (new, old) queue pair in address order, re-checks and gives
+up after 3 tries; set_link retries with BUSY at most 4 times; a send to a port whose array page
+is missing and expand_array pair up with fences (neither can miss the other); the upcall handler
+runs under the robust per-vCPU handler lock (``G_HANDLER_LOCK``); a vCPU blocked in wait()
+counts itself in ``X_BLOCKED`` and sleeps on the ``X_KICK`` futex, which mark_upcall_pending
+bumps and wakes only when someone is blocked. Locks are robust spinlocks holding the owner's
+pid (see _numba_atomics).
 
 Guest-private per-vCPU state (resume position, FIFO local heads and local READY) is accessed
 only under the handler lock, so it uses relaxed atomics; everything another process reads
@@ -46,7 +51,7 @@ from numba.extending import intrinsic
 
 from . import layout as L
 from ._numba_atomics import (
-    cas_u32, cpu_relax, fence, fetch_add_u32, fetch_and_u8, fetch_and_u32, fetch_and_u64,
+    cas_u32, cpu_relax, fence, fetch_add_u32, fetch_and_u32, fetch_and_u64,
     fetch_or_u8, fetch_or_u32, fetch_or_u64, fetch_sub_u32, futex_wait, futex_wake, load_u8,
     load_u16, load_u32, load_u64, lock_acquire, lock_release, lock_try, monotonic_ns, store_u8,
     store_u32, xchg_u32, xchg_u64,
@@ -215,7 +220,7 @@ _btr32, _btr64 = (_make_bit_op("r", w) for w in (32, 64))
 
 
 # Private memory of the calling process (the consumer's output buffer, scratch): plain access.
-_pload_u8, _pstore_u8 = _make_plain(8)
+_pstore_u8 = _make_plain(8)[1]
 _pload_u32, _pstore_u32 = _make_plain(32)
 _pload_u64, _pstore_u64 = _make_plain(64)
 
@@ -482,7 +487,12 @@ def _fifo_set_pending(tb, d, v, port, pid):
     pe = _port(tb, d, port)
     if wa == 0:
         store_u8(pe + P_PENDING, 1)                     # replayed when the page is added
-        return np.int64(0)
+        # Dekker with expand_array (publish the page, fence, read the flags): if the page
+        # appeared meanwhile, its replay may have missed our flag, so raise the event here.
+        fence()
+        wa = _fifo_word(tb, d, port)
+        if wa == 0:
+            return np.int64(0)
     inject = _hdr(tb, d, H_INJECT)
     if inject == INJ_PENDING_BEFORE_LOCK:
         return _fifo_set_pending_pre71ac(tb, d, v, port, pid, wa, pe)
@@ -573,37 +583,51 @@ def _set_pending(tb, d, v, port, pid):
 
 @njit(cache=True)
 def _hyp_unmask(tb, d, port, pid):
-    """EVTCHNOP_unmask body; the caller checked that the port is valid."""
+    """EVTCHNOP_unmask (evtchn_unmask) under the port's channel lock, so it cannot relink a
+    port that a concurrent close is freeing; the caller checked that the port is valid.
+    Returns 1 if it set PENDING 0 -> 1 itself (FIFO: the guest acked between its test of
+    PENDING and set_pending, as can happen in Xen), else 0."""
+    lk = _port(tb, d, port) + P_LOCK
+    _lock(lk, pid)
+    edge = _hyp_unmask_locked(tb, d, port, pid)
+    lock_release(lk)
+    return edge
+
+
+@njit(cache=True)
+def _hyp_unmask_locked(tb, d, port, pid):
     if _state(tb, d, port) <= ECS_RESERVED:
-        return
+        return np.int64(0)
     v = _notify_vcpu(tb, d, port)
     if _T(tb, d, C_ABI) == ABI_FIFO:
         wa = _fifo_word(tb, d, port)
         if wa == 0:
-            return
+            return np.int64(0)
         fetch_and_u32(wa, ~MASKED)
-        if load_u32(wa) & PENDING:
-            _fifo_set_pending(tb, d, v, port, pid)
-        return
+        if load_u32(wa) & PENDING:                     # relink if pending
+            return _fifo_set_pending(tb, d, v, port, pid)
+        return np.int64(0)
     w = _T(tb, d, C_WB)
     ws = _T(tb, d, C_WSHIFT)
     if (_test_and_clear(tb, d, _T(tb, d, C_MASK), port >> ws, port & (w - 1))
             and _test(tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1))):
         _raise_selectors(tb, d, v, port)
+    return np.int64(0)
 
 
 # --- entry kernels: hypervisor side --------------------------------------------------------------
 
 @njit(cache=True)
 def _clear_pending(tb, d, port):
+    """Clear PENDING; 1 if it was set (an event destroyed undelivered), else 0."""
     if _T(tb, d, C_ABI) == ABI_FIFO:
         wa = _fifo_word(tb, d, port)
-        if wa != 0:
-            fetch_and_u32(wa, ~PENDING)
-        return
+        if wa == 0:
+            return np.int64(0)
+        return np.int64(_btr32(wa, PENDING_BIT))
     w = _T(tb, d, C_WB)
     ws = _T(tb, d, C_WSHIFT)
-    _test_and_clear(tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1))
+    return np.int64(_test_and_clear(tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1)))
 
 
 @njit(cache=True)
@@ -647,6 +671,7 @@ def _expand_array(tb, d, pid):
     for i in range(WORDS_PER_PAGE):
         store_u32(base + 4 * i, MASKED)
     store_u32(_T(tb, d, C_BASE) + H_ARRAY_PAGES, pages + 1)   # publish after the words
+    fence()                                            # pairs with set_pending's re-check
     valid = _hdr(tb, d, H_VALID)
     for port in range(first, min(first + WORDS_PER_PAGE, valid)):
         if load_u8(_port(tb, d, port) + P_PENDING):
@@ -692,7 +717,11 @@ def _raise_virq(tb, d, virq, v, pid):
     lk = _port(tb, d, port) + P_LOCK
     if not lock_try(lk, pid):
         return np.int64(0)
-    r = _set_pending(tb, d, v if per_vcpu else _notify_vcpu(tb, d, port), port, pid)
+    r = np.int64(0)
+    # Xen's virq_lock keeps the binding stable; here re-check under the channel lock that the
+    # port still serves this VIRQ (it may have been closed and re-bound since the lookup).
+    if load_u32(_xen_vcpu(tb, d, v if per_vcpu else 0) + X_VIRQ + 4 * virq) == port:
+        r = _set_pending(tb, d, v if per_vcpu else _notify_vcpu(tb, d, port), port, pid)
     lock_release(lk)
     return r
 
@@ -719,18 +748,17 @@ def _guest_unmask(tb, d, port, pid):
     if _T(tb, d, C_ABI) == ABI_FIFO:
         wa = _fifo_word(tb, d, port)
         if wa == 0:
-            return
+            return np.int64(0)
         w = load_u32(wa)
         while True:
             if not w & MASKED:
-                return
+                return np.int64(0)
             if w & PENDING:
-                _hyp_unmask(tb, d, port, pid)
-                return
+                return _hyp_unmask(tb, d, port, pid)
             expected = w & ~BUSY                       # fails while Xen holds BUSY: spin
             old = cas_u32(wa, expected, expected & ~MASKED)
             if old == expected:
-                return
+                return np.int64(0)
             w = old
             cpu_relax()
     w = _T(tb, d, C_WB)
@@ -744,7 +772,8 @@ def _guest_unmask(tb, d, port, pid):
         pending = _test(tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1))
     if pending:
         _test_and_set(tb, d, mask, port >> ws, port & (w - 1))
-        _hyp_unmask(tb, d, port, pid)
+        return _hyp_unmask(tb, d, port, pid)
+    return np.int64(0)
 
 
 # --- guest side: the upcall handler --------------------------------------------------------------
@@ -1006,12 +1035,12 @@ def k_set_pending(dt, d, v, port, pid):
 
 @njit(cache=True)
 def k_clear_pending(dt, d, port):
-    _clear_pending(_tb(dt), d, port)
+    return _clear_pending(_tb(dt), d, port)
 
 
 @njit(cache=True)
 def k_hyp_unmask(dt, d, port, pid):
-    _hyp_unmask(_tb(dt), d, port, pid)
+    return _hyp_unmask(_tb(dt), d, port, pid)
 
 
 @njit(cache=True)
@@ -1072,7 +1101,7 @@ def k_guest_mask(dt, d, port):
 
 @njit(cache=True)
 def k_guest_unmask(dt, d, port, pid):
-    _guest_unmask(_tb(dt), d, port, pid)
+    return _guest_unmask(_tb(dt), d, port, pid)
 
 
 @njit(nogil=True, cache=True)
@@ -1187,11 +1216,11 @@ class NumbaKernels:
     def set_pending(self, domid: int, vcpu: int, port: int) -> int:
         return k_set_pending(self.table, domid, vcpu, port, os.getpid())
 
-    def clear_pending(self, domid: int, port: int) -> None:
-        k_clear_pending(self.table, domid, port)
+    def clear_pending(self, domid: int, port: int) -> int:
+        return k_clear_pending(self.table, domid, port)
 
-    def hyp_unmask(self, domid: int, port: int) -> None:
-        k_hyp_unmask(self.table, domid, port, os.getpid())
+    def hyp_unmask(self, domid: int, port: int) -> int:
+        return k_hyp_unmask(self.table, domid, port, os.getpid())
 
     def is_pending(self, domid: int, port: int) -> bool:
         return bool(k_is_pending(self.table, domid, port))
@@ -1220,8 +1249,8 @@ class NumbaKernels:
     def guest_mask(self, domid: int, port: int) -> None:
         k_guest_mask(self.table, domid, port)
 
-    def guest_unmask(self, domid: int, port: int) -> None:
-        k_guest_unmask(self.table, domid, port, os.getpid())
+    def guest_unmask(self, domid: int, port: int) -> int:
+        return k_guest_unmask(self.table, domid, port, os.getpid())
 
     def consume(self, domid: int, vcpu: int, out) -> int:
         return k_consume(self.table, domid, vcpu, out, os.getpid())
