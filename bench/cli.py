@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="ABI to run (repeatable; default: fifo and 2l)")
     p.add_argument("--backend", default="cython", choices=("cython", "numba"),
                    help="evtchn backend measured against C")
+    p.add_argument("--beside", choices=("cython", "numba", "none"), default="auto",
+                   help="a second evtchn backend interleaved in the stream and isolated "
+                        "cases, with its ratio to --backend (auto: numba beside cython when "
+                        "it is importable)")
     p.add_argument("--only", choices=("evtchn", "c"), help="run one side only")
     p.add_argument("--reps", type=int, default=5, help="runs of each side per ABI")
     p.add_argument("--duration", type=float, default=d.duration, help="seconds per run")
@@ -168,6 +172,7 @@ def run(args) -> tuple[int, dict]:
     backend = args.backend if do_evtchn else None
     if do_evtchn:
         _check_backend(backend)
+    beside = _beside(args, backend) if do_evtchn else None
     abis = args.abi or list(ABIS)
     runs = []
 
@@ -182,21 +187,30 @@ def run(args) -> tuple[int, dict]:
         exe = B.build(args.build_dir or tmp, args.cc) if do_c else None
         for abi in abis:
             case = Stream(abi, backend, cfg)
+            other = Stream(abi, beside, cfg) if beside else None
             try:
                 if do_evtchn:
                     case.warm_up()
-                for rep in range(reps):              # A B A B ...: drift hits both alike
+                if other:
+                    other.warm_up()
+                for rep in range(reps):              # A B (C) A B (C) ...: drift hits all alike
                     if do_evtchn:
                         record(case.run_evtchn(), STREAM, abi, rep)
+                    if other:
+                        record(other.run_evtchn(), STREAM, abi, rep)
                     if do_c:
                         record(case.run_c(exe), STREAM, abi, rep)
                 for rep in range(reps):
                     if do_evtchn:
                         record(case.run_isolated_evtchn(), ISOLATED, abi, rep)
+                    if other:
+                        record(other.run_isolated_evtchn(), ISOLATED, abi, rep)
                     if do_c:
                         record(case.run_isolated_c(exe), ISOLATED, abi, rep)
             finally:
                 case.close()
+                if other:
+                    other.close()
         pairs = args.pairs or (MU.QUICK_PAIRS if args.quick else MU.PAIRS)
         pairs = [] if pairs == [0] or not do_evtchn else pairs
         MU.check_pairs(pairs)
@@ -236,7 +250,8 @@ def run(args) -> tuple[int, dict]:
         finally:
             if per_event:
                 per_event.close()
-    impls = ([backend] if do_evtchn else []) + (["c"] if do_c else [])
+    impls = ([backend] if do_evtchn else []) + ([beside] if beside else []) + \
+        (["c"] if do_c else [])
     figures, ok = _report(runs, abis, impls, backend)
     figures.update(latency_figures)
     if alts or skipped:
@@ -278,10 +293,28 @@ def _describe(r) -> str:
     return head + body + ("" if r["ok"] else "  FAILED CHECK")
 
 
+def _beside(args, backend):
+    """The second backend for --beside, or None; auto = numba beside cython if importable."""
+    choice = args.beside
+    if choice == "auto":
+        if backend != "cython":
+            return None
+        try:
+            _check_backend("numba")
+        except BenchError:
+            return None
+        return "numba"
+    if choice == "none" or choice == backend:
+        return None
+    _check_backend(choice)
+    return choice
+
+
 def _report(runs, abis, impls, backend):
     """Print the tables; returns (figures for the JSON, whether every run passed its checks)."""
     figures = {}
-    both = len(impls) == 2
+    both = backend in impls and "c" in impls
+    other = next((i for i in impls if i not in (backend, "c")), None)
     names = {i: "C" if i == "c" else f"evtchn-{i}" for i in impls}
 
     def row(label, key, abi, case, metric):
@@ -292,16 +325,23 @@ def _report(runs, abis, impls, backend):
             rates[impl] = _median(rs, impl, key)
             figures[f"{case}_{abi}_{impl}_{metric}_per_s"] = rates[impl]
             line += f" {_fmt(rates[impl]):>16}"
+        suffix = "" if metric == "events" else f"_{metric}"
         if both:
             ratio = rates[backend] / rates["c"] if rates[backend] and rates["c"] else None
-            figures[f"{case}_{abi}_{backend}_over_c" + ("" if metric == "events"
-                                                         else f"_{metric}")] = ratio
+            figures[f"{case}_{abi}_{backend}_over_c{suffix}"] = ratio
             line += f" {ratio:>7.2f}" if ratio is not None else f" {'-':>7}"
+        if other:
+            ratio = rates[other] / rates[backend] if rates[other] and rates[backend] else None
+            figures[f"{case}_{abi}_{other}_over_{backend}{suffix}"] = ratio
+            line += f" {ratio:>9.2f}" if ratio is not None else f" {'-':>9}"
         return line, rs
 
     head = (f"{'case':<22} {'abi':<5}" + "".join(f" {names[i] + ' ev/s':>16}" for i in impls)
-            + (f" {'ratio':>7}" if both else ""))
-    print(f"median of {max(r['rep'] for r in runs) + 1} interleaved runs; ratio = evtchn / C")
+            + (f" {'ratio':>7}" if both else "")
+            + (f" {other + '/' + backend:>9}" if other else ""))
+    print(f"median of {max(r['rep'] for r in runs) + 1} interleaved runs; ratio = "
+          f"evtchn-{backend} / C" + (f"; {other}/{backend} = evtchn-{other} / evtchn-{backend}"
+                                     if other else ""))
     print(head)
     for abi in abis:
         line, rs = row(STREAM, "events_per_s", abi, STREAM, "events")
