@@ -60,6 +60,12 @@ def test_quick_run_succeeds_and_leaks_nothing(quick_run):
     assert not leaked, f"the benchmark left shared memory behind: {sorted(leaked)}"
 
 
+def _impls():
+    """What --quick measures: cython and C, and numba beside them when it is importable."""
+    from conftest import _available
+    return ("cython", "c") + (("numba",) if _available("numba") else ())
+
+
 def test_rates_positive_for_evtchn_and_c(quick_run):
     _, out, _ = quick_run
     doc = json.loads(out.read_text())
@@ -69,8 +75,12 @@ def test_rates_positive_for_evtchn_and_c(quick_run):
         assert doc[f"stream1x1_{abi}_cython_over_c"] > 0
     rates = {k: v for k, v in doc.items() if k.endswith("_per_s")
              and k.startswith(("stream1x1_", "isolated_")) and "_per_event_" not in k}
-    assert len(rates) == 12            # stream: 2 ABIs x 2 sides; isolated: also send/consume
+    sides = len(_impls())              # stream: 2 ABIs x sides; isolated: also send/consume
+    assert len(rates) == 6 * sides
     assert all(v > 0 for v in rates.values()), rates
+    if "numba" in _impls():            # --beside auto: numba measured in the same run
+        for abi in ("fifo", "2l"):
+            assert doc[f"stream1x1_{abi}_numba_over_cython"] > 0
     for key in ("machine", "python", "numpy", "git_commit"):
         assert doc[key]
 
@@ -83,7 +93,7 @@ def test_no_event_lost_or_left(quick_run):
             if r["case"] in ("stream1x1", "isolated")]
     assert {(r["case"], r["abi"], r["impl"]) for r in runs} == {
         (case, abi, impl) for case in ("stream1x1", "isolated") for abi in ("fifo", "2l")
-        for impl in ("cython", "c")}
+        for impl in _impls()}
     for r in runs:
         what = f"{r['abi']} {r['impl']} rep {r['rep']}"
         assert r["delivered"] > 0, what
