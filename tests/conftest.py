@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 
 import pytest
 
@@ -23,6 +24,23 @@ def _available(backend: str) -> bool:
 
 
 BACKENDS = [b for b in ("reference", "cython", "numba")]
+
+
+def join_all(procs, timeout: float) -> None:
+    """Join every child within one deadline; kill (and report) the stragglers, then require
+    a clean exit from each (pytest-timeout cannot interrupt a wait in C, so bound it here)."""
+    deadline = time.monotonic() + timeout
+    hung = []
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            hung.append(p)
+    for p in hung:
+        p.kill()
+        p.join(10)
+    assert not hung, f"child processes did not finish within {timeout} s: {hung}"
+    for p in procs:
+        assert p.exitcode == 0, f"{p.name} exited with {p.exitcode}"
 
 
 def pytest_configure(config):

@@ -19,6 +19,7 @@ pytest.importorskip("numba")
 
 from numba import njit  # noqa: E402
 
+from conftest import join_all  # noqa: E402
 from evtchn import _numba_atomics as A  # noqa: E402
 
 WIDTHS = (8, 16, 32, 64)
@@ -110,18 +111,7 @@ def _attach(path):
 
 
 def _join_all(procs, timeout=JOIN_TIMEOUT):
-    deadline = time.monotonic() + timeout
-    hung = []
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            hung.append(p)
-    for p in hung:
-        p.kill()
-        p.join(10)
-    assert not hung, f"child processes did not finish within {timeout} s: {hung}"
-    for p in procs:
-        assert p.exitcode == 0, f"{p.name} exited with {p.exitcode}"
+    join_all(procs, timeout)
 
 
 def _proc_state(pid):

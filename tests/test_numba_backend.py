@@ -3,7 +3,6 @@ driving one host, the kernel cache across processes, and the injections against 
 from __future__ import annotations
 
 import doctest
-import importlib.util
 import multiprocessing
 import os
 import queue
@@ -20,6 +19,7 @@ pytest.importorskip("numba")
 
 from numba import njit  # noqa: E402
 
+from conftest import _available, join_all  # noqa: E402
 import evtchn  # noqa: E402
 import evtchn.numba as en  # noqa: E402
 from evtchn import layout as L  # noqa: E402
@@ -30,29 +30,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(evtchn.__file__)))
 
 
 def _cython_kernels() -> bool:
-    if importlib.util.find_spec("evtchn._core") is None:
-        return False
-    try:
-        from evtchn._core import CythonKernels  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _available("cython")
 
 
 def _join_all(procs, timeout=JOIN_TIMEOUT):
-    """Join every child within one deadline; kill (and report) the stragglers."""
-    deadline = time.monotonic() + timeout
-    hung = []
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            hung.append(p)
-    for p in hung:
-        p.kill()
-        p.join(10)
-    assert not hung, f"child processes did not finish within {timeout} s: {hung}"
-    for p in procs:
-        assert p.exitcode == 0, f"{p.name} exited with {p.exitcode}"
+    join_all(procs, timeout)
 
 
 def _kill_all(procs):
