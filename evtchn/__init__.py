@@ -9,10 +9,10 @@
         dom0.consume(0)          # -> array([port, ...])
 """
 from .errors import EvtchnError, HostGoneError
-from .host import BACKENDS, Host, PortStatus
+from .host import BACKENDS, Host, PollResult, PortStatus
 from .domain import Domain
 from . import layout
 
-__all__ = ["BACKENDS", "Domain", "EvtchnError", "Host", "HostGoneError", "PortStatus",
-           "layout"]
+__all__ = ["BACKENDS", "Domain", "EvtchnError", "Host", "HostGoneError", "PollResult",
+           "PortStatus", "layout"]
 __version__ = "0.1.0"

@@ -41,6 +41,7 @@ cdef extern from * nogil:
     #define EVTCHN_AT_OPS(N, T)                                                                 \
     static inline T at_load##N(const T *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }    \
     static inline T at_load_relaxed##N(const T *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); } \
+    static inline T at_load_sc##N(const T *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }  \
     static inline void at_store##N(T *p, T v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }    \
     static inline void at_store_relaxed##N(T *p, T v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); } \
     static inline T at_fetch_or##N(T *p, T v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); } \
@@ -177,6 +178,7 @@ cdef extern from * nogil:
     uint8_t at_load8(const uint8_t *p) noexcept
     uint16_t at_load16(const uint16_t *p) noexcept
     uint32_t at_load32(const uint32_t *p) noexcept
+    uint32_t at_load_sc32(const uint32_t *p) noexcept     # seq_cst: Dekker without a fence
     uint64_t at_load64(const uint64_t *p) noexcept
     uint8_t at_load_relaxed8(const uint8_t *p) noexcept
     uint16_t at_load_relaxed16(const uint16_t *p) noexcept

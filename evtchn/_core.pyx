@@ -27,15 +27,16 @@ when processes race, so only the compiled backends model it.
 Layout: all offsets come from evtchn.layout at import time; region offsets are read from each
 domain's header in map_domain. The hot paths run without the GIL on raw pointers.
 """
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t, uintptr_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memcpy
 from libc.limits cimport INT_MAX
 from posix.unistd cimport getpid
+from posix.time cimport nanosleep, timespec
 from cpython.exc cimport PyErr_CheckSignals
 
 from evtchn._atomics cimport (
-    at_load8, at_load16, at_load32, at_load64, at_store8, at_store32,
+    at_load8, at_load16, at_load32, at_load64, at_load_sc32, at_store8, at_store32,
     at_load_relaxed32, at_store_relaxed32,
     at_fetch_or32, at_fetch_or64, at_fetch_and32, at_fetch_and64, at_fetch_add32, at_fetch_sub32,
     at_exchange8, at_exchange32, at_exchange64, at_cas32,
@@ -106,6 +107,16 @@ cdef uint32_t QUEUE_SIZE = L.QUEUE_SIZE
 cdef uint32_t Q_TAIL = L.Q_TAIL
 cdef uint32_t Q_LOCK = L.Q_LOCK
 cdef uint32_t X_VIRQ = L.X_VIRQ
+cdef uint32_t X_POLL_EVTCHN = L.X_POLL_EVTCHN
+cdef uint32_t X_POLL = L.X_POLL
+cdef uint32_t POLL_IDLE = L.POLL_IDLE
+cdef uint32_t POLL_ACTIVE = L.POLL_ACTIVE
+cdef uint32_t POLL_WOKEN = L.POLL_WOKEN
+cdef int POLL_TIMEOUT = L.POLL_TIMEOUT
+cdef int POLL_PENDING = L.POLL_PENDING
+cdef int POLL_EVENT = L.POLL_EVENT
+cdef int POLL_UPCALL = L.POLL_UPCALL
+cdef uint32_t VI_UPCALL_MASK = L.VI_UPCALL_MASK
 
 cdef uint32_t GUEST_VCPU_SIZE = L.GUEST_VCPU_SIZE
 cdef uint32_t G_HANDLER_LOCK = L.G_HANDLER_LOCK
@@ -116,6 +127,7 @@ cdef uint32_t G_RESUME_BIT = L.G_RESUME_BIT
 
 cdef uint32_t H_VALID = L.H_VALID
 cdef uint32_t H_ARRAY_PAGES = L.H_ARRAY_PAGES
+cdef uint32_t H_POLLERS = L.H_POLLERS
 
 # Historical bugs put back on purpose (Host(inject=...)), so the stress harness can show that
 # it catches them; 0 in normal operation. See evtchn.layout.INJECTIONS and the spec, section 5.
@@ -124,6 +136,11 @@ cdef uint32_t INJ_UNMASK_TEST_FIRST = L.INJECTIONS["2l-unmask-test-before-clear"
 cdef uint32_t INJ_READY_EVERY_LINK = L.INJECTIONS["fifo-ready-every-link"]           # R6
 cdef uint32_t INJ_OLD_TAIL_KEPT = L.INJECTIONS["fifo-old-tail-kept"]                 # R7
 cdef uint32_t INJ_PENDING_BEFORE_LOCK = L.INJECTIONS["fifo-pending-before-lock"]     # R9
+# R9's windows are nanoseconds wide; its injection widens them (timing only): the sender that
+# set PENDING pauses before testing LINKED (the interrupt in 71ac522909's message), and a
+# linker that found PENDING already set pauses with LINKED set and the queue locked.
+cdef long R9_PAUSE_SET_NS = L.R9_PAUSE_SET_NS
+cdef long R9_PAUSE_LINK_NS = L.R9_PAUSE_LINK_NS
 
 cdef int EINVAL = 22
 cdef int ESRCH = 3
@@ -176,6 +193,7 @@ ctypedef struct dom_t:
     char *event_array
     uint32_t *valid          # header: valid_evtchns (grows, published with a release store)
     uint32_t *array_pages    # header: FIFO event-array pages added so far
+    uint32_t *pollers        # header: vCPUs in SCHEDOP_poll (their poll_mask bit set)
 
 
 # -- addresses of the per-port and per-vCPU structures (all offsets from evtchn.layout) ----------
@@ -279,6 +297,40 @@ cdef inline void mark_upcall_pending(const dom_t *d, uint32_t v) noexcept nogil:
         kick(d, v)
 
 
+cdef inline void unblock(const dom_t *d, uint32_t v) noexcept nogil:
+    """vcpu_unblock of a vCPU whose poll this caller ended: wake its futex sleepers."""
+    cdef char *x = xen_vcpu(d, v)
+    at_fetch_add32(<uint32_t *>(x + X_KICK), 1)
+    futex_wake_u32(<uint32_t *>(x + X_KICK), INT_MAX)
+
+cdef void check_pollers(const dom_t *d, uint32_t port) noexcept nogil:
+    """evtchn_check_pollers, called after PENDING went 0 -> 1: wake every vCPU polling this
+    port (or polling several ports). A vCPU's poll_mask bit is cleared by one cmpxchg, which
+    also records the port, so exactly one side (this, the timeout, or a kick) ends the poll.
+    The seq_cst load of the pollers count follows the caller's seq_cst PENDING RMW: Dekker
+    with poll(), which counts itself in, fences, then tests PENDING. No fence here: this runs
+    on every new edge."""
+    cdef uint32_t v, expected
+    cdef int32_t pe
+    cdef char *x
+    if at_load_sc32(d.pollers) == 0:             # bitmap_empty(d->poll_mask): the usual case
+        return
+    for v in range(d.vcpus):
+        x = xen_vcpu(d, v)
+        if at_load_sc32(<uint32_t *>(x + X_POLL)) != POLL_ACTIVE:
+            continue
+        pe = <int32_t>at_load32(<uint32_t *>(x + X_POLL_EVTCHN))
+        if pe > 0 and <uint32_t>pe != port:
+            continue
+        expected = POLL_ACTIVE
+        if at_cas32(<uint32_t *>(x + X_POLL), &expected, POLL_WOKEN | port):
+            # The poller may be gone (and polling again) by now: touch nothing of its state
+            # but the count (it clears poll_evtchn itself) and the kick, which it ignores
+            # unless an upcall is pending.
+            at_fetch_sub32(d.pollers, 1)
+            unblock(d, v)
+
+
 # -- 2-level / 3-level hypervisor side (event_2l.c, generalised one level up for 3l) -------------
 cdef inline void raise_selectors(const dom_t *d, uint32_t v, uint32_t port) noexcept nogil:
     """Selector(s) then the upcall flag, each a seq_cst test_and_set, in Xen's order."""
@@ -297,9 +349,10 @@ cdef inline int bitmap_set_pending(const dom_t *d, uint32_t v, uint32_t port) no
     """evtchn_2l_set_pending: pending, then (if unmasked) selector(s), then the upcall flag."""
     cdef uint32_t w = d.wb
     if bm_test_and_set(d, d.pend, port // w, port % w):
-        return 0                                 # coalesced
+        return 0                                 # coalesced: no pollers check
     if not (bm_load(d, d.mask, port // w) >> (port % w)) & 1:
         raise_selectors(d, v, port)
+    check_pollers(d, port)
     return 1
 
 
@@ -392,9 +445,21 @@ cdef inline int fifo_lock_queues(const dom_t *d, uint32_t v, char *pe, char **pq
     return 0
 
 cdef int fifo_set_pending(const dom_t *d, uint32_t v, uint32_t port) noexcept nogil:
-    """evtchn_fifo_set_pending, as in Xen after 71ac522909: lock the old and new queues, then
-    test PENDING, MASKED and LINKED and link the event; READY and the upcall only for a new
-    HEAD (70ccddb14a). Returns 1 if PENDING went 0 -> 1."""
+    """evtchn_fifo_set_pending; pollers are checked last, after the event is queued and the
+    queue unlocked, and only for a PENDING 0 -> 1 edge. Returns 1 for such an edge."""
+    cdef int first
+    if d.inject == INJ_PENDING_BEFORE_LOCK:
+        first = fifo_set_pending_r9(d, v, port)
+    else:
+        first = fifo_queue_event(d, v, port)
+    if first:
+        check_pollers(d, port)
+    return first
+
+cdef int fifo_queue_event(const dom_t *d, uint32_t v, uint32_t port) noexcept nogil:
+    """The body of evtchn_fifo_set_pending, as in Xen after 71ac522909: lock the old and new
+    queues, then test PENDING, MASKED and LINKED and link the event; READY and the upcall only
+    for a new HEAD (70ccddb14a). Returns 1 if PENDING went 0 -> 1."""
     cdef uint32_t *word = fifo_word(d, port)
     cdef char *pe = port_at(d, port)
     cdef uint32_t prio = 0, first, tail
@@ -411,22 +476,11 @@ cdef int fifo_set_pending(const dom_t *d, uint32_t v, uint32_t port) noexcept no
         word = fifo_word(d, port)
         if word == NULL:
             return 0
-    if d.inject == INJ_PENDING_BEFORE_LOCK:
-        # R9, Xen before 71ac522909: PENDING set and MASKED/LINKED tested before any queue
-        # lock, so a concurrent linker can leave this sender returning before the event is
-        # visibly queued. LINKED itself was still test_and_set under the lock.
-        first = not at_test_and_set_bit32(word, FIFO_PENDING_BIT)
-        if at_load32(word) & (FIFO_MASKED | FIFO_LINKED):
-            return first
-        if not fifo_lock_queues(d, v, pe, &q, &old_q, &prio):
-            return first
-        do_link = not at_test_and_set_bit32(word, FIFO_LINKED_BIT)
-    else:
-        if not fifo_lock_queues(d, v, pe, &q, &old_q, &prio):
-            return 0                             # "lost event (too many queue changes)"
-        first = not at_test_and_set_bit32(word, FIFO_PENDING_BIT)
-        do_link = (not at_load32(word) & FIFO_MASKED
-                   and not at_test_and_set_bit32(word, FIFO_LINKED_BIT))
+    if not fifo_lock_queues(d, v, pe, &q, &old_q, &prio):
+        return 0                                 # "lost event (too many queue changes)"
+    first = not at_test_and_set_bit32(word, FIFO_PENDING_BIT)
+    do_link = (not at_load32(word) & FIFO_MASKED
+               and not at_test_and_set_bit32(word, FIFO_LINKED_BIT))
     linked = 1
     if do_link:
         # An "old tail": the queue it was last on is empty now; forget it so that a later
@@ -460,7 +514,94 @@ cdef int fifo_set_pending(const dom_t *d, uint32_t v, uint32_t port) noexcept no
     return first
 
 
+cdef inline void pause_ns(long ns) noexcept nogil:
+    cdef timespec ts
+    ts.tv_sec = 0
+    ts.tv_nsec = ns
+    nanosleep(&ts, NULL)
+
+cdef char *fifo_lock_old_queue(const dom_t *d, char *pe) noexcept nogil:
+    """Xen before 71ac522909 (lock_old_queue): lock only the queue the event was last on,
+    re-checked under the lock, 3 tries. Returns it locked, or NULL."""
+    cdef uint32_t *plastq = <uint32_t *>(pe + P_LASTQ)
+    cdef uint32_t lastq
+    cdef char *old_q
+    cdef int attempt
+    for attempt in range(FIFO_LOCK_TRIES):
+        lastq = at_load32(plastq)
+        old_q = queue_at(d, lastq >> 16, lastq & 0xFF)
+        evlock_acquire(<uint32_t *>(old_q + Q_LOCK), _mypid)
+        lastq = at_load32(plastq)
+        if old_q == queue_at(d, lastq >> 16, lastq & 0xFF):
+            return old_q
+        evlock_release(<uint32_t *>(old_q + Q_LOCK))
+    return NULL
+
+cdef int fifo_set_pending_r9(const dom_t *d, uint32_t v, uint32_t port) noexcept nogil:
+    """R9 put back: evtchn_fifo_set_pending as Xen had it before 71ac522909. PENDING is set and
+    MASKED/LINKED tested before any queue lock, so a sender that set PENDING can see LINKED
+    set by a concurrent linker (an unmask) that has not queued the event yet, and return:
+    its pollers are then woken before the event is visible to the guest. Two pauses widen the
+    windows (R9_PAUSE_*): the first where 71ac522909 says the sender got interrupted, the
+    second inside the relink (Xen held that lock with interrupts off; this is only a longer
+    critical section, as a slow or preempted CPU makes it). The rest is the old code's order."""
+    cdef uint32_t *word = fifo_word(d, port)
+    cdef char *pe = port_at(d, port)
+    cdef uint32_t prio
+    cdef char *q
+    cdef char *old_q
+    cdef uint32_t *qtail
+    cdef uint32_t tail
+    cdef int first, linked = 0
+    if word == NULL:                             # as in fifo_queue_event
+        at_store8(<uint8_t *>(pe + P_PENDING), 1)
+        at_fence()
+        word = fifo_word(d, port)
+        if word == NULL:
+            return 0
+    first = not at_test_and_set_bit32(word, FIFO_PENDING_BIT)
+    if first:
+        pause_ns(R9_PAUSE_SET_NS)
+    if at_load32(word) & (FIFO_MASKED | FIFO_LINKED):
+        return first
+    prio = at_load8(<uint8_t *>(pe + P_PRIORITY))   # no lock: may race a priority change
+    q = queue_at(d, v, prio)
+    old_q = fifo_lock_old_queue(d, pe)
+    if old_q == NULL:
+        return first
+    if at_test_and_set_bit32(word, FIFO_LINKED_BIT):
+        evlock_release(<uint32_t *>(old_q + Q_LOCK))
+        return first
+    if not first:
+        pause_ns(R9_PAUSE_LINK_NS)
+    if at_load_relaxed32(<uint32_t *>(old_q + Q_TAIL)) == port:
+        at_store_relaxed32(<uint32_t *>(old_q + Q_TAIL), 0)
+    if old_q != q:                               # moved: switch to the new queue's lock
+        at_store32(<uint32_t *>(pe + P_LASTQ), lastq_pack(v, prio))
+        evlock_release(<uint32_t *>(old_q + Q_LOCK))
+        evlock_acquire(<uint32_t *>(q + Q_LOCK), _mypid)
+    qtail = <uint32_t *>(q + Q_TAIL)
+    tail = at_load_relaxed32(qtail)
+    if tail != 0:
+        linked = fifo_set_link(d, tail, port)
+    if not linked:
+        at_store32(<uint32_t *>(control_block(d, v) + CB_HEAD) + prio, port)
+    at_store_relaxed32(qtail, port)
+    evlock_release(<uint32_t *>(q + Q_LOCK))
+    if not linked and not at_test_and_set_bit32(<uint32_t *>(control_block(d, v) + CB_READY),
+                                                prio):
+        mark_upcall_pending(d, v)
+    return first
+
+
 # -- ABI dispatch (evtchn_port_set_pending, evtchn_port_unmask, ...) -----------------------------
+cdef inline int port_pending(const dom_t *d, uint32_t port) noexcept nogil:
+    """evtchn_port_is_pending: the FIFO word's PENDING (no page: not pending), or the bitmap bit."""
+    cdef uint32_t *word
+    if d.abi == ABI_FIFO:
+        word = fifo_word(d, port)
+        return word != NULL and (at_load32(word) & FIFO_PENDING) != 0
+    return (bm_load(d, d.pend, port // d.wb) >> (port % d.wb)) & 1
 cdef inline int set_pending(const dom_t *d, uint32_t v, uint32_t port) noexcept nogil:
     if port_state(d, port) <= ECS_RESERVED:      # evtchn_usable()
         return 0
@@ -861,6 +1002,7 @@ cdef class CythonKernels:
         d.inject = int(dm.seg.u32[L.H_INJECT // 4])     # fixed at creation, before publication
         d.valid = <uint32_t *>(base + H_VALID)
         d.array_pages = <uint32_t *>(base + H_ARRAY_PAGES)
+        d.pollers = <uint32_t *>(base + H_POLLERS)
         at_fence()
         d.base = base                       # marks the entry mapped, after every field
         if domid + 1 > self._ndoms:
@@ -958,12 +1100,7 @@ cdef class CythonKernels:
         return edge
 
     def is_pending(self, domid, uint32_t port):
-        cdef dom_t *d = self._dom(domid)
-        cdef uint32_t *word
-        if d.abi == ABI_FIFO:
-            word = fifo_word(d, port)
-            return word != NULL and bool(at_load32(word) & FIFO_PENDING)
-        return bool((bm_load(d, d.pend, port // d.wb) >> (port % d.wb)) & 1)
+        return bool(port_pending(self._dom(domid), port))
 
     def is_masked(self, domid, uint32_t port):
         cdef dom_t *d = self._dom(domid)
@@ -1108,6 +1245,97 @@ cdef class CythonKernels:
         with nogil:
             n = consume(d, vcpu, o, cap)
         return n
+
+    def poll(self, domid, uint32_t vcpu, const uint32_t[::1] ports, timeout):
+        """SCHEDOP_poll (do_poll) for `vcpu`: returns (reason, port) with a POLL_* reason, or
+        (-errno, port). Set the poll_mask bit, then test local events and each port in turn
+        (-EINVAL for a port beyond valid_evtchns), then block until evtchn_check_pollers
+        clears the bit (POLL_EVENT), a kick unblocks the vCPU (POLL_UPCALL) or `timeout`
+        seconds pass (None: forever). The sleep is the kick futex, in slices that look for
+        signals, as wait() does."""
+        cdef dom_t *d = self._dom(domid)
+        cdef char *x = xen_vcpu(d, vcpu)
+        cdef uint32_t *poll_w = <uint32_t *>(x + X_POLL)
+        cdef uint32_t *blocked = <uint32_t *>(x + X_BLOCKED)
+        cdef uint32_t port = 0, kick0, state = POLL_ACTIVE
+        cdef int reason
+        cdef int64_t deadline = -1
+        if ports.shape[0] > L.SCHED_POLL_MAX_PORTS:
+            return -EINVAL, 0
+        if timeout is not None and float(timeout) < 1e9:     # longer: as good as forever
+            deadline = monotonic_ns() + <int64_t>(max(0.0, float(timeout)) * 1e9)
+        at_fetch_add32(blocked, 1)               # before the kick snapshot: kicks now count
+        kick0 = at_load32(<uint32_t *>(x + X_KICK))
+        if at_exchange32(poll_w, POLL_IDLE) == POLL_ACTIVE:
+            at_fetch_sub32(d.pollers, 1)         # left by a poller of this vCPU that died
+        # Count in before setting the bit: a pollers check that sees the bit must also see
+        # the count (else it could claim us and take another poller's count to 0).
+        at_fetch_add32(d.pollers, 1)
+        at_store32(<uint32_t *>(x + X_POLL_EVTCHN), <uint32_t>-1)
+        at_exchange32(poll_w, POLL_ACTIVE)
+        at_fence()                               # Dekker with check_pollers: set, then test
+        try:
+            reason = self._poll_body(d, vcpu, ports, deadline, kick0, &port)
+        finally:
+            # Leave the poll. Whoever clears the poll_mask bit ends it: if a pollers check
+            # cleared it, it counted us out and the poll ended with its event.
+            state = at_exchange32(poll_w, POLL_IDLE)
+            if state == POLL_ACTIVE:
+                at_fetch_sub32(d.pollers, 1)
+            at_store32(<uint32_t *>(x + X_POLL_EVTCHN), 0)
+            at_fetch_sub32(blocked, 1)
+        if state & POLL_WOKEN and (reason == POLL_TIMEOUT or reason == POLL_UPCALL):
+            return POLL_EVENT, state & ~POLL_WOKEN
+        return reason, port
+
+    cdef int _poll_body(self, dom_t *d, uint32_t vcpu, const uint32_t[::1] ports,
+                        int64_t deadline, uint32_t kick0, uint32_t *pport) except -1000:
+        """do_poll after the poll_mask bit is set: the tests, then the blocking sleep."""
+        cdef char *x = xen_vcpu(d, vcpu)
+        cdef char *vi = vcpu_info(d, vcpu)
+        cdef uint32_t *kickw = <uint32_t *>(x + X_KICK)
+        cdef uint32_t *poll_w = <uint32_t *>(x + X_POLL)
+        cdef Py_ssize_t i, n = ports.shape[0]
+        cdef uint32_t port, seen, state
+        cdef int64_t left, slice_ns
+        if (at_load8(<uint8_t *>(vi + VI_UPCALL_PENDING)) & 1
+                and not at_load8(<uint8_t *>(vi + VI_UPCALL_MASK)) & 1):
+            return POLL_UPCALL                   # local_events_need_delivery()
+        for i in range(n):                       # evtchn_port_poll, in the guest's order
+            port = ports[i]
+            pport[0] = port
+            if port >= at_load32(d.valid) or port_state(d, port) <= ECS_RESERVED:
+                return -EINVAL                   # invalid, or not in use (d4bfa0c78f)
+            if port_pending(d, port):
+                return POLL_PENDING
+        pport[0] = 0
+        if n == 1:
+            at_store32(<uint32_t *>(x + X_POLL_EVTCHN), ports[0])
+        while True:
+            seen = at_load32(kickw)
+            at_fence()
+            state = at_load32(poll_w)
+            if state != POLL_ACTIVE:             # a pollers check woke us
+                pport[0] = state & ~POLL_WOKEN
+                return POLL_EVENT
+            if seen != kick0:
+                # vcpu_kick -> vcpu_unblock ends the poll. A kick comes with the upcall flag
+                # set; without it, this is a late wake-up from a pollers check that ended an
+                # earlier poll: not ours.
+                if at_load8(<uint8_t *>(vi + VI_UPCALL_PENDING)) & 1:
+                    return POLL_UPCALL
+                kick0 = seen
+                continue
+            slice_ns = WAIT_SLICE_NS
+            if deadline >= 0:
+                left = deadline - monotonic_ns()
+                if left <= 0:
+                    return POLL_TIMEOUT
+                if left < slice_ns:
+                    slice_ns = left
+            with nogil:
+                futex_wait_u32(kickw, seen, slice_ns)
+            PyErr_CheckSignals()
 
     def wait(self, domid, uint32_t vcpu, timeout):
         """Block until vCPU has an upcall pending (a halted vCPU waiting for its interrupt);

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import layout as L
 from .errors import EvtchnError
-from .host import PortStatus, _CONSUME_CHUNK, _int
+from .host import PollResult, PortStatus, _CONSUME_CHUNK, _int
 
 
 class Domain:
@@ -566,6 +566,16 @@ class Domain:
     def upcall_pending(self, vcpu: int) -> bool:
         return self._k.upcall_pending(self.domid, self._vcpu(vcpu))
 
+    def set_upcall_mask(self, vcpu: int, masked: bool) -> bool:
+        """vcpu_info.evtchn_upcall_mask, as the guest's local_irq_disable/enable write it:
+        while set, Xen delivers no upcall to the vCPU, and an upcall already pending does not
+        end SCHEDOP_poll at once (a new one still kicks the vCPU out of it). Returns the
+        previous value."""
+        off = self._dm.layout.vcpu_info(self._vcpu(vcpu)) + L.VI_UPCALL_MASK
+        old = bool(self._dm.u8[off] & 1)
+        self._dm.u8[off] = 1 if masked else 0
+        return old
+
     # -- guest side: the upcall handler --------------------------------------------------------
     def consume(self, vcpu: int, max_events: int | None = None, out=None):
         """Run `vcpu`'s upcall handler once, as Linux does: deliver every deliverable event
@@ -611,6 +621,34 @@ class Domain:
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 or None, not {timeout}")
         return self._k.wait(self.domid, vc, timeout)
+
+    def poll(self, vcpu: int, ports, timeout: float | None = None) -> PollResult:
+        """SCHEDOP_poll made by `vcpu`: return at once if one of `ports` (a port or a list of
+        at most 128) is pending, masked or not, or if the vCPU has an unmasked upcall
+        pending; else block until a send sets one of them pending (any port, when several
+        are polled, as Xen wakes those pollers too), the vCPU is kicked by an upcall, or
+        `timeout` seconds pass (None: no timeout; Xen's timeout is an absolute time, 0 for
+        none). A port at or beyond valid_evtchns or not in use (free, port 0) is EINVAL, as
+        is a list of more than 128."""
+        vc = self._vcpu(vcpu)
+        plist = [ports] if isinstance(ports, (int, np.integer)) else list(ports)
+        if len(plist) > L.SCHED_POLL_MAX_PORTS:
+            raise EvtchnError(E.EINVAL, f"SCHEDOP_poll takes at most "
+                                        f"{L.SCHED_POLL_MAX_PORTS} ports, not {len(plist)}")
+        arr = np.empty(len(plist), np.uint32)
+        for i, p in enumerate(plist):
+            p = _int(p, "port")
+            if not 0 <= p <= 0xFFFFFFFF:
+                raise EvtchnError(E.EINVAL, f"port {p} is not valid in domain {self.domid}")
+            arr[i] = p
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"timeout must be >= 0 or None, not {timeout}")
+        reason, port = self._k.poll(self.domid, vc, arr, timeout)
+        if reason < 0:
+            self._valid_port(port)               # raises EINVAL, naming the port
+            raise EvtchnError(-reason, f"SCHEDOP_poll: port {port} of domain {self.domid} "
+                                       f"is not in use")
+        return PollResult(L.POLL_REASONS[reason], int(port))
 
     # -- memory --------------------------------------------------------------------------------
     def mapped_pages(self) -> int:

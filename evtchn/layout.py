@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 
 PAGE_SIZE = 4096
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 # --- ABIs ------------------------------------------------------------------------------------
 ABI_2L, ABI_3L, ABI_FIFO = 0, 1, 2
@@ -79,6 +79,8 @@ INJECTIONS = {
     "fifo-old-tail-kept": 4,                # R7: an old tail is not invalidated on relink
     "fifo-pending-before-lock": 5,          # R9: PENDING/LINKED tested before the queue locks
 }
+R9_PAUSE_SET_NS = 20_000         # R9 injection: after setting PENDING 0 -> 1 (timing only)
+R9_PAUSE_LINK_NS = 300_000       # R9 injection: a relink holding LINKED and the queue lock
 
 # --- vcpu_info / shared_info (x86-64, and x86-32 compat when word_bits == 32) ----------------
 LEGACY_MAX_VCPUS = 32
@@ -122,6 +124,18 @@ X_QUEUES = 16                    # 16 x {u32 tail, u32 lock}
 QUEUE_SIZE = 8
 Q_TAIL, Q_LOCK = 0, 4
 X_VIRQ = X_QUEUES + FIFO_MAX_QUEUES * QUEUE_SIZE   # u32 virq_to_evtchn[NR_VIRQS]
+X_POLL_EVTCHN = X_VIRQ + 4 * NR_VIRQS               # i32 poll_evtchn: 0, -1 (several), or port
+X_POLL = X_POLL_EVTCHN + 4       # u32: this vCPU's bit of d->poll_mask (POLL_* values)
+
+# --- SCHEDOP_poll (xen/common/sched/core.c do_poll, event_channel.c evtchn_check_pollers) -----
+SCHED_POLL_MAX_PORTS = 128       # "fairly arbitrary limit": more is -EINVAL
+POLL_IDLE = 0                    # X_POLL: not polling
+POLL_ACTIVE = 1                  # polling: the poll_mask bit is set
+POLL_WOKEN = 1 << 31             # | port: evtchn_check_pollers cleared the bit for `port`
+# Why a poll returned (Xen returns 0 in every case; the model tells them apart).
+POLL_TIMEOUT, POLL_PENDING, POLL_EVENT, POLL_UPCALL = 0, 1, 2, 3
+POLL_REASONS = {POLL_TIMEOUT: "timeout", POLL_PENDING: "pending", POLL_EVENT: "event",
+                POLL_UPCALL: "upcall"}
 
 # --- Guest-private per-vCPU state (Linux per-CPU variables) ------------------------------------
 GUEST_VCPU_SIZE = 128
@@ -154,6 +168,7 @@ REGIONS = ("shared_info", "vcpu_info_ext", "control", "l3_pending", "l3_mask", "
 H_REGION = {name: H_LAYOUT + 8 * i for i, name in enumerate(REGIONS)}
 H_CPUMASK_BYTES = H_LAYOUT + 8 * len(REGIONS)      # u64: cpumask bytes per vCPU
 H_SEGMENT_SIZE = H_CPUMASK_BYTES + 8                # u64
+H_POLLERS = H_SEGMENT_SIZE + 8   # u32: vCPUs with their poll_mask bit set (bitmap_empty test)
 
 # --- Host header ---------------------------------------------------------------------------------
 HOST_MAGIC = 0x31484E4843545645     # b"EVTCHNH1"

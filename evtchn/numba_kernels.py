@@ -21,8 +21,10 @@ up after 3 tries; set_link retries with BUSY at most 4 times; a send to a port w
 is missing and expand_array pair up with fences (neither can miss the other); the upcall handler
 runs under the robust per-vCPU handler lock (``G_HANDLER_LOCK``); a vCPU blocked in wait()
 counts itself in ``X_BLOCKED`` and sleeps on the ``X_KICK`` futex, which mark_upcall_pending
-bumps and wakes only when someone is blocked. Locks are robust spinlocks holding the owner's
-pid (see _numba_atomics).
+bumps and wakes only when someone is blocked. A vCPU in SCHEDOP_poll (``poll``) is blocked the
+same way and also sets its ``X_POLL`` word and counts itself in ``H_POLLERS``; every PENDING
+0 -> 1 edge then checks the pollers (evtchn_check_pollers), and one cmpxchg on ``X_POLL`` decides
+who ends a poll. Locks are robust spinlocks holding the owner's pid (see _numba_atomics).
 
 Guest-private per-vCPU state (resume position, FIFO local heads and local READY) is accessed
 only under the handler lock, so it uses relaxed atomics; everything another process reads
@@ -84,7 +86,14 @@ GUEST_VCPU_SIZE, G_HANDLER_LOCK, G_LOCAL_READY = L.GUEST_VCPU_SIZE, L.G_HANDLER_
 G_LOCAL_HEAD, G_RESUME_WORD, G_RESUME_BIT = L.G_LOCAL_HEAD, L.G_RESUME_WORD, L.G_RESUME_BIT
 VCPU_INFO_SIZE, LEGACY_MAX_VCPUS, VI_UPCALL_PENDING = L.VCPU_INFO_SIZE, L.LEGACY_MAX_VCPUS, \
     L.VI_UPCALL_PENDING
-H_VALID, H_ARRAY_PAGES, H_INJECT = L.H_VALID, L.H_ARRAY_PAGES, L.H_INJECT
+VI_UPCALL_MASK = L.VI_UPCALL_MASK
+H_VALID, H_ARRAY_PAGES, H_INJECT, H_POLLERS = L.H_VALID, L.H_ARRAY_PAGES, L.H_INJECT, \
+    L.H_POLLERS
+X_POLL_EVTCHN, X_POLL = L.X_POLL_EVTCHN, L.X_POLL
+POLL_IDLE, POLL_ACTIVE, POLL_WOKEN = L.POLL_IDLE, L.POLL_ACTIVE, L.POLL_WOKEN
+POLL_TIMEOUT, POLL_PENDING, POLL_EVENT, POLL_UPCALL = L.POLL_TIMEOUT, L.POLL_PENDING, \
+    L.POLL_EVENT, L.POLL_UPCALL
+POLL_AGAIN = -0x10000                  # a poll kernel's "no reason yet: sleep (again)"
 VIRQ_TIMER, NR_VIRQS = L.VIRQ_TIMER, L.NR_VIRQS
 VIRQ_PER_VCPU_0, VIRQ_PER_VCPU_1, VIRQ_PER_VCPU_2, VIRQ_PER_VCPU_3 = sorted(L.VIRQ_PER_VCPU)
 INJ_SELECTOR_FIRST = L.INJECTIONS["2l-selector-before-upcall-clear"]      # R1
@@ -92,9 +101,13 @@ INJ_UNMASK_TEST_FIRST = L.INJECTIONS["2l-unmask-test-before-clear"]       # R2
 INJ_READY_EVERY_LINK = L.INJECTIONS["fifo-ready-every-link"]              # R6
 INJ_OLD_TAIL_KEPT = L.INJECTIONS["fifo-old-tail-kept"]                    # R7
 INJ_PENDING_BEFORE_LOCK = L.INJECTIONS["fifo-pending-before-lock"]        # R9
+# R9's windows are nanoseconds wide; its injection widens them (timing only): the sender that
+# set PENDING pauses before testing LINKED (the interrupt in 71ac522909's message), and a
+# linker that found PENDING already set pauses with LINKED set and the queue locked.
+R9_PAUSE_SET_NS, R9_PAUSE_LINK_NS = L.R9_PAUSE_SET_NS, L.R9_PAUSE_LINK_NS
 EINVAL, ESRCH, ENOSPC, EINTR = _errno.EINVAL, _errno.ESRCH, _errno.ENOSPC, _errno.EINTR
 FUTEX_WAKE_ALL = 0x7FFFFFFF
-WAIT_SLICE_NS = 50_000_000             # wait() returns to Python this often (Ctrl-C)
+WAIT_SLICE_NS = 50_000_000             # wait() and poll() return to Python this often (Ctrl-C)
 
 _U64_ONE = np.uint64(1)
 _U64_ZERO = np.uint64(0)
@@ -381,6 +394,40 @@ def _mark_upcall_pending(tb, d, v):
         futex_wake(x + X_KICK, FUTEX_WAKE_ALL)
 
 
+@njit(cache=True)
+def _unblock(tb, d, v):
+    """vcpu_unblock of a vCPU whose poll this caller ended: wake its futex sleepers."""
+    x = _xen_vcpu(tb, d, v)
+    fetch_add_u32(x + X_KICK, 1)
+    futex_wake(x + X_KICK, FUTEX_WAKE_ALL)
+
+
+@njit(cache=True)
+def _check_pollers(tb, d, port):
+    """evtchn_check_pollers, called after PENDING went 0 -> 1: wake every vCPU polling this
+    port (or polling several ports). A vCPU's poll_mask bit is cleared by one cmpxchg, which
+    also records the port, so exactly one side (this, the timeout, or a kick) ends the poll.
+    The seq_cst load of the pollers count follows the caller's seq_cst PENDING RMW: Dekker
+    with poll(), which counts itself in, fences, then tests PENDING. No fence here: this runs
+    on every new edge."""
+    pollers = _T(tb, d, C_BASE) + H_POLLERS
+    if load_u32(pollers) == 0:                         # bitmap_empty(d->poll_mask): usual case
+        return
+    for v in range(_T(tb, d, C_VCPUS)):
+        x = _xen_vcpu(tb, d, v)
+        if load_u32(x + X_POLL) != POLL_ACTIVE:
+            continue
+        pe = np.int64(load_u32(x + X_POLL_EVTCHN))     # an i32: -1 (several ports) reads big
+        if 0 < pe < 0x80000000 and pe != port:
+            continue
+        if cas_u32(x + X_POLL, POLL_ACTIVE, POLL_WOKEN | port) == POLL_ACTIVE:
+            # The poller may be gone (and polling again) by now: touch nothing of its state
+            # but the count (it clears poll_evtchn itself) and the kick, which it ignores
+            # unless an upcall is pending.
+            fetch_sub_u32(pollers, 1)
+            _unblock(tb, d, v)
+
+
 # --- hypervisor side: 2l / 3l -------------------------------------------------------------------
 
 @njit(inline="always", cache=True)
@@ -405,9 +452,10 @@ def _bitmap_set_pending(tb, d, v, port):
     w = _T(tb, d, C_WB)
     ws = _T(tb, d, C_WSHIFT)
     if _test_and_set(tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1)):
-        return np.int64(0)                             # coalesced
+        return np.int64(0)                             # coalesced: no pollers check
     if not _test(tb, d, _T(tb, d, C_MASK), port >> ws, port & (w - 1)):
         _raise_selectors(tb, d, v, port)
+    _check_pollers(tb, d, port)
     return np.int64(1)
 
 
@@ -482,7 +530,22 @@ def _fifo_ready(tb, d, v, prio):
 
 @njit(cache=True)
 def _fifo_set_pending(tb, d, v, port, pid):
-    """event_fifo.c evtchn_fifo_set_pending, after Xen 71ac522909 (queue locks first)."""
+    """evtchn_fifo_set_pending; pollers are checked last, after the event is queued and the
+    queue unlocked, and only for a PENDING 0 -> 1 edge. Returns 1 for such an edge."""
+    inject = _hdr(tb, d, H_INJECT)
+    if inject == INJ_PENDING_BEFORE_LOCK:
+        first = _fifo_set_pending_r9(tb, d, v, port, pid)
+    else:
+        first = _fifo_queue_event(tb, d, v, port, pid, inject)
+    if first:
+        _check_pollers(tb, d, port)
+    return first
+
+
+@njit(cache=True)
+def _fifo_queue_event(tb, d, v, port, pid, inject):
+    """The body of evtchn_fifo_set_pending, as in Xen after 71ac522909 (queue locks first).
+    Returns 1 if PENDING went 0 -> 1."""
     wa = _fifo_word(tb, d, port)
     pe = _port(tb, d, port)
     if wa == 0:
@@ -493,9 +556,6 @@ def _fifo_set_pending(tb, d, v, port, pid):
         wa = _fifo_word(tb, d, port)
         if wa == 0:
             return np.int64(0)
-    inject = _hdr(tb, d, H_INJECT)
-    if inject == INJ_PENDING_BEFORE_LOCK:
-        return _fifo_set_pending_pre71ac(tb, d, v, port, pid, wa, pe)
     lastq = np.int64(0)
     prio = np.int64(0)
     q = np.int64(0)
@@ -536,40 +596,80 @@ def _fifo_set_pending(tb, d, v, port, pid):
 
 
 @njit(cache=True)
-def _fifo_set_pending_pre71ac(tb, d, v, port, pid, wa, pe):
-    """R9: evtchn_fifo_set_pending before Xen 71ac522909. PENDING is set and MASKED/LINKED are
-    tested without any queue lock; only then is the old queue locked (3 tries), LINKED set
-    inside it, and the lock handed over to the new queue after unlocking the old one."""
-    was_pending = _bts32(wa, PENDING_BIT)
-    w = load_u32(wa)
-    if not (w & MASKED) and not (w & LINKED):
-        prio = np.int64(load_u8(pe + P_PRIORITY))     # no lock: may race a priority change
-        q = _queue(tb, d, v, prio)
-        oq = np.int64(0)
-        locked = False
-        for _ in range(LOCK_TRIES):                    # lock_old_queue
-            lastq = np.int64(load_u32(pe + P_LASTQ))
-            oq = _queue(tb, d, lastq >> 16, lastq & 0xFF)
-            _lock(oq + Q_LOCK, pid)
-            if lastq == load_u32(pe + P_LASTQ):
-                locked = True
-                break
-            lock_release(oq + Q_LOCK)
-        if locked:
-            if _bts32(wa, LINKED_BIT):
-                lock_release(oq + Q_LOCK)
-            else:
-                if load_u32(oq + Q_TAIL) == port:
-                    _store_rel_u32(oq + Q_TAIL, 0)
-                if oq != q:
-                    _store_rel_u32(pe + P_LASTQ, (v << 16) | prio)
-                    lock_release(oq + Q_LOCK)
-                    _lock(q + Q_LOCK, pid)
-                linked = _fifo_link_tail(tb, d, v, prio, q, port)
-                lock_release(q + Q_LOCK)
-                if not linked:
-                    _fifo_ready(tb, d, v, prio)
-    return np.int64(not was_pending)
+def _pause_ns(ns):
+    """nanosleep(ns) for R9's timing-only pauses. _numba_atomics has no nanosleep, so this is a
+    futex wait, with a timeout, on a word of this frame's stack: no other thread knows its
+    address, so nobody wakes it and its value cannot change; it ends by the timeout, or early
+    on a signal as nanosleep does (neither retries)."""
+    w = _scratch64()
+    _pstore_u32(w, 0)
+    futex_wait(w, 0, ns)
+
+
+@njit(cache=True)
+def _fifo_lock_old_queue(tb, d, pe, pid):
+    """Xen before 71ac522909 (lock_old_queue): lock only the queue the event was last on,
+    re-checked under the lock, 3 tries. Returns its address, locked, or 0."""
+    for _ in range(LOCK_TRIES):
+        lastq = np.int64(load_u32(pe + P_LASTQ))
+        oq = _queue(tb, d, lastq >> 16, lastq & 0xFF)
+        _lock(oq + Q_LOCK, pid)
+        lastq = np.int64(load_u32(pe + P_LASTQ))
+        if oq == _queue(tb, d, lastq >> 16, lastq & 0xFF):
+            return oq
+        lock_release(oq + Q_LOCK)
+    return np.int64(0)
+
+
+@njit(cache=True)
+def _fifo_set_pending_r9(tb, d, v, port, pid):
+    """R9 put back: evtchn_fifo_set_pending as Xen had it before 71ac522909. PENDING is set and
+    MASKED/LINKED tested before any queue lock, so a sender that set PENDING can see LINKED
+    set by a concurrent linker (an unmask) that has not queued the event yet, and return:
+    its pollers are then woken before the event is visible to the guest. Two pauses widen the
+    windows (R9_PAUSE_*): the first where 71ac522909 says the sender got interrupted, the
+    second inside the relink (Xen held that lock with interrupts off; this is only a longer
+    critical section, as a slow or preempted CPU makes it). The rest is the old code's order."""
+    wa = _fifo_word(tb, d, port)
+    pe = _port(tb, d, port)
+    if wa == 0:                                        # as in _fifo_queue_event
+        store_u8(pe + P_PENDING, 1)
+        fence()
+        wa = _fifo_word(tb, d, port)
+        if wa == 0:
+            return np.int64(0)
+    prio = np.int64(load_u8(pe + P_PRIORITY))         # no lock: may race a priority change
+    q = _queue(tb, d, v, prio)
+    first = not _bts32(wa, PENDING_BIT)
+    if first:
+        _pause_ns(R9_PAUSE_SET_NS)
+    if load_u32(wa) & (MASKED | LINKED):
+        return np.int64(first)
+    oq = _fifo_lock_old_queue(tb, d, pe, pid)
+    if oq == 0:
+        return np.int64(first)
+    if _bts32(wa, LINKED_BIT):
+        lock_release(oq + Q_LOCK)
+        return np.int64(first)
+    if not first:
+        _pause_ns(R9_PAUSE_LINK_NS)
+    if _load_rlx_u32(oq + Q_TAIL) == port:
+        _store_rlx_u32(oq + Q_TAIL, 0)
+    if oq != q:                                        # moved: switch to the new queue's lock
+        _store_rel_u32(pe + P_LASTQ, (v << 16) | prio)
+        lock_release(oq + Q_LOCK)
+        _lock(q + Q_LOCK, pid)
+    tail = np.int64(_load_rlx_u32(q + Q_TAIL))
+    linked = False
+    if tail != 0:
+        linked = _fifo_set_link(tb, d, tail, port)
+    if not linked:
+        _store_rel_u32(_control_block(tb, d, v) + CB_HEAD + 4 * prio, port)
+    _store_rlx_u32(q + Q_TAIL, port)
+    lock_release(q + Q_LOCK)
+    if not linked:
+        _fifo_ready(tb, d, v, prio)
+    return np.int64(first)
 
 
 @njit(inline="always", cache=True)
@@ -1020,6 +1120,91 @@ def _upcall_pending(tb, d, v):
     return (load_u8(_vcpu_info(tb, d, v) + VI_UPCALL_PENDING) & 1) != 0
 
 
+# --- SCHEDOP_poll (do_poll): enter and test, sleep in slices, leave ------------------------------
+# The blocking loop is Python-level around these, as wait()'s is, so Python sees Ctrl-C between
+# slices. `st` (2 int64: entered, the kick count last seen) is written by the kernels: "entered"
+# by the one that enters the poll, so a signal raised between two calls cannot leave the caller
+# unsure whether it has a poll to leave.
+
+@njit(cache=True)
+def _poll_begin(tb, d, v, ports, nports, st):
+    """do_poll up to the sleep: count the vCPU blocked, count it in the pollers and set its
+    poll_mask bit, then test local events and each of the nports u32 ports at `ports` in the
+    guest's order (-EINVAL for one beyond valid_evtchns or not in use). -> (reason, port), or
+    (POLL_AGAIN, 0) when the caller is to sleep."""
+    x = _xen_vcpu(tb, d, v)
+    pollers = _T(tb, d, C_BASE) + H_POLLERS
+    fetch_add_u32(x + X_BLOCKED, 1)                    # before the kick snapshot: kicks count
+    _pstore_u64(st + 8, load_u32(x + X_KICK))
+    if xchg_u32(x + X_POLL, POLL_IDLE) == POLL_ACTIVE:
+        fetch_sub_u32(pollers, 1)                      # left by a poller of this vCPU that died
+    # Count in before setting the bit: a pollers check that sees the bit must also see the
+    # count (else it could claim us and take another poller's count to 0).
+    fetch_add_u32(pollers, 1)
+    _store_rel_u32(x + X_POLL_EVTCHN, 0xFFFFFFFF)      # -1: several ports, until tested
+    xchg_u32(x + X_POLL, POLL_ACTIVE)
+    fence()                                            # Dekker with _check_pollers: set, test
+    _pstore_u64(st, 1)
+    vi = _vcpu_info(tb, d, v)
+    if load_u8(vi + VI_UPCALL_PENDING) & 1 and not load_u8(vi + VI_UPCALL_MASK) & 1:
+        return np.int64(POLL_UPCALL), np.int64(0)     # local_events_need_delivery()
+    for i in range(nports):                            # evtchn_port_poll, in the guest's order
+        port = np.int64(_pload_u32(ports + 4 * i))
+        if port >= _hdr(tb, d, H_VALID) or _state(tb, d, port) <= ECS_RESERVED:
+            return np.int64(-EINVAL), port            # invalid, or not in use (d4bfa0c78f)
+        if _is_pending(tb, d, port):
+            return np.int64(POLL_PENDING), port
+    if nports == 1:
+        _store_rel_u32(x + X_POLL_EVTCHN, _pload_u32(ports))
+    return np.int64(POLL_AGAIN), np.int64(0)
+
+
+@njit(nogil=True, cache=True)
+def _poll_sleep(tb, d, v, st, deadline):
+    """One slice of do_poll's block: (POLL_EVENT, port) if a pollers check cleared our bit,
+    (POLL_UPCALL, 0) if a kick unblocked the vCPU, (POLL_TIMEOUT, 0) at `deadline` (monotonic
+    ns; < 0: none); else sleep on the kick futex, at most WAIT_SLICE_NS, and return
+    (POLL_AGAIN, 0). The kick count last seen is kept at st + 8."""
+    x = _xen_vcpu(tb, d, v)
+    vi = _vcpu_info(tb, d, v)
+    while True:
+        seen = load_u32(x + X_KICK)
+        fence()
+        state = np.int64(load_u32(x + X_POLL))
+        if state != POLL_ACTIVE:                       # a pollers check woke us
+            return np.int64(POLL_EVENT), state & ~np.int64(POLL_WOKEN)
+        if seen == _pload_u64(st + 8):
+            break
+        # vcpu_kick -> vcpu_unblock ends the poll. A kick comes with the upcall flag set;
+        # without it, this is a late wake-up from a pollers check that ended an earlier
+        # poll: not ours.
+        if load_u8(vi + VI_UPCALL_PENDING) & 1:
+            return np.int64(POLL_UPCALL), np.int64(0)
+        _pstore_u64(st + 8, seen)
+    slice_ns = np.int64(WAIT_SLICE_NS)
+    if deadline >= 0:
+        left = deadline - monotonic_ns()
+        if left <= 0:
+            return np.int64(POLL_TIMEOUT), np.int64(0)
+        if left < slice_ns:
+            slice_ns = left
+    futex_wait(x + X_KICK, seen, slice_ns)
+    return np.int64(POLL_AGAIN), np.int64(0)
+
+
+@njit(cache=True)
+def _poll_end(tb, d, v):
+    """Leave the poll -> the X_POLL value taken. Whoever clears the poll_mask bit ends the
+    poll: if a pollers check cleared it, it counted us out and the poll ended with its event."""
+    x = _xen_vcpu(tb, d, v)
+    state = xchg_u32(x + X_POLL, POLL_IDLE)
+    if state == POLL_ACTIVE:
+        fetch_sub_u32(_T(tb, d, C_BASE) + H_POLLERS, 1)
+    _store_rel_u32(x + X_POLL_EVTCHN, 0)
+    fetch_sub_u32(x + X_BLOCKED, 1)
+    return np.int64(state)
+
+
 # --- entry kernels: the domain table as an array, called once per Python call --------------------
 
 @njit(cache=True)
@@ -1119,6 +1304,22 @@ def k_upcall_pending(dt, d, v):
     return _upcall_pending(_tb(dt), d, v)
 
 
+@njit(cache=True)
+def k_poll_begin(dt, d, v, ports, st):
+    return _poll_begin(_tb(dt), d, v, np.int64(ports.ctypes.data), ports.shape[0],
+                       np.int64(st.ctypes.data))
+
+
+@njit(nogil=True, cache=True)
+def k_poll_sleep(dt, d, v, st, deadline):
+    return _poll_sleep(_tb(dt), d, v, np.int64(st.ctypes.data), deadline)
+
+
+@njit(cache=True)
+def k_poll_end(dt, d, v):
+    return _poll_end(_tb(dt), d, v)
+
+
 # --- locks and guest bitops at raw addresses (the control plane's primitives) --------------------
 
 @njit(cache=True)
@@ -1175,6 +1376,16 @@ def table_row(dm) -> np.ndarray:
 
 
 _NO_EDGES = np.zeros(0, np.uint8)
+
+
+def _u32_vector(a):
+    """The uint32[::1] buffer CythonKernels.poll takes, refused otherwise as its typed
+    memoryview refuses it (TypeError for a non-buffer, ValueError for the wrong shape)."""
+    if not isinstance(a, np.ndarray):
+        a = np.asarray(memoryview(a))
+    if a.dtype != np.uint32 or a.ndim != 1 or not a.flags.c_contiguous:
+        raise ValueError(f"expected a 1-D contiguous uint32 buffer, got {a.dtype} {a.shape}")
+    return a
 
 
 class NumbaKernels:
@@ -1270,6 +1481,33 @@ class NumbaKernels:
 
     def upcall_pending(self, domid: int, vcpu: int) -> bool:
         return bool(k_upcall_pending(self.table, domid, vcpu))
+
+    def poll(self, domid: int, vcpu: int, ports, timeout: float | None) -> tuple[int, int]:
+        """SCHEDOP_poll (do_poll) for `vcpu`, as CythonKernels.poll: (reason, port) with a
+        POLL_* reason, or (-errno, port). Blocks until a pollers check clears the vCPU's
+        poll_mask bit (POLL_EVENT), a kick unblocks it (POLL_UPCALL) or `timeout` seconds
+        pass (None: forever), in futex slices of at most 50 ms, so Python sees Ctrl-C between
+        them, as in wait()."""
+        ports = _u32_vector(ports)
+        if ports.shape[0] > L.SCHED_POLL_MAX_PORTS:
+            return -EINVAL, 0
+        deadline = -1                        # CLOCK_MONOTONIC ns, as the kernels' monotonic_ns
+        if timeout is not None and float(timeout) < 1e9:     # longer: as good as forever
+            deadline = time.monotonic_ns() + int(max(0.0, float(timeout)) * 1e9)
+        st = np.zeros(2, np.int64)           # entered, kick count: see _poll_begin
+        reason, port, state = POLL_AGAIN, 0, POLL_IDLE
+        try:
+            reason, port = k_poll_begin(self.table, domid, vcpu, ports, st)
+            while reason == POLL_AGAIN:
+                reason, port = k_poll_sleep(self.table, domid, vcpu, st, deadline)
+        finally:
+            if st[0]:
+                state = k_poll_end(self.table, domid, vcpu)
+        # A pollers check that cleared the bit while we timed out or were kicked ended the
+        # poll with its event (it already counted us out).
+        if state & POLL_WOKEN and reason in (POLL_TIMEOUT, POLL_UPCALL):
+            return POLL_EVENT, state & ~POLL_WOKEN
+        return reason, port
 
 
 # --- cache guard ---------------------------------------------------------------------------------

@@ -117,14 +117,33 @@ class ReferenceKernels:
         return self._bitmap_set_pending(d, vcpu, port)
 
     def _bitmap_set_pending(self, d, vcpu: int, port: int) -> int:
-        """event_2l.c set_pending: pending, then selector(s), then the upcall flag, in order."""
+        """event_2l.c set_pending: pending, then selector(s), then the upcall flag, in order;
+        pollers last, for a new edge only."""
         w = d.word_bits
         pend, mask = self._bitmaps(d)
         if self._test_and_set(d.words, pend + port // w, port % w):
-            return 0                                    # coalesced
+            return 0                                    # coalesced: no pollers check
         if not d.words[mask + port // w] >> (port % w) & 1:
             self._raise_selectors(d, vcpu, port)
+        self._check_pollers(d, port)
         return 1
+
+    def _check_pollers(self, d, port: int) -> None:
+        """evtchn_check_pollers: end the poll of every vCPU polling `port` or several ports,
+        recording the port in its poll_mask word (POLL_WOKEN | port)."""
+        if not d.hdr(L.H_POLLERS):
+            return
+        for v in range(d.vcpus):
+            if d.xen_vcpu_u32(v, L.X_POLL) != L.POLL_ACTIVE:
+                continue
+            pe = d.xen_vcpu_u32(v, L.X_POLL_EVTCHN)
+            if pe >= 0x80000000:                        # an i32: -1 polls several ports
+                pe -= 1 << 32
+            if pe > 0 and pe != port:
+                continue
+            d.set_xen_vcpu_u32(v, L.X_POLL, L.POLL_WOKEN | port)
+            d.set_hdr(L.H_POLLERS, d.hdr(L.H_POLLERS) - 1)
+            d.set_xen_vcpu_u32(v, L.X_KICK, (d.xen_vcpu_u32(v, L.X_KICK) + 1) & 0xFFFFFFFF)
 
     def _raise_selectors(self, d, vcpu: int, port: int) -> None:
         w = d.word_bits
@@ -145,7 +164,14 @@ class ReferenceKernels:
         return d.layout.event_word(port) // 4
 
     def _fifo_set_pending(self, d, vcpu: int, port: int) -> int:
-        """event_fifo.c evtchn_fifo_set_pending (after 71ac522909)."""
+        """evtchn_fifo_set_pending: queue the event, then check pollers for a new edge."""
+        first = self._fifo_queue_event(d, vcpu, port)
+        if first:
+            self._check_pollers(d, port)
+        return first
+
+    def _fifo_queue_event(self, d, vcpu: int, port: int) -> int:
+        """The body of evtchn_fifo_set_pending (after 71ac522909)."""
         wi = self._fifo_word(d, port)
         if wi is None:
             d.set_port_u8(port, L.P_PENDING, 1)          # replayed when the page is added
@@ -493,6 +519,40 @@ class ReferenceKernels:
             n += 1
         d.set_guest_u32(vcpu, head_slot, nxt)
         return ready, n
+
+    def poll(self, domid: int, vcpu: int, ports, timeout: float | None) -> tuple[int, int]:
+        """SCHEDOP_poll (do_poll): (reason, port) with a POLL_* reason, or (-errno, port).
+        One process and one thread: once the tests pass nothing can wake us, so honour the
+        timeout. The poll_mask state is set and cleared as the compiled kernels do."""
+        d = self.doms[domid]
+        if len(ports) > L.SCHED_POLL_MAX_PORTS:
+            return -22, 0
+        d.set_xen_vcpu_u32(vcpu, L.X_POLL_EVTCHN, 0xFFFFFFFF)
+        d.set_xen_vcpu_u32(vcpu, L.X_POLL, L.POLL_ACTIVE)
+        d.set_hdr(L.H_POLLERS, d.hdr(L.H_POLLERS) + 1)
+        try:
+            return self._poll_body(d, vcpu, [int(p) for p in ports], timeout)
+        finally:
+            d.set_xen_vcpu_u32(vcpu, L.X_POLL, L.POLL_IDLE)
+            d.set_hdr(L.H_POLLERS, d.hdr(L.H_POLLERS) - 1)
+            d.set_xen_vcpu_u32(vcpu, L.X_POLL_EVTCHN, 0)
+
+    def _poll_body(self, d, vcpu: int, ports: list, timeout) -> tuple[int, int]:
+        vi = d.layout.vcpu_info(vcpu)
+        if d.u8[vi + L.VI_UPCALL_PENDING] & 1 and not d.u8[vi + L.VI_UPCALL_MASK] & 1:
+            return L.POLL_UPCALL, 0                     # local_events_need_delivery()
+        for port in ports:
+            if port >= d.hdr(L.H_VALID) or d.state(port) <= L.ECS_RESERVED:
+                return -22, port                        # EINVAL: invalid or not in use
+            if self.is_pending(d.domid, port):
+                return L.POLL_PENDING, port
+        if len(ports) == 1:
+            d.set_xen_vcpu_u32(vcpu, L.X_POLL_EVTCHN, ports[0])
+        if timeout is None:
+            while True:
+                time.sleep(0.05)
+        time.sleep(max(0.0, timeout))
+        return L.POLL_TIMEOUT, 0
 
     def wait(self, domid: int, vcpu: int, timeout: float | None) -> bool:
         """One process: nothing else can raise an upcall while we sleep, so just honour the

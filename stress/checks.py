@@ -55,6 +55,7 @@ KINDS = {
     "close-stuck": "no port came free for a rebind: closed ports stayed LINKED (R20)",
     "left-masked": "a port left masked that nobody masked",
     "dead-delivered": "a port that is not a live channel's was delivered",
+    "early-wake": "a poller woken by a port's event before the event was queued (R9)",
 }
 WORKER_KINDS = {
     W.V_PERMA_DELIVERED: "perma-delivered",
@@ -66,6 +67,7 @@ WORKER_KINDS = {
     DU.V_DUEL_SELECTOR_NO_UPCALL: "selector-no-upcall",
     DU.V_DUEL_STUCK: "stuck-pending",
     DU.V_DUEL_ORDER: "priority",
+    DU.V_DUEL_EARLY_WAKE: "early-wake",
 }
 
 
@@ -401,6 +403,11 @@ def worker_violations(stats: S.Stats, names: list[str]) -> list[Violation]:
                 detail = (f"duel {DU.NAMES.get(a, a)}, iteration {b}: events of a lower-"
                           f"priority queue were served before a ready higher-priority one "
                           f"(the guest followed a stale HEAD into another queue, R6)")
+            if kind == DU.V_DUEL_EARLY_WAKE:
+                detail = (f"duel {DU.NAMES.get(a, a)}, iteration {b}: SCHEDOP_poll returned "
+                          f"because the port's PENDING went 0 -> 1, but the event was on no "
+                          f"queue of the vCPU: the sender woke the poller before the event "
+                          f"was queued (R9)")
             if kind in (DU.V_DUEL_SELECTOR_NO_UPCALL, DU.V_DUEL_STUCK):
                 detail = (f"duel {DU.NAMES.get(a, a)}, iteration {b}: pending and unmasked "
                           + ("with its selector bit set but no upcall pending"

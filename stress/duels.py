@@ -10,6 +10,9 @@ performs the two operations at once, and then checks the invariant right away:
   v. Afterwards a pending unmasked port must have its selector bit(s) and an upcall pending.
 * unmask-vs-send (2l, 3l; R2): the guest unmasks a masked port while a sender raises it.
   Afterwards a pending port must have its selector bit(s) and an upcall pending.
+* drain-vs-link (fifo; R6): see _run_b_fifo.
+* poll-vs-relink (fifo; R9, 71ac522909): see run_poller. A third process takes part: another
+  vCPU's worker (side C) that keeps issuing EVTCHNOP_unmask on the port.
 
 Side A is a sender process (the hypervisor path of EVTCHNOP_send), side B the worker of the
 vCPU (the guest). Every other worker is paused or held meanwhile. Both sides count their
@@ -46,13 +49,14 @@ D_DONE = 12         # B: no more iterations
 D_ITERS = 13        # iterations run
 D_HITS = 14         # violations seen
 D_JITTER = 15       # spin loop iterations of random delay, at most
-N_DUEL = 32
+N_DUEL = 48
 
 DUEL_CONSUME_SEND = 1
 DUEL_UNMASK_SEND = 2
 DUEL_DRAIN_LINK = 3
+DUEL_POLL_RELINK = 4
 NAMES = {DUEL_CONSUME_SEND: "consume-vs-send", DUEL_UNMASK_SEND: "unmask-vs-send",
-         DUEL_DRAIN_LINK: "drain-vs-link"}
+         DUEL_DRAIN_LINK: "drain-vs-link", DUEL_POLL_RELINK: "poll-vs-relink"}
 
 # drain-vs-link: ports (x, y, w, h, z) in the duel block after the common words
 D_PORTS = 16        # 5 dom0 ports, then their 5 local ports
@@ -61,13 +65,22 @@ D_HARD_END_NS = 27  # ... and after this one even if fewer than D_MIN_ITERS ran
 D_MIN_ITERS = 28
 PRIO_Q, PRIO_Q3, PRIO_Q2 = 4, 8, 12
 
+# poll-vs-relink: its two ports are D_PORTS, D_PORTS + 1 (local ports at D_PORTS + 5, + 6)
+D_C_SLOT = 29       # side C's worker slot (0: no side C)
+D_CFLAG = 30        # C: done with iteration k (no unmask in flight)
+D_CEDGES = 31       # C: PENDING 0 -> 1 edges its unmasks made in this iteration (B adds them)
+D_CHECKED = 32      # B: iterations whose poll the port's event ended (the check applied)
+PRIO_POLL = 7
+POLL_TIMEOUT_S = 0.5
+
 # violations recorded by B (codes continue stress.workers' list)
 V_DUEL_SELECTOR_NO_UPCALL = 20
 V_DUEL_STUCK = 21
 V_DUEL_ORDER = 22
+V_DUEL_EARLY_WAKE = 23
 RECORDED = 4        # violations B records one by one; the rest are counted (D_HITS)
 KIND_OF = {DUEL_CONSUME_SEND: "selector-no-upcall", DUEL_UNMASK_SEND: "stuck-pending",
-           DUEL_DRAIN_LINK: "priority"}
+           DUEL_DRAIN_LINK: "priority", DUEL_POLL_RELINK: "early-wake"}
 
 SPIN_LIMIT_NS = 2_000_000_000     # a side that waits this long for the other gives up
 
@@ -138,6 +151,8 @@ def run_a(sender, duel) -> None:
     k_ = sender.env.host._k
     domid = sender.dom.domid
     kind = int(duel[D_KIND])
+    if kind == DUEL_POLL_RELINK:
+        return _run_a_poll(sender, duel)
     if kind == DUEL_DRAIN_LINK:                        # y
         lport, dport = int(duel[D_PORTS + 5 + 1]), int(duel[D_PORTS + 1])
     elif kind == DUEL_CONSUME_SEND:
@@ -170,6 +185,8 @@ def run_b(vcpu, duel) -> None:
     kind = int(duel[D_KIND])
     if kind == DUEL_DRAIN_LINK:
         return _run_b_fifo(vcpu, duel)
+    if kind == DUEL_POLL_RELINK:
+        return run_poller(vcpu, duel)
     env, st = vcpu.env, vcpu.env.stats
     k_ = env.host._k
     v = vcpu.v
@@ -308,6 +325,141 @@ def _run_b_fifo(vcpu, duel) -> None:
     drain()
 
 
+# -- poll-vs-relink (R9) ------------------------------------------------------------------------
+def _poll_port(duel, k: int) -> tuple[int, int]:
+    """(dom0 port, sender's local port) raced in iteration k: the two ports alternate, so Xen's
+    HEAD, which the guest never clears, names the other port when the race starts."""
+    i = k & 1
+    return int(duel[D_PORTS + i]), int(duel[D_PORTS + 5 + i])
+
+
+def _polling(dm, v: int) -> bool:
+    return int(dm.u32[(dm.layout.xen_vcpu(v) + L.X_POLL) // 4]) == L.POLL_ACTIVE
+
+
+def _run_a_poll(sender, duel) -> None:
+    """Side A of poll-vs-relink: once vCPU v is blocked in its poll, send the port once."""
+    k_ = sender.env.host._k
+    dm = sender.env.host._dm(0)
+    v = int(duel[D_VCPU])
+    domid = sender.dom.domid
+    delays = _delays(sender.rng, int(duel[D_JITTER]))
+    edges_row, h = sender.edges, sender.hdr
+    one = k = 0
+    while True:
+        if not _spin(duel, D_BFLAG, k + 1, D_DONE):
+            break
+        k += 1
+        dport, lport = _poll_port(duel, k)
+        t_end = time.monotonic_ns() + SPIN_LIMIT_NS
+        while not _polling(dm, v) and time.monotonic_ns() < t_end:
+            os.sched_yield()
+        for _ in range(delays[k & 4095]):
+            pass
+        duel[D_AFLAG] = k
+        r = k_.send(domid, lport)
+        if r > 0:
+            edges_row[dport] += 1
+            one += 1
+        duel[D_ADONE] = k
+    h[S.H_SENT] += k
+    h[S.H_EDGES] += one
+
+
+def run_c(vcpu, duel) -> None:
+    """Side C of poll-vs-relink (another vCPU of dom0): EVTCHNOP_unmask on the (unmasked) port
+    over and over until A's send is done. Xen relinks a pending, unlinked event on unmask, so
+    C and A both run set_pending on the port: the race R9 is about."""
+    k_ = vcpu.env.host._k
+    k = 0
+    while True:
+        if not _spin(duel, D_BFLAG, k + 1, D_DONE):
+            break
+        k += 1
+        dport, _ = _poll_port(duel, k)
+        made = 0
+        t_end = time.monotonic_ns() + SPIN_LIMIT_NS
+        while duel[D_ADONE] != k and time.monotonic_ns() < t_end:
+            made += max(0, k_.hyp_unmask(0, dport))
+        made += max(0, k_.hyp_unmask(0, dport))
+        duel[D_CEDGES] = made
+        duel[D_CFLAG] = k
+
+
+def reachable(dm, v: int, prio: int, port: int) -> bool:
+    """Would vCPU v's guest find `port` on its queue `prio` now? Follow the guest's local head,
+    or Xen's HEAD when that is 0, through LINKED words (the guest never clears HEAD, so a word
+    that is not LINKED ends the walk)."""
+    u32, lay = dm.u32, dm.layout
+    link_mask = (1 << dm.link_bits) - 1
+    h = int(u32[(lay.guest_vcpu(v) + L.G_LOCAL_HEAD) // 4 + prio])
+    if h == 0:
+        h = int(u32[(lay.control_block(v) + L.CB_HEAD) // 4 + prio])
+    pages = dm.hdr(L.H_ARRAY_PAGES) * L.FIFO_WORDS_PER_PAGE
+    for _ in range(1 << 16):
+        if h == 0 or h >= pages:
+            return False
+        w = int(u32[lay.event_word(h) // 4])
+        if not w & L.FIFO_LINKED:
+            return False
+        if h == port:
+            return True
+        h = w & link_mask
+    return False
+
+
+def run_poller(vcpu, duel) -> None:
+    """Side B of poll-vs-relink (R9, 71ac522909): vCPU v, with its queue drained, polls port p
+    (SCHEDOP_poll) while A sends p and C unmasks p. Xen calls the pollers only after the event
+    is queued and its queue unlocked, so when the poll returns because p's PENDING 0 -> 1 woke
+    it, p must be on v's queue. With R9 put back, the sender that set PENDING sees LINKED set
+    by C's relink, which has not written HEAD yet, and wakes the poller at once: the guest
+    finds nothing, and a guest that then sleeps again with p still pending never wakes."""
+    env, st = vcpu.env, vcpu.env.stats
+    k_ = env.host._k
+    dm = env.host._dm(0)
+    v = vcpu.v
+    edges = st.edges[int(duel[D_A_SLOT])]
+    buf = vcpu.buf
+    hits = k = checked = 0
+    arr = np.zeros(1, np.uint32)
+
+    def drain(port):
+        for _ in range(8):
+            n = k_.consume(0, v, buf)
+            if n:
+                vcpu.account(buf[:n])
+            if not n and not k_.is_pending(0, port):
+                return
+
+    while _more(duel, k):
+        dport, _ = _poll_port(duel, k + 1)
+        drain(dport)
+        k += 1
+        arr[0] = dport
+        duel[D_BFLAG] = k
+        reason, woke = k_.poll(0, v, arr, POLL_TIMEOUT_S)
+        woken = reason == L.POLL_EVENT and woke == dport
+        checked += woken
+        # (a masked port is legitimately PENDING without being queued; the duel never masks)
+        if woken and not k_.is_masked(0, dport) and not reachable(dm, v, PRIO_POLL, dport):
+            hits += 1
+            if hits <= RECORDED:
+                st.record(vcpu.slot, V_DUEL_EARLY_WAKE, dport, v, DUEL_POLL_RELINK, k,
+                          time.monotonic_ns())
+        if not (_spin(duel, D_ADONE, k) and _spin(duel, D_CFLAG, k)):
+            break
+        if duel[D_CEDGES]:
+            edges[dport] += int(duel[D_CEDGES])
+            duel[D_CEDGES] = 0
+    duel[D_ITERS] = k
+    duel[D_HITS] = hits
+    duel[D_CHECKED] = checked
+    duel[D_DONE] = 1
+    drain(int(duel[D_PORTS]))
+    drain(int(duel[D_PORTS + 1]))
+
+
 def plan(env, abi: str, plain_channels: np.ndarray, sender: int = 0) -> list[dict]:
     """The duels for this ABI on this setup: ports of `sender`'s plain channels on one vCPU
     (two in the same bitmap word for consume-vs-send)."""
@@ -322,10 +474,19 @@ def plan(env, abi: str, plain_channels: np.ndarray, sender: int = 0) -> list[dic
         if counts[v] < 5:
             return []
         five = mine[vcs == v][:5]
-        return [dict(kind=DUEL_DRAIN_LINK, vcpu=v, sender=sender,
-                     ports=[int(p) for p in st.ch_dport[five]],
-                     lports=[int(p) for p in st.ch_lport[five]], channels=five.tolist(),
-                     pa=int(st.ch_dport[five[1]]), pb=0, la=0, lb=0)]
+        plans = [dict(kind=DUEL_DRAIN_LINK, vcpu=v, sender=sender,
+                      ports=[int(p) for p in st.ch_dport[five]],
+                      lports=[int(p) for p in st.ch_lport[five]], channels=five.tolist(),
+                      pa=int(st.ch_dport[five[1]]), pb=0, la=0, lb=0)]
+        if env.cfg.vcpus >= 2:                     # side C is another vCPU's worker
+            two = five[:2]
+            plans.append(dict(kind=DUEL_POLL_RELINK, vcpu=v, sender=sender,
+                              c_vcpu=(v + 1) % env.cfg.vcpus,
+                              ports=[int(p) for p in st.ch_dport[two]],
+                              lports=[int(p) for p in st.ch_lport[two]],
+                              channels=two.tolist(), pa=int(st.ch_dport[two[0]]), pb=0,
+                              la=0, lb=0))
+        return plans
     mine = plain_channels[st.ch_sender[plain_channels] == sender]
     if len(mine) < 2:
         return []

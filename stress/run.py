@@ -326,22 +326,28 @@ class ProcessCrew:
         block[DU.D_JITTER] = 64
         block[DU.D_MIN_ITERS] = int(40000 * seconds)
         saved = []
-        if d["kind"] == DU.DUEL_DRAIN_LINK:
+        if d["kind"] in (DU.DUEL_DRAIN_LINK, DU.DUEL_POLL_RELINK):
             dom0 = self.env.dom0
-            block[DU.D_PORTS:DU.D_PORTS + 5] = d["ports"]
-            block[DU.D_PORTS + 5:DU.D_PORTS + 10] = d["lports"]
+            n = len(d["ports"])
+            block[DU.D_PORTS:DU.D_PORTS + n] = d["ports"]
+            block[DU.D_PORTS + 5:DU.D_PORTS + 5 + n] = d["lports"]
             block[DU.D_LPORT_A] = self.env.sdoms[d["sender"]].domid
-            prios = (DU.PRIO_Q, DU.PRIO_Q, DU.PRIO_Q3, DU.PRIO_Q, DU.PRIO_Q2)
+            prios = ((DU.PRIO_Q, DU.PRIO_Q, DU.PRIO_Q3, DU.PRIO_Q, DU.PRIO_Q2)
+                     if n == 5 else (DU.PRIO_POLL,) * n)
             for p, c, pr in zip(d["ports"], d["channels"], prios):
                 saved.append((p, int(st.ch_prio[c])))
                 dom0.set_priority(p, pr)
+        parties = [int(block[DU.D_A_SLOT]), int(block[DU.D_B_SLOT])]
+        if d["kind"] == DU.DUEL_POLL_RELINK:
+            block[DU.D_C_SLOT] = st.vcpu_slot(d["c_vcpu"])
+            block[DU.D_MIN_ITERS] = int(200 * seconds)   # an iteration sleeps in a poll
+            parties.append(int(block[DU.D_C_SLOT]))
         block[DU.D_END_NS] = time.monotonic_ns() + int(seconds * 1e9)
         block[DU.D_HARD_END_NS] = time.monotonic_ns() + int(4 * seconds * 1e9)
         g = self._next()
         st.ctrl[S.C_DUEL] = g
-        a, b = int(block[DU.D_A_SLOT]), int(block[DU.D_B_SLOT])
         try:
-            self.wait_for(lambda: st.hdr[a, S.H_DUEL_ACK] == g and st.hdr[b, S.H_DUEL_ACK] == g,
+            self.wait_for(lambda: all(st.hdr[i, S.H_DUEL_ACK] == g for i in parties),
                           4 * seconds + self.cfg.hang_timeout, f"duel {DU.NAMES[d['kind']]}")
         finally:
             st.ctrl[S.C_DUEL] = 0
@@ -350,7 +356,9 @@ class ProcessCrew:
         self.env.extra_sent += int(block[DU.D_SENT])
         return {"duel": DU.NAMES[d["kind"]], "vcpu": d["vcpu"],
                 "port": d["pb"] if d["kind"] == DU.DUEL_CONSUME_SEND else d["pa"],
-                "iterations": int(block[DU.D_ITERS]), "violations": int(block[DU.D_HITS])}
+                "iterations": int(block[DU.D_ITERS]), "violations": int(block[DU.D_HITS]),
+                **({"woken_by_event": int(block[DU.D_CHECKED])}
+                   if d["kind"] == DU.DUEL_POLL_RELINK else {})}
 
     def drain(self) -> None:
         """Release the vCPUs and wait until each ran a full loop and has no upcall pending

@@ -105,7 +105,7 @@ def _layout(shape: Shape):
     w, s, v, np_, c = shape.workers, shape.senders, shape.vcpus, shape.nports, shape.channels
     return [
         ("ctrl", np.uint64, (N_CTRL,)),
-        ("duel", np.uint64, (32,)),
+        ("duel", np.uint64, (48,)),
         ("hdr", np.uint64, (w, N_HDR)),
         ("viol", np.uint64, (w, VIOL_SLOTS, VIOL_WORDS)),
         # channel table (writers: the parent at setup, then the owning sender)

@@ -601,6 +601,8 @@ def _serve(actor, env: Env, parent_pid: int) -> None:
                 d = st.duel
                 if actor.slot in (int(d[DU.D_A_SLOT]), int(d[DU.D_B_SLOT])):
                     (DU.run_b if is_vcpu else DU.run_a)(actor, d)
+                elif is_vcpu and actor.slot == int(d[DU.D_C_SLOT]) and d[DU.D_C_SLOT]:
+                    DU.run_c(actor, d)
                 h[S.H_DUEL_ACK] = duel
             else:                   # a bystander: wake up seldom, leave the CPUs to the duel
                 time.sleep(DUEL_NAP)

@@ -133,6 +133,15 @@ class Differential(RuleBasedStateMachine):
                                   d0.is_linked(self._port(d0, i)),
                                   [d0.upcall_pending(v) for v in range(VCPUS)]))
 
+    @rule(idx=st.lists(port_ix, max_size=3), v=vcpu_st, masked=st.booleans())
+    def poll(self, idx, v, masked):
+        """SCHEDOP_poll that cannot block (timeout 0): the same reason, port or error."""
+        def go(d0, du):
+            if 0 <= v < VCPUS:
+                d0.set_upcall_mask(v, masked)
+            return d0.poll(v, [self._port(d0, i) for i in idx], timeout=0)
+        self.both(go)
+
     @rule(i=port_ix)
     def status(self, i):
         self.both(lambda d0, du: d0.status(self._port(d0, i)))

@@ -280,6 +280,27 @@ static inline void mark_upcall_pending(dom_t *d, uint32_t v, int64_t *kicks) {
     }
 }
 
+/* evtchn_check_pollers after a PENDING 0 -> 1 edge: wake the vCPUs polling this port (or
+ * several ports). Nobody polls in the benchmark, so its cost is the seq_cst load of the pollers
+ * count that evtchn pays too (Xen: bitmap_empty(poll_mask)). */
+static inline void check_pollers(dom_t *d, uint32_t port) {
+    if (!__atomic_load_n(U32(d, EVL_H_POLLERS), SEQ)) return;
+    for (uint32_t v = 0; v < d->vcpus; v++) {
+        uint64_t x = xen_vcpu_off(d, v);
+        uint32_t expected = EVL_POLL_ACTIVE;
+        if (__atomic_load_n(U32(d, x + EVL_X_POLL), ACQ) != EVL_POLL_ACTIVE) continue;
+        int32_t pe = (int32_t)__atomic_load_n(U32(d, x + EVL_X_POLL_EVTCHN), ACQ);
+        if (pe > 0 && (uint32_t)pe != port) continue;
+        if (__atomic_compare_exchange_n(U32(d, x + EVL_X_POLL), &expected,
+                                        (uint32_t)EVL_POLL_WOKEN | port, 0, SEQ, SEQ)) {
+            __atomic_fetch_sub(U32(d, EVL_H_POLLERS), 1, SEQ);
+            __atomic_store_n(U32(d, x + EVL_X_POLL_EVTCHN), 0, REL);
+            __atomic_fetch_add(U32(d, x + EVL_X_KICK), 1, SEQ);
+            futex_wake(U32(d, x + EVL_X_KICK));
+        }
+    }
+}
+
 /* event_2l.c set_pending: pending bit, then (unmasked) selector bit, then the upcall flag. */
 static inline int l2_set_pending(dom_t *d, uint32_t v, uint32_t port, int64_t *kicks) {
     uint64_t *pend = U64(d, d->shared_info + EVL_SI_PENDING);
@@ -292,6 +313,7 @@ static inline int l2_set_pending(dom_t *d, uint32_t v, uint32_t port, int64_t *k
         uint64_t sbit = 1ULL << word;
         if (!(__atomic_fetch_or(sel, sbit, SEQ) & sbit)) mark_upcall_pending(d, v, kicks);
     }
+    check_pollers(d, port);
     return 1;
 }
 
@@ -388,6 +410,7 @@ static inline int fifo_set_pending(dom_t *d, uint32_t v, uint32_t port, uint32_t
         if (!(__atomic_fetch_or(U32(d, control_off(d, v) + EVL_CB_READY), rb, SEQ) & rb))
             mark_upcall_pending(d, v, kicks);
     }
+    if (first) check_pollers(d, port);
     return first;
 }
 
