@@ -55,8 +55,8 @@ from . import layout as L
 from ._numba_atomics import (
     cas_u32, cpu_relax, fence, fetch_add_u32, fetch_and_u32, fetch_and_u64,
     fetch_or_u8, fetch_or_u32, fetch_or_u64, fetch_sub_u32, futex_wait, futex_wake, load_u8,
-    load_u16, load_u32, load_u64, lock_acquire, lock_release, lock_try, monotonic_ns, store_u8,
-    store_u32, xchg_u32, xchg_u64,
+    load_u16, load_u32, load_u64, lock_acquire, lock_release, lock_try, monotonic_ns,
+    sched_yield, store_u8, store_u32, xchg_u32, xchg_u64,
 )
 
 # --- domain table columns -----------------------------------------------------------------------
@@ -590,6 +590,10 @@ def _fifo_queue_event(tb, d, v, port, pid, inject):
     if oq != q:
         lock_release(oq + Q_LOCK)
     lock_release(q + Q_LOCK)
+    if linked and did_link and inject == INJ_READY_EVERY_LINK:
+        # R6 (as in _core.pyx): give the guest the CPU so that it can drain the queue through
+        # our LINK before it sees this READY, the window of a few nanoseconds (timing only).
+        sched_yield()
     if not linked or (did_link and inject == INJ_READY_EVERY_LINK):
         _fifo_ready(tb, d, v, prio)
     return np.int64(first)

@@ -260,13 +260,16 @@ def test_every_injected_bug_is_caught(bug):
         assert CAUGHT_AS[bug] in r.stdout, r.stdout[-3000:]
 
 
-def test_r9_is_caught_on_the_numba_backend_too():
-    """The numba kernels carry their own copy of the pre-71ac522909 order."""
+@pytest.mark.parametrize("bug", sorted(L.INJECTIONS))
+def test_every_injected_bug_is_caught_on_the_numba_backend_too(bug):
+    """The numba kernels carry their own copy of each historical bug."""
     pytest.importorskip("numba")
-    r = stress("--inject", "fifo-pending-before-lock", "--backend", "numba", "--ports", "1024",
-               "--vcpus", "4", "--duration", "1", "--no-progress", "--seed", "3", timeout=300)
+    r = stress("--inject", bug, "--backend", "numba", "--ports", "2048", "--vcpus", "16",
+               "--duration", "2", "--no-progress", "--seed", "3", timeout=300)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
-    assert "early-wake" in r.stdout
+    assert f"--inject {bug}" in r.stdout
+    if bug in CAUGHT_AS:
+        assert CAUGHT_AS[bug] in r.stdout, r.stdout[-3000:]
 
 
 @needs_cython
