@@ -162,7 +162,8 @@ cdef extern from * nogil:
             }
             /* The holder may be descheduled (more processes than CPUs): give it the CPU. */
             sched_yield();
-            if (++yields % EVLOCK_YIELDS_PER_CHECK == 0 && evlock_owner_dead(owner)) {
+            /* bit 31 of the owner word marks a read-type holder (CHANNEL_LOCK_READER) */
+            if (++yields % EVLOCK_YIELDS_PER_CHECK == 0 && evlock_owner_dead(owner & 0x7FFFFFFFu)) {
                 /* CAS from the dead pid: if several waiters noticed, exactly one wins. */
                 if (__atomic_compare_exchange_n(w, &owner, mypid, 0,
                                                 __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))

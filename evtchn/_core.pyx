@@ -7,16 +7,17 @@ seq_cst atomic on the shared segment, and the hypervisor side takes the locks Xe
 
 * send holds the sender's channel lock around reading its state and raising the peer
   (evtchn_send's evtchn_read_lock); raise_virq only *tries* it (evtchn_read_trylock) and drops
-  the event when it is held;
+  the event when a writer (close, bind) holds it;
 * FIFO set_pending locks the event's old and new queues (evtchn_fifo_set_pending after
   71ac522909) before it tests PENDING, MASKED and LINKED;
 * the guest's upcall handler for a vCPU runs under that vCPU's handler lock (Linux never runs
   it twice at once on one CPU); everything else on the guest side is lock-free.
 
 Locks are the robust owner-pid spinlocks of evtchn._atomics. Xen's channel lock is a rwlock
-whose readers (send, raise_virq) do not exclude one another; here it is one exclusive word, so
-concurrent senders on one port serialise, and a raise_virq that finds another raiser in the
-lock drops its event (returning 0, so edge accounting stays exact). Waiting for an upcall is a
+whose readers (send, EVTCHNOP_unmask, raise_virq) do not exclude one another; here it is one
+owner word, so readers serialise, and a read-type holder stores pid | CHANNEL_LOCK_READER so
+that raise_virq can wait for a reader and drop its event only for a writer, as Xen's trylock
+does (returning 0 then, so edge accounting stays exact). Waiting for an upcall is a
 futex on the vCPU's kick word; a sender only pays the wake-up system call when a waiter is
 blocked.
 
@@ -156,11 +157,15 @@ cdef int64_t WAIT_SLICE_NS = 50 * 1000 * 1000
 # This process's pid, the owner value of every lock it takes. Refreshed in a forked child
 # (evtchn uses spawn, but a stale pid would make a fork-started process steal locks).
 cdef uint32_t _mypid = <uint32_t>getpid()
+# The owner value of a channel lock taken read-type (send, EVTCHNOP_unmask, VIRQ raise).
+cdef uint32_t CHANNEL_LOCK_READER = L.CHANNEL_LOCK_READER
+cdef uint32_t _myreader = _mypid | CHANNEL_LOCK_READER
 
 
 def _refresh_pid():
-    global _mypid
+    global _mypid, _myreader
     _mypid = <uint32_t>getpid()
+    _myreader = _mypid | CHANNEL_LOCK_READER
 
 
 os.register_at_fork(after_in_child=_refresh_pid)
@@ -595,6 +600,21 @@ cdef int fifo_set_pending_r9(const dom_t *d, uint32_t v, uint32_t port) noexcept
 
 
 # -- ABI dispatch (evtchn_port_set_pending, evtchn_port_unmask, ...) -----------------------------
+cdef int channel_read_trylock(uint32_t *lock) noexcept nogil:
+    """evtchn_read_trylock on the exclusive owner word: fail only against a writer. A reader
+    holding it is waited for (Xen would run beside it; here the two serialise)."""
+    cdef uint32_t owner
+    while True:
+        if evlock_try(lock, _myreader):
+            return 1
+        owner = at_load32(lock)
+        if owner == 0:
+            continue
+        if not owner & CHANNEL_LOCK_READER:
+            return 0
+        evlock_acquire(lock, _myreader)
+        return 1
+
 cdef inline int port_pending(const dom_t *d, uint32_t port) noexcept nogil:
     """evtchn_port_is_pending: the FIFO word's PENDING (no page: not pending), or the bitmap bit."""
     cdef uint32_t *word
@@ -615,7 +635,7 @@ cdef int hyp_unmask(const dom_t *d, uint32_t port) noexcept nogil:
     it set PENDING 0 -> 1 itself (FIFO: the guest acked between the test and set_pending)."""
     cdef uint32_t *lock = <uint32_t *>(port_at(d, port) + P_LOCK)
     cdef int edge
-    evlock_acquire(lock, _mypid)
+    evlock_acquire(lock, _myreader)
     edge = hyp_unmask_locked(d, port)
     evlock_release(lock)
     return edge
@@ -1025,12 +1045,14 @@ cdef class CythonKernels:
         return d
 
     # -- locks: robust owner-pid spinlocks at absolute addresses -------------------------------
-    def lock(self, uintptr_t address):
+    def lock(self, uintptr_t address, bint reader=False):
+        """Take the lock (a channel lock read-type with `reader`, as a sender holds it)."""
         cdef uint32_t *w = <uint32_t *>address
-        if evlock_try(w, _mypid):
+        cdef uint32_t me = _myreader if reader else _mypid
+        if evlock_try(w, me):
             return
         with nogil:                         # the holder may be a thread that needs the GIL
-            evlock_acquire(w, _mypid)
+            evlock_acquire(w, me)
 
     def trylock(self, uintptr_t address):
         return bool(evlock_try(<uint32_t *>address, _mypid))
@@ -1139,7 +1161,7 @@ cdef class CythonKernels:
             return -EINVAL
         pe = port_at(d, port)
         plock = <uint32_t *>(pe + P_LOCK)
-        evlock_acquire(plock, _mypid)
+        evlock_acquire(plock, _myreader)
         state = at_load8(<uint8_t *>(pe + P_STATE))
         if state == ECS_INTERDOMAIN:
             rd = self._lookup(at_load16(<uint16_t *>(pe + P_REMOTE_DOM)))
@@ -1196,7 +1218,8 @@ cdef class CythonKernels:
 
     def raise_virq(self, domid, uint32_t virq, uint32_t vcpu):
         """send_guest_vcpu_virq / send_guest_global_virq: set_pending under a *try* of the
-        channel lock (evtchn_read_trylock); the event is dropped when the lock is held."""
+        channel lock (evtchn_read_trylock): the event is dropped when a writer (close, bind)
+        holds it; a reader (a send, an unmask) would not exclude Xen's, so wait for it."""
         cdef dom_t *d = self._dom(domid)
         cdef uint32_t port, target
         cdef uint32_t *plock
@@ -1208,7 +1231,7 @@ cdef class CythonKernels:
             port = virq_port(d, vcpu if per_vcpu else 0, virq)
             if port != 0:
                 plock = <uint32_t *>(port_at(d, port) + P_LOCK)
-                if evlock_try(plock, _mypid):
+                if channel_read_trylock(plock):
                     # Xen's virq_lock keeps the binding stable; here re-check under the channel
                     # lock that the port still serves this VIRQ (it may have been closed and
                     # re-bound to something else since the lookup).

@@ -472,7 +472,8 @@ def lock_acquire(addr, mypid):
         yields += 1
         if yields >= LOCK_YIELDS_PER_CHECK:
             yields = 0
-            if not pid_alive(np.int64(owner)) and cas_u32(addr, owner, me) == owner:
+            # bit 31 of the owner word marks a read-type holder (layout.CHANNEL_LOCK_READER)
+            if not pid_alive(np.int64(owner & 0x7FFFFFFF)) and cas_u32(addr, owner, me) == owner:
                 return np.int64(owner)
 
 

@@ -110,6 +110,12 @@ P_STATE = 12                     # u8: ECS_*
 P_PRIORITY = 13                  # u8: FIFO priority
 P_PENDING = 14                   # u8: FIFO "pending while the array page was missing"
 P_LASTQ = 16                     # u32: FIFO last queue: byte 0 priority, bytes 2-3 vCPU
+# Xen's channel lock is a rwlock: senders, EVTCHNOP_unmask and VIRQ raisers read-lock it, the
+# control plane write-locks it. Here it is one owner word; a read-type holder stores its pid |
+# this bit, so that a VIRQ raiser (Xen: read_trylock, which fails only against a writer) can
+# tell a reader, whom it waits for, from a writer, against whom it drops the event.
+CHANNEL_LOCK_READER = 1 << 31
+LOCK_PID_MASK = CHANNEL_LOCK_READER - 1
 
 
 def lastq_pack(vcpu: int, priority: int) -> int:

@@ -15,8 +15,9 @@ no reference counting), and evtchn.numba exposes the same internals to users' @n
 
 Multi-process protocol, shared with the Cython kernels (same lock words, same order), so
 processes on either backend drive one host: EVTCHNOP_send holds the sender's channel lock
-(``P_LOCK``), EVTCHNOP_unmask the port's own, a VIRQ only tries it (and re-checks its binding
-under it); FIFO set_pending locks the (new, old) queue pair in address order, re-checks and gives
+(``P_LOCK``), EVTCHNOP_unmask the port's own, both read-type (owner pid | CHANNEL_LOCK_READER); a
+VIRQ tries it, waits for a reader, drops the event for a writer, and re-checks its binding under
+it; FIFO set_pending locks the (new, old) queue pair in address order, re-checks and gives
 up after 3 tries; set_link retries with BUSY at most 4 times; a send to a port whose array page
 is missing and expand_array pair up with fences (neither can miss the other); the upcall handler
 runs under the robust per-vCPU handler lock (``G_HANDLER_LOCK``); a vCPU blocked in wait()
@@ -93,6 +94,7 @@ X_POLL_EVTCHN, X_POLL = L.X_POLL_EVTCHN, L.X_POLL
 POLL_IDLE, POLL_ACTIVE, POLL_WOKEN = L.POLL_IDLE, L.POLL_ACTIVE, L.POLL_WOKEN
 POLL_TIMEOUT, POLL_PENDING, POLL_EVENT, POLL_UPCALL = L.POLL_TIMEOUT, L.POLL_PENDING, \
     L.POLL_EVENT, L.POLL_UPCALL
+CHANNEL_LOCK_READER = L.CHANNEL_LOCK_READER
 POLL_AGAIN = -0x10000                  # a poll kernel's "no reason yet: sleep (again)"
 VIRQ_TIMER, NR_VIRQS = L.VIRQ_TIMER, L.NR_VIRQS
 VIRQ_PER_VCPU_0, VIRQ_PER_VCPU_1, VIRQ_PER_VCPU_2, VIRQ_PER_VCPU_3 = sorted(L.VIRQ_PER_VCPU)
@@ -692,7 +694,7 @@ def _hyp_unmask(tb, d, port, pid):
     Returns 1 if it set PENDING 0 -> 1 itself (FIFO: the guest acked between its test of
     PENDING and set_pending, as can happen in Xen), else 0."""
     lk = _port(tb, d, port) + P_LOCK
-    _lock(lk, pid)
+    _lock(lk, pid | CHANNEL_LOCK_READER)
     edge = _hyp_unmask_locked(tb, d, port, pid)
     lock_release(lk)
     return edge
@@ -790,7 +792,7 @@ def _send(tb, nrows, d, port, pid):
     if port < 0 or port >= _hdr(tb, d, H_VALID):
         return np.int64(-EINVAL)
     pe = _port(tb, d, port)
-    _lock(pe + P_LOCK, pid)
+    _lock(pe + P_LOCK, pid | CHANNEL_LOCK_READER)
     state = np.int64(load_u8(pe + P_STATE))
     if state == ECS_INTERDOMAIN:
         rd = np.int64(load_u16(pe + P_REMOTE_DOM))
@@ -810,16 +812,32 @@ def _send(tb, nrows, d, port, pid):
 
 
 @njit(cache=True)
+def _channel_read_trylock(lk, me):
+    """evtchn_read_trylock on the exclusive owner word: fail only against a writer. A reader
+    holding it is waited for (Xen would run beside it; here the two serialise)."""
+    while True:
+        if lock_try(lk, me):
+            return True
+        owner = load_u32(lk)
+        if owner == 0:
+            continue
+        if not owner & CHANNEL_LOCK_READER:
+            return False
+        lock_acquire(lk, me)
+        return True
+
+
+@njit(cache=True)
 def _raise_virq(tb, d, virq, v, pid):
-    """send_guest_vcpu_virq / send_guest_domain_virq: a channel lock that is taken means the
-    port is being closed or rebound, and the event is dropped, as Xen's trylock does."""
+    """send_guest_vcpu_virq / send_guest_domain_virq under a *try* of the channel lock
+    (evtchn_read_trylock): dropped when a writer (close, bind) holds it, as in Xen."""
     per_vcpu = (virq == VIRQ_PER_VCPU_0 or virq == VIRQ_PER_VCPU_1 or
                 virq == VIRQ_PER_VCPU_2 or virq == VIRQ_PER_VCPU_3)
     port = np.int64(load_u32(_xen_vcpu(tb, d, v if per_vcpu else 0) + X_VIRQ + 4 * virq))
     if port == 0:
         return np.int64(0)
     lk = _port(tb, d, port) + P_LOCK
-    if not lock_try(lk, pid):
+    if not _channel_read_trylock(lk, pid | CHANNEL_LOCK_READER):
         return np.int64(0)
     r = np.int64(0)
     # Xen's virq_lock keeps the binding stable; here re-check under the channel lock that the
@@ -1412,8 +1430,9 @@ class NumbaKernels:
         self.doms[dm.domid] = dm
 
     # -- locks and bitops at raw addresses ------------------------------------------------------
-    def lock(self, address: int) -> None:
-        k_lock(address, os.getpid())
+    def lock(self, address: int, reader: bool = False) -> None:
+        """Take the lock (a channel lock read-type with `reader`, as a sender holds it)."""
+        k_lock(address, os.getpid() | (CHANNEL_LOCK_READER if reader else 0))
 
     def trylock(self, address: int) -> bool:
         return bool(k_trylock(address, os.getpid()))

@@ -32,7 +32,7 @@ class ReferenceKernels:
         self.doms[dm.domid] = dm
 
     # -- locks: one process, nothing to exclude ------------------------------------------------
-    def lock(self, address: int) -> None:
+    def lock(self, address: int, reader: bool = False) -> None:
         pass
 
     def trylock(self, address: int) -> bool:
