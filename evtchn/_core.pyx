@@ -934,6 +934,16 @@ cdef Py_ssize_t consume(const dom_t *d, uint32_t v, uint32_t *out,
     return n
 
 
+cdef inline int64_t sleep_slice(int64_t deadline) noexcept nogil:
+    """How long the next futex sleep of wait() or poll() may be: at most WAIT_SLICE_NS (then
+    look for signals), no later than `deadline` (< 0: none); <= 0 once it passed."""
+    cdef int64_t left
+    if deadline < 0:
+        return WAIT_SLICE_NS
+    left = deadline - monotonic_ns()
+    return left if left < WAIT_SLICE_NS else WAIT_SLICE_NS
+
+
 # -- the backend ---------------------------------------------------------------------------------
 @cython.final
 cdef class CythonKernels:
@@ -1320,7 +1330,7 @@ cdef class CythonKernels:
         cdef uint32_t *poll_w = <uint32_t *>(x + X_POLL)
         cdef Py_ssize_t i, n = ports.shape[0]
         cdef uint32_t port, seen, state
-        cdef int64_t left, slice_ns
+        cdef int64_t slice_ns
         if (at_load8(<uint8_t *>(vi + VI_UPCALL_PENDING)) & 1
                 and not at_load8(<uint8_t *>(vi + VI_UPCALL_MASK)) & 1):
             return POLL_UPCALL                   # local_events_need_delivery()
@@ -1349,13 +1359,9 @@ cdef class CythonKernels:
                     return POLL_UPCALL
                 kick0 = seen
                 continue
-            slice_ns = WAIT_SLICE_NS
-            if deadline >= 0:
-                left = deadline - monotonic_ns()
-                if left <= 0:
-                    return POLL_TIMEOUT
-                if left < slice_ns:
-                    slice_ns = left
+            slice_ns = sleep_slice(deadline)
+            if slice_ns <= 0:
+                return POLL_TIMEOUT
             with nogil:
                 futex_wait_u32(kickw, seen, slice_ns)
             PyErr_CheckSignals()
@@ -1370,7 +1376,7 @@ cdef class CythonKernels:
         cdef uint32_t *blocked = <uint32_t *>(x + X_BLOCKED)
         cdef uint32_t *kickw = <uint32_t *>(x + X_KICK)
         cdef uint32_t seen
-        cdef int64_t deadline = -1, left, slice_ns
+        cdef int64_t deadline = -1, slice_ns
         if at_load8(flag) & 1:
             return True
         if timeout is not None and float(timeout) < 1e9:     # longer: as good as forever
@@ -1382,13 +1388,9 @@ cdef class CythonKernels:
                 at_fence()                      # Dekker with kick(): blocked++ before this load
                 if at_load8(flag) & 1:
                     return True
-                slice_ns = WAIT_SLICE_NS
-                if deadline >= 0:
-                    left = deadline - monotonic_ns()
-                    if left <= 0:
-                        return False
-                    if left < slice_ns:
-                        slice_ns = left
+                slice_ns = sleep_slice(deadline)
+                if slice_ns <= 0:
+                    return False
                 with nogil:
                     futex_wait_u32(kickw, seen, slice_ns)
                 PyErr_CheckSignals()

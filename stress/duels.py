@@ -146,19 +146,25 @@ class _Bits:
         return have, up, sel != 0
 
 
+def _a_ports(duel, kind: int, k: int) -> tuple[int, int]:
+    """(dom0 port, sender's local port) that side A raises in iteration k."""
+    if kind == DUEL_POLL_RELINK:
+        return _poll_port(duel, k)
+    if kind == DUEL_DRAIN_LINK:                        # y
+        return int(duel[D_PORTS + 1]), int(duel[D_PORTS + 5 + 1])
+    if kind == DUEL_CONSUME_SEND:
+        return int(duel[D_PORT_B]), int(duel[D_LPORT_B])
+    return int(duel[D_PORT_A]), int(duel[D_LPORT_A])
+
+
 def run_a(sender, duel) -> None:
-    """Side A (a sender process): raise the port when released, for every iteration."""
+    """Side A (a sender process): raise the port when released, for every iteration (in
+    poll-vs-relink, once vCPU v is blocked in its poll)."""
     k_ = sender.env.host._k
+    dm = sender.env.host._dm(0)
     domid = sender.dom.domid
     kind = int(duel[D_KIND])
-    if kind == DUEL_POLL_RELINK:
-        return _run_a_poll(sender, duel)
-    if kind == DUEL_DRAIN_LINK:                        # y
-        lport, dport = int(duel[D_PORTS + 5 + 1]), int(duel[D_PORTS + 1])
-    elif kind == DUEL_CONSUME_SEND:
-        lport, dport = int(duel[D_LPORT_B]), int(duel[D_PORT_B])
-    else:
-        lport, dport = int(duel[D_LPORT_A]), int(duel[D_PORT_A])
+    v = int(duel[D_VCPU])
     delays = _delays(sender.rng, int(duel[D_JITTER]))
     edges_row, one = sender.edges, 0
     h = sender.hdr
@@ -167,6 +173,11 @@ def run_a(sender, duel) -> None:
         if not _spin(duel, D_BFLAG, k + 1, D_DONE):
             break
         k += 1
+        dport, lport = _a_ports(duel, kind, k)
+        if kind == DUEL_POLL_RELINK:
+            t_end = time.monotonic_ns() + SPIN_LIMIT_NS
+            while not _polling(dm, v) and time.monotonic_ns() < t_end:
+                os.sched_yield()
         d = delays[k & 4095]
         duel[D_AFLAG] = k
         for _ in range(d):
@@ -335,35 +346,6 @@ def _poll_port(duel, k: int) -> tuple[int, int]:
 
 def _polling(dm, v: int) -> bool:
     return int(dm.u32[(dm.layout.xen_vcpu(v) + L.X_POLL) // 4]) == L.POLL_ACTIVE
-
-
-def _run_a_poll(sender, duel) -> None:
-    """Side A of poll-vs-relink: once vCPU v is blocked in its poll, send the port once."""
-    k_ = sender.env.host._k
-    dm = sender.env.host._dm(0)
-    v = int(duel[D_VCPU])
-    domid = sender.dom.domid
-    delays = _delays(sender.rng, int(duel[D_JITTER]))
-    edges_row, h = sender.edges, sender.hdr
-    one = k = 0
-    while True:
-        if not _spin(duel, D_BFLAG, k + 1, D_DONE):
-            break
-        k += 1
-        dport, lport = _poll_port(duel, k)
-        t_end = time.monotonic_ns() + SPIN_LIMIT_NS
-        while not _polling(dm, v) and time.monotonic_ns() < t_end:
-            os.sched_yield()
-        for _ in range(delays[k & 4095]):
-            pass
-        duel[D_AFLAG] = k
-        r = k_.send(domid, lport)
-        if r > 0:
-            edges_row[dport] += 1
-            one += 1
-        duel[D_ADONE] = k
-    h[S.H_SENT] += k
-    h[S.H_EDGES] += one
 
 
 def run_c(vcpu, duel) -> None:
