@@ -601,8 +601,10 @@ cdef int fifo_set_pending_r9(const dom_t *d, uint32_t v, uint32_t port) noexcept
 
 # -- ABI dispatch (evtchn_port_set_pending, evtchn_port_unmask, ...) -----------------------------
 cdef int channel_read_trylock(uint32_t *lock) noexcept nogil:
-    """evtchn_read_trylock on the exclusive owner word: fail only against a writer. A reader
-    holding it is waited for (Xen would run beside it; here the two serialise)."""
+    """evtchn_read_trylock on the exclusive owner word: 0 (fail) only against a writer. A
+    reader of another process is waited for (Xen would run beside it; here the two
+    serialise): 1, the caller releases. A reader of this process (another thread, or the
+    caller itself) is run beside, as in Xen: 2, nothing to release."""
     cdef uint32_t owner
     while True:
         if evlock_try(lock, _myreader):
@@ -612,6 +614,8 @@ cdef int channel_read_trylock(uint32_t *lock) noexcept nogil:
             continue
         if not owner & CHANNEL_LOCK_READER:
             return 0
+        if owner == _myreader:
+            return 2
         evlock_acquire(lock, _myreader)
         return 1
 
@@ -1233,7 +1237,7 @@ cdef class CythonKernels:
         cdef dom_t *d = self._dom(domid)
         cdef uint32_t port, target
         cdef uint32_t *plock
-        cdef int per_vcpu, r = 0
+        cdef int per_vcpu, locked, r = 0
         if virq >= NR_VIRQS:
             return 0
         per_vcpu = (VIRQ_PER_VCPU_MASK >> virq) & 1
@@ -1241,14 +1245,16 @@ cdef class CythonKernels:
             port = virq_port(d, vcpu if per_vcpu else 0, virq)
             if port != 0:
                 plock = <uint32_t *>(port_at(d, port) + P_LOCK)
-                if channel_read_trylock(plock):
+                locked = channel_read_trylock(plock)
+                if locked:
                     # Xen's virq_lock keeps the binding stable; here re-check under the channel
                     # lock that the port still serves this VIRQ (it may have been closed and
                     # re-bound to something else since the lookup).
                     if virq_port(d, vcpu if per_vcpu else 0, virq) == port:
                         target = vcpu if per_vcpu else notify_vcpu(d, port)
                         r = set_pending(d, target, port)
-                    evlock_release(plock)
+                    if locked == 1:
+                        evlock_release(plock)
         return r
 
     # -- guest side ------------------------------------------------------------------------------

@@ -107,9 +107,9 @@ class Domain:
         dm = self.host._dm(domid)
         return dm.seg.address + dm.layout.port(port) + L.P_LOCK
 
-    def _lock_chans(self, *chans):
+    def _lock_chans(self, *chans, reader: bool = False):
         for c in sorted(set(chans)):
-            self._k.lock(self._chan_addr(*c))
+            self._k.lock(self._chan_addr(*c), reader=reader)
 
     def _unlock_chans(self, *chans):
         for c in sorted(set(chans), reverse=True):
@@ -446,11 +446,12 @@ class Domain:
             self.mask(p)
             # Under the port's channel lock and its peer's: a sender holds the latter while it
             # reads the notify vCPU and raises it, so it has either finished (the unmask below
-            # re-raises on the new vCPU) or will see the new one.
+            # re-raises on the new vCPU) or will see the new one. Read-type: Xen takes no
+            # channel lock here, so a VIRQ raised meanwhile must wait, not be dropped.
             chans = [(self.domid, p)]
             if state == L.ECS_INTERDOMAIN:
                 chans.append((dm.port_u16(p, L.P_REMOTE_DOM), dm.port_u32(p, L.P_REMOTE_PORT)))
-            self._lock_chans(*chans)
+            self._lock_chans(*chans, reader=True)
             dm.set_port_u16(p, L.P_NOTIFY_VCPU, vc)
             self._unlock_chans(*chans)
             self._set_affinity(p, vc)

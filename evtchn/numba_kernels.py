@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, typeof, types
 from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.cpython.unsafe.numbers import trailing_zeros
@@ -813,18 +813,21 @@ def _send(tb, nrows, d, port, pid):
 
 @njit(cache=True)
 def _channel_read_trylock(lk, me):
-    """evtchn_read_trylock on the exclusive owner word: fail only against a writer. A reader
-    holding it is waited for (Xen would run beside it; here the two serialise)."""
+    """evtchn_read_trylock on the exclusive owner word (as _core.channel_read_trylock): 0
+    against a writer; 1 after waiting for another process's reader (the caller releases); 2
+    beside a reader of this process, as in Xen (nothing to release)."""
     while True:
         if lock_try(lk, me):
-            return True
+            return 1
         owner = load_u32(lk)
         if owner == 0:
             continue
         if not owner & CHANNEL_LOCK_READER:
-            return False
+            return 0
+        if owner == np.uint32(me):
+            return 2
         lock_acquire(lk, me)
-        return True
+        return 1
 
 
 @njit(cache=True)
@@ -837,14 +840,16 @@ def _raise_virq(tb, d, virq, v, pid):
     if port == 0:
         return np.int64(0)
     lk = _port(tb, d, port) + P_LOCK
-    if not _channel_read_trylock(lk, pid | CHANNEL_LOCK_READER):
+    locked = _channel_read_trylock(lk, pid | CHANNEL_LOCK_READER)
+    if not locked:
         return np.int64(0)
     r = np.int64(0)
     # Xen's virq_lock keeps the binding stable; here re-check under the channel lock that the
     # port still serves this VIRQ (it may have been closed and re-bound since the lookup).
     if load_u32(_xen_vcpu(tb, d, v if per_vcpu else 0) + X_VIRQ + 4 * virq) == port:
         r = _set_pending(tb, d, v if per_vcpu else _notify_vcpu(tb, d, port), port, pid)
-    lock_release(lk)
+    if locked == 1:
+        lock_release(lk)
     return r
 
 
@@ -1234,7 +1239,7 @@ def _tb(dt):
     return np.int64(dt.ctypes.data)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def k_set_pending(dt, d, v, port, pid):
     """set_pending on (domain d, vCPU v, port) -> 1 if PENDING went 0 -> 1, else 0."""
     return _set_pending(_tb(dt), d, v, port, pid)
@@ -1245,7 +1250,7 @@ def k_clear_pending(dt, d, port):
     return _clear_pending(_tb(dt), d, port)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def k_hyp_unmask(dt, d, port, pid):
     return _hyp_unmask(_tb(dt), d, port, pid)
 
@@ -1265,12 +1270,12 @@ def k_is_linked(dt, d, port):
     return _is_linked(_tb(dt), d, port)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def k_expand_array(dt, d, pid):
     return _expand_array(_tb(dt), d, pid)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def k_send(dt, d, port, pid):
     return _send(_tb(dt), dt.shape[0], d, port, pid)
 
@@ -1296,7 +1301,7 @@ def k_send_many(dt, d, ports, edges, pid):
                       np.int64(edges.ctypes.data), edges.shape[0], pid)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def k_raise_virq(dt, d, virq, v, pid):
     return _raise_virq(_tb(dt), d, virq, v, pid)
 
@@ -1306,7 +1311,7 @@ def k_guest_mask(dt, d, port):
     _guest_mask(_tb(dt), d, port)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def k_guest_unmask(dt, d, port, pid):
     return _guest_unmask(_tb(dt), d, port, pid)
 
@@ -1344,7 +1349,7 @@ def k_poll_end(dt, d, v):
 
 # --- locks and guest bitops at raw addresses (the control plane's primitives) --------------------
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def k_lock(addr, pid):
     return lock_acquire(addr, pid)
 
@@ -1419,6 +1424,7 @@ class NumbaKernels:
     def __init__(self):
         self.doms = {}                       # keeps every mapped segment alive
         self.table = np.zeros((4, NCOLS), np.int64)
+        self._poll_ready = False             # poll's kernels compiled (see poll)
 
     def map_domain(self, dm) -> None:
         rows = self.table.shape[0]
@@ -1519,6 +1525,13 @@ class NumbaKernels:
             deadline = time.monotonic_ns() + int(max(0.0, float(timeout)) * 1e9)
         st = np.zeros(2, np.int64)           # entered, kick count: see _poll_begin
         reason, port, state = POLL_AGAIN, 0, POLL_IDLE
+        if not self._poll_ready:
+            # Compile (or load) the sleep and the clean-up before entering: done lazily in
+            # the finally clause, Ctrl-C could interrupt it and leave the vCPU counted in.
+            k_poll_sleep.compile(tuple(typeof(a) for a in (self.table, domid, vcpu, st,
+                                                           deadline)))
+            k_poll_end.compile(tuple(typeof(a) for a in (self.table, domid, vcpu)))
+            self._poll_ready = True
         try:
             reason, port = k_poll_begin(self.table, domid, vcpu, ports, st)
             while reason == POLL_AGAIN:

@@ -131,8 +131,11 @@ def compiled(backend):
 
 @pytest.mark.parametrize("abi", ABIS)
 def test_woken_by_the_edge_on_the_polled_port(host, compiled, abi):
-    d0, du, [(p0, pu)] = pair(host, abi)
-    d0.set_upcall_mask(0, True)                  # only the pollers check can wake us
+    d0, du, [(p0, pu), (p1, pu1)] = pair(host, abi, 2)
+    # Upcalls masked and one already pending (from p1): the edge on p0 sets no upcall flag
+    # 0 -> 1, so no kick can end the poll first; only the pollers check wakes us.
+    d0.set_upcall_mask(0, True)
+    du.send(pu1)
     r, took = _poll_while_sending(host, compiled, d0, du, [p0], pu)
     assert r == evtchn.PollResult("event", p0) and took < 9
     assert d0.is_pending(p0) and pollers(d0) == 0

@@ -125,7 +125,9 @@ static inline void lock_acquire(uint32_t *w, uint32_t me) {
             continue;
         }
         sched_yield();
-        if (++yields % 256 == 0 && kill((pid_t)owner, 0) == -1 && errno == ESRCH &&
+        /* bit 31 of the owner marks a read-type channel-lock holder (CHANNEL_LOCK_READER) */
+        if (++yields % 256 == 0 && kill((pid_t)(owner & EVL_LOCK_PID_MASK), 0) == -1 &&
+            errno == ESRCH &&
             __atomic_compare_exchange_n(w, &owner, me, 0, ACQ, RLX))
             return;                                     /* the owner died holding it */
     }
@@ -428,7 +430,7 @@ static inline int send(dom_t *ld, uint32_t lport, uint32_t me, int64_t *kicks) {
     uint8_t *pe = ld->base + port_off(ld, lport);
     uint32_t *lock = (uint32_t *)(pe + EVL_P_LOCK);
     int r;
-    lock_acquire(lock, me);
+    lock_acquire(lock, me | (uint32_t)EVL_CHANNEL_LOCK_READER);   /* read-type, as evtchn */
     uint8_t state = __atomic_load_n(pe + EVL_P_STATE, ACQ);
     if (state == EVL_ECS_INTERDOMAIN) {
         uint32_t rdom = __atomic_load_n((uint16_t *)(pe + EVL_P_REMOTE_DOM), ACQ);
