@@ -150,6 +150,13 @@ class Host:
     def is_owner(self) -> bool:
         return self._owner
 
+    def warm_up(self) -> None:
+        """Make the backend ready to run every operation at full speed: numba loads (or
+        compiles) all its kernels now rather than on their first call; a no-op otherwise."""
+        warm = getattr(self._k, "warm_up", None)
+        if warm is not None:
+            warm()
+
     def close(self) -> None:
         """Release this process's handle; the creator also unlinks every segment."""
         if self._closed:

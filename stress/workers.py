@@ -547,9 +547,7 @@ def worker_main(role: str, index: int, cfg, host_name: str, stats_name: str,
     try:
         stats = S.Stats.attach(stats_name, cfg.shape)
         host = Host.attach(host_name, cfg.backend)
-        warm_up = getattr(host._k, "warm_up", None)
-        if warm_up is not None:                # numba: load the kernels before READY
-            warm_up()
+        host.warm_up()                         # numba: load the kernels before READY
         env = Env(cfg, host, stats)
         _, snd_seeds, chaos_seeds = seeds_for(cfg.seed, cfg.senders, cfg.n_chaos)
         if role == "sender":

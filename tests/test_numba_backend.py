@@ -507,3 +507,39 @@ def test_wait_without_timeout_is_interrupted_by_ctrl_c(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.communicate()
+
+
+_WARM_UP_CHECK = textwrap.dedent("""
+    import numpy as np
+    import evtchn, evtchn.numba_kernels as nk
+    from evtchn import layout as L
+    with evtchn.Host("numba") as host:
+        host.warm_up()
+        kernels = {n: f for n, f in vars(nk).items()
+                   if n.startswith("k_") and hasattr(f, "signatures")}
+        before = {n: len(f.signatures) for n, f in kernels.items()}
+        assert before["k_send"] == 1 and before["k_poll_end"] == 1, before
+        d0, du = host.create_domain("fifo", vcpus=2), host.create_domain("fifo")
+        p0 = d0.alloc_unbound(du.domid)
+        pu = du.bind_interdomain(d0.domid, p0)
+        du.consume(0)
+        du.send(pu)
+        du.send_many(np.array([pu, pu], np.uint32), np.zeros(2, np.uint8))
+        d0.mask(p0); d0.unmask(p0); d0.hyp_unmask(p0); d0.bind_vcpu(p0, 1)
+        d0.consume(1); d0.wait(0, timeout=0); d0.poll(0, [p0], timeout=0)
+        d0.bind_virq(L.VIRQ_TIMER, 0); d0.raise_virq(L.VIRQ_TIMER, 0)
+        d0.is_pending(p0), d0.is_masked(p0), d0.is_linked(p0), d0.upcall_pending(0)
+        d0.close(p0)
+        grew = {n: len(f.signatures) - before[n] for n, f in kernels.items()
+                if len(f.signatures) != before[n]}
+        print("GREW", grew)
+""")
+
+
+def test_warm_up_loads_the_signatures_real_calls_use():
+    """In a fresh process, after Host.warm_up() the hypercalls and the guest side add no new
+    specialisation: the warm-up compiled (or loaded) exactly what they run."""
+    r = subprocess.run([sys.executable, "-c", _WARM_UP_CHECK], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "GREW {}" in r.stdout, r.stdout
