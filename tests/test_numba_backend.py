@@ -176,6 +176,7 @@ BATCH = 256
 def _sender(host_name, backend, domid, ports, seed, barrier, results):
     host = evtchn.Host.attach(host_name, backend=backend)
     try:
+        host.warm_up()          # compile/load before the barrier, so that the sides race
         d = host.domain(domid)
         rng = np.random.default_rng(seed)
         edges_per_port = np.zeros(max(ports) + 1, np.int64)
@@ -198,6 +199,7 @@ def _vcpu(host_name, backend, domid, vcpu, toggle, barrier, done, results):
     and then (the guest racing the senders); drain everything after the senders are done."""
     host = evtchn.Host.attach(host_name, backend=backend)
     try:
+        host.warm_up()          # compile/load before the barrier, so that the sides race
         d = host.domain(domid)
         counts = np.zeros(d.valid_ports, np.int64)
         made = np.zeros(d.valid_ports, np.int64)     # edges the unmasks made themselves
