@@ -461,26 +461,50 @@ cdef int fifo_set_pending(const dom_t *d, uint32_t v, uint32_t port) noexcept no
         check_pollers(d, port)
     return first
 
+cdef inline uint32_t *fifo_word_or_defer(const dom_t *d, uint32_t port, char *pe) noexcept nogil:
+    """The port's event word; NULL when its page was not added, after noting the event in the
+    port (evtchn->pending), which expand_array replays (917c123029)."""
+    cdef uint32_t *word = fifo_word(d, port)
+    if word != NULL:
+        return word
+    at_store8(<uint8_t *>(pe + P_PENDING), 1)
+    # Dekker with expand_array (which publishes the page, fences, then reads the flag): if the
+    # page appeared meanwhile its replay may have missed our flag, so raise the event here.
+    at_fence()
+    return fifo_word(d, port)
+
+cdef inline int fifo_link_tail(const dom_t *d, uint32_t v, uint32_t prio, char *q,
+                               uint32_t port) noexcept nogil:
+    """Append `port` to queue q (locked): LINK on the tail, or a new HEAD when the queue was
+    empty. Returns 1 if it was linked onto a tail."""
+    cdef uint32_t *qtail = <uint32_t *>(q + Q_TAIL)
+    cdef uint32_t tail = at_load_relaxed32(qtail)
+    cdef int linked = 0
+    if tail != 0:
+        linked = fifo_set_link(d, tail, port)
+    if not linked:                               # the queue was empty: a new HEAD
+        at_store32(<uint32_t *>(control_block(d, v) + CB_HEAD) + prio, port)
+    at_store_relaxed32(qtail, port)
+    return linked
+
+cdef inline void fifo_ready(const dom_t *d, uint32_t v, uint32_t prio) noexcept nogil:
+    """Set the queue's READY bit; the upcall only if it was clear."""
+    if not at_test_and_set_bit32(<uint32_t *>(control_block(d, v) + CB_READY), prio):
+        mark_upcall_pending(d, v)
+
 cdef int fifo_queue_event(const dom_t *d, uint32_t v, uint32_t port) noexcept nogil:
     """The body of evtchn_fifo_set_pending, as in Xen after 71ac522909: lock the old and new
     queues, then test PENDING, MASKED and LINKED and link the event; READY and the upcall only
     for a new HEAD (70ccddb14a). Returns 1 if PENDING went 0 -> 1."""
-    cdef uint32_t *word = fifo_word(d, port)
     cdef char *pe = port_at(d, port)
-    cdef uint32_t prio = 0, first, tail
+    cdef uint32_t *word = fifo_word_or_defer(d, port, pe)
+    cdef uint32_t prio = 0, first
     cdef char *q = NULL
     cdef char *old_q = NULL
-    cdef uint32_t *qtail
     cdef uint32_t *old_tail
     cdef int linked, do_link
-    if word == NULL:                             # replayed when the page is added (917c123029)
-        at_store8(<uint8_t *>(pe + P_PENDING), 1)
-        # Dekker with expand_array (which publishes the page, fences, then reads the flag):
-        # if the page appeared meanwhile its replay may have missed our flag, so raise it here.
-        at_fence()
-        word = fifo_word(d, port)
-        if word == NULL:
-            return 0
+    if word == NULL:
+        return 0
     if not fifo_lock_queues(d, v, pe, &q, &old_q, &prio):
         return 0                                 # "lost event (too many queue changes)"
     first = not at_test_and_set_bit32(word, FIFO_PENDING_BIT)
@@ -497,14 +521,7 @@ cdef int fifo_queue_event(const dom_t *d, uint32_t v, uint32_t port) noexcept no
             at_store32(<uint32_t *>(pe + P_LASTQ), lastq_pack(v, prio))
             evlock_release(<uint32_t *>(old_q + Q_LOCK))
             old_q = q
-        linked = 0
-        qtail = <uint32_t *>(q + Q_TAIL)
-        tail = at_load_relaxed32(qtail)
-        if tail != 0:
-            linked = fifo_set_link(d, tail, port)
-        if not linked:                           # the queue was empty: a new HEAD
-            at_store32(<uint32_t *>(control_block(d, v) + CB_HEAD) + prio, port)
-        at_store_relaxed32(qtail, port)
+        linked = fifo_link_tail(d, v, prio, q, port)
     if old_q != q:
         evlock_release(<uint32_t *>(old_q + Q_LOCK))
     evlock_release(<uint32_t *>(q + Q_LOCK))
@@ -513,9 +530,8 @@ cdef int fifo_queue_event(const dom_t *d, uint32_t v, uint32_t port) noexcept no
         # the queue through our LINK before it sees this READY; give it the CPU here so that
         # a stress run can hit that window of a few nanoseconds (timing only, no state).
         sched_yield()
-    if ((not linked or (do_link and d.inject == INJ_READY_EVERY_LINK))
-            and not at_test_and_set_bit32(<uint32_t *>(control_block(d, v) + CB_READY), prio)):
-        mark_upcall_pending(d, v)
+    if not linked or (do_link and d.inject == INJ_READY_EVERY_LINK):
+        fifo_ready(d, v, prio)
     return first
 
 
@@ -550,20 +566,14 @@ cdef int fifo_set_pending_r9(const dom_t *d, uint32_t v, uint32_t port) noexcept
     windows (R9_PAUSE_*): the first where 71ac522909 says the sender got interrupted, the
     second inside the relink (Xen held that lock with interrupts off; this is only a longer
     critical section, as a slow or preempted CPU makes it). The rest is the old code's order."""
-    cdef uint32_t *word = fifo_word(d, port)
     cdef char *pe = port_at(d, port)
+    cdef uint32_t *word = fifo_word_or_defer(d, port, pe)
     cdef uint32_t prio
     cdef char *q
     cdef char *old_q
-    cdef uint32_t *qtail
-    cdef uint32_t tail
-    cdef int first, linked = 0
-    if word == NULL:                             # as in fifo_queue_event
-        at_store8(<uint8_t *>(pe + P_PENDING), 1)
-        at_fence()
-        word = fifo_word(d, port)
-        if word == NULL:
-            return 0
+    cdef int first, linked
+    if word == NULL:
+        return 0
     first = not at_test_and_set_bit32(word, FIFO_PENDING_BIT)
     if first:
         pause_ns(R9_PAUSE_SET_NS)
@@ -585,17 +595,10 @@ cdef int fifo_set_pending_r9(const dom_t *d, uint32_t v, uint32_t port) noexcept
         at_store32(<uint32_t *>(pe + P_LASTQ), lastq_pack(v, prio))
         evlock_release(<uint32_t *>(old_q + Q_LOCK))
         evlock_acquire(<uint32_t *>(q + Q_LOCK), _mypid)
-    qtail = <uint32_t *>(q + Q_TAIL)
-    tail = at_load_relaxed32(qtail)
-    if tail != 0:
-        linked = fifo_set_link(d, tail, port)
-    if not linked:
-        at_store32(<uint32_t *>(control_block(d, v) + CB_HEAD) + prio, port)
-    at_store_relaxed32(qtail, port)
+    linked = fifo_link_tail(d, v, prio, q, port)
     evlock_release(<uint32_t *>(q + Q_LOCK))
-    if not linked and not at_test_and_set_bit32(<uint32_t *>(control_block(d, v) + CB_READY),
-                                                prio):
-        mark_upcall_pending(d, v)
+    if not linked:
+        fifo_ready(d, v, prio)
     return first
 
 

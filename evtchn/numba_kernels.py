@@ -347,7 +347,7 @@ def _control_block(tb, d, v):
 
 @njit(cache=True)
 def _queue(tb, d, v, prio):
-    return _T(tb, d, C_XV) + XEN_VCPU_SIZE * v + X_QUEUES + QUEUE_SIZE * prio
+    return _xen_vcpu(tb, d, v) + X_QUEUES + QUEUE_SIZE * prio
 
 
 @njit(cache=True)
@@ -545,19 +545,27 @@ def _fifo_set_pending(tb, d, v, port, pid):
 
 
 @njit(cache=True)
+def _fifo_word_or_defer(tb, d, port, pe):
+    """The port's event word; 0 when its page was not added, after noting the event in the
+    port (evtchn->pending), which expand_array replays (917c123029)."""
+    wa = _fifo_word(tb, d, port)
+    if wa != 0:
+        return wa
+    store_u8(pe + P_PENDING, 1)
+    # Dekker with expand_array (publish the page, fence, read the flags): if the page
+    # appeared meanwhile, its replay may have missed our flag, so raise the event here.
+    fence()
+    return _fifo_word(tb, d, port)
+
+
+@njit(cache=True)
 def _fifo_queue_event(tb, d, v, port, pid, inject):
     """The body of evtchn_fifo_set_pending, as in Xen after 71ac522909 (queue locks first).
     Returns 1 if PENDING went 0 -> 1."""
-    wa = _fifo_word(tb, d, port)
     pe = _port(tb, d, port)
+    wa = _fifo_word_or_defer(tb, d, port, pe)
     if wa == 0:
-        store_u8(pe + P_PENDING, 1)                     # replayed when the page is added
-        # Dekker with expand_array (publish the page, fence, read the flags): if the page
-        # appeared meanwhile, its replay may have missed our flag, so raise the event here.
-        fence()
-        wa = _fifo_word(tb, d, port)
-        if wa == 0:
-            return np.int64(0)
+        return np.int64(0)
     lastq = np.int64(0)
     prio = np.int64(0)
     q = np.int64(0)
@@ -636,21 +644,17 @@ def _fifo_set_pending_r9(tb, d, v, port, pid):
     windows (R9_PAUSE_*): the first where 71ac522909 says the sender got interrupted, the
     second inside the relink (Xen held that lock with interrupts off; this is only a longer
     critical section, as a slow or preempted CPU makes it). The rest is the old code's order."""
-    wa = _fifo_word(tb, d, port)
     pe = _port(tb, d, port)
-    if wa == 0:                                        # as in _fifo_queue_event
-        store_u8(pe + P_PENDING, 1)
-        fence()
-        wa = _fifo_word(tb, d, port)
-        if wa == 0:
-            return np.int64(0)
-    prio = np.int64(load_u8(pe + P_PRIORITY))         # no lock: may race a priority change
-    q = _queue(tb, d, v, prio)
+    wa = _fifo_word_or_defer(tb, d, port, pe)
+    if wa == 0:
+        return np.int64(0)
     first = not _bts32(wa, PENDING_BIT)
     if first:
         _pause_ns(R9_PAUSE_SET_NS)
     if load_u32(wa) & (MASKED | LINKED):
         return np.int64(first)
+    prio = np.int64(load_u8(pe + P_PRIORITY))         # no lock: may race a priority change
+    q = _queue(tb, d, v, prio)
     oq = _fifo_lock_old_queue(tb, d, pe, pid)
     if oq == 0:
         return np.int64(first)
@@ -665,13 +669,7 @@ def _fifo_set_pending_r9(tb, d, v, port, pid):
         _store_rel_u32(pe + P_LASTQ, (v << 16) | prio)
         lock_release(oq + Q_LOCK)
         _lock(q + Q_LOCK, pid)
-    tail = np.int64(_load_rlx_u32(q + Q_TAIL))
-    linked = False
-    if tail != 0:
-        linked = _fifo_set_link(tb, d, tail, port)
-    if not linked:
-        _store_rel_u32(_control_block(tb, d, v) + CB_HEAD + 4 * prio, port)
-    _store_rlx_u32(q + Q_TAIL, port)
+    linked = _fifo_link_tail(tb, d, v, prio, q, port)
     lock_release(q + Q_LOCK)
     if not linked:
         _fifo_ready(tb, d, v, prio)
