@@ -191,6 +191,18 @@ def run_a(sender, duel) -> None:
     h[S.H_EDGES] += one
 
 
+def _drain(vcpu, port: int | None = None) -> None:
+    """Run vCPU's handler (up to 8 times) until a pass delivers nothing and, if given, `port`
+    is no longer pending; every delivery is accounted."""
+    k_, v, buf = vcpu.env.host._k, vcpu.v, vcpu.buf
+    for _ in range(8):
+        n = k_.consume(0, v, buf)
+        if n:
+            vcpu.account(buf[:n])
+        elif port is None or not k_.is_pending(0, port):
+            return
+
+
 def run_b(vcpu, duel) -> None:
     """Side B (the vCPU's worker, the guest): one operation per iteration, then the check."""
     kind = int(duel[D_KIND])
@@ -288,15 +300,7 @@ def _run_b_fifo(vcpu, duel) -> None:
         if k_.send(sdom, lp) > 0:
             edges[dp] += 1
 
-    def drain():
-        for _ in range(8):
-            n = k_.consume(0, v, buf)
-            if n:
-                vcpu.account(buf[:n])
-            else:
-                return
-
-    drain()
+    _drain(vcpu)
     want = [x, w, h, z]
     while _more(duel, k):
         k += 1
@@ -328,12 +332,12 @@ def _run_b_fifo(vcpu, duel) -> None:
                 bad = next((a for a, b in zip(seen, want) if a != b), x)
                 st.record(vcpu.slot, V_DUEL_ORDER, bad, v, DUEL_DRAIN_LINK, k,
                           time.monotonic_ns())
-        drain()
+        _drain(vcpu)
     duel[D_ITERS] = k
     duel[D_HITS] = hits
     duel[D_SENT] = sent
     duel[D_DONE] = 1
-    drain()
+    _drain(vcpu)
 
 
 # -- poll-vs-relink (R9) ------------------------------------------------------------------------
@@ -402,21 +406,12 @@ def run_poller(vcpu, duel) -> None:
     dm = env.host._dm(0)
     v = vcpu.v
     edges = st.edges[int(duel[D_A_SLOT])]
-    buf = vcpu.buf
     hits = k = checked = 0
     arr = np.zeros(1, np.uint32)
 
-    def drain(port):
-        for _ in range(8):
-            n = k_.consume(0, v, buf)
-            if n:
-                vcpu.account(buf[:n])
-            if not n and not k_.is_pending(0, port):
-                return
-
     while _more(duel, k):
         dport, _ = _poll_port(duel, k + 1)
-        drain(dport)
+        _drain(vcpu, dport)
         k += 1
         arr[0] = dport
         duel[D_BFLAG] = k
@@ -438,8 +433,8 @@ def run_poller(vcpu, duel) -> None:
     duel[D_HITS] = hits
     duel[D_CHECKED] = checked
     duel[D_DONE] = 1
-    drain(int(duel[D_PORTS]))
-    drain(int(duel[D_PORTS + 1]))
+    _drain(vcpu, int(duel[D_PORTS]))
+    _drain(vcpu, int(duel[D_PORTS + 1]))
 
 
 def plan(env, abi: str, plain_channels: np.ndarray, sender: int = 0) -> list[dict]:

@@ -15,13 +15,6 @@ from evtchn import layout as L
 from conftest import join_all
 
 
-@pytest.fixture
-def compiled(backend):
-    if backend == "reference":
-        pytest.skip("the reference backend runs in one process")
-    return backend
-
-
 def _hold(name, backend, domid, port, reader, seconds, ready):
     host = evtchn.Host.attach(name, backend)
     try:

@@ -6,7 +6,6 @@ import errno
 import multiprocessing as mp
 import time
 
-import numpy as np
 import pytest
 
 import evtchn
@@ -120,13 +119,6 @@ def _poll_while_sending(host, backend, d0, du, poll_ports, send_port, timeout=10
     finally:
         join_all([proc], 60)
     return r, took
-
-
-@pytest.fixture
-def compiled(backend):
-    if backend == "reference":
-        pytest.skip("the reference backend runs in one process")
-    return backend
 
 
 @pytest.mark.parametrize("abi", ABIS)
