@@ -496,7 +496,7 @@ def run(cfg, progress_factory=None) -> Result:
         rec["host"] = host.name
         su = setup(cfg, host)
         rec["setup_s"] = round(su.seconds, 3)
-        env, st = su.env, su.env.stats
+        st = su.env.stats
         delivered_now = lambda: int(st.hdr[cfg.senders:cfg.senders + cfg.vcpus,
                                            S.H_DELIVERED].sum())
         if progress_factory is not None:
