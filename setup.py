@@ -1,8 +1,9 @@
 """Builds evtchn's Cython extensions; metadata lives in pyproject.toml.
 
-    pip install -e . --no-build-isolation      # or: python setup.py build_ext --inplace
-    EVTCHN_DEBUG_BUILD=1 pip install -e . --no-build-isolation   # -O0 -g, bounds checked
+pip install -e . --no-build-isolation      # or: python setup.py build_ext --inplace
+EVTCHN_DEBUG_BUILD=1 pip install -e . --no-build-isolation   # -O0 -g, bounds checked
 """
+
 import os
 from pathlib import Path
 
@@ -41,8 +42,9 @@ extensions = [
     for name in MODULES
 ]
 # Generated C goes under build/, not beside the sources.
-ext_modules = cythonize(extensions, compiler_directives=DIRECTIVES, build_dir="build/cython",
-                        force=FORCE)
+ext_modules = cythonize(
+    extensions, compiler_directives=DIRECTIVES, build_dir="build/cython", force=FORCE
+)
 STAMP.parent.mkdir(exist_ok=True)
 STAMP.write_text(MODE)
 

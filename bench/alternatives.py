@@ -19,6 +19,7 @@ memory after every read), as evtchn's sender does in the stream case.
 
 Nothing is installed for this: an alternative that cannot be imported is skipped with a note.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,9 +32,10 @@ from .cases import CTX, JOIN_TIMEOUT, RUN_MARGIN, START_DELAY, BenchError
 
 SLOT = 8
 DONE, SENT, DELIVERED, ELAPSED, READS, FAILED, START, READY_S, READY_C, PROGRESS = (
-    i * SLOT for i in range(10))
+    i * SLOT for i in range(10)
+)
 CTL_SIZE = 10 * SLOT
-CHUNK = 64                      # events a sender makes between clock and flow-control checks
+CHUNK = 64  # events a sender makes between clock and flow-control checks
 
 ALL = ("mp_queue", "mp_queue_batch", "mp_pipe", "eventfd", "faster_fifo", "posix_mq")
 _NEEDS = {"faster_fifo": "faster_fifo", "posix_mq": "posix_ipc"}
@@ -65,6 +67,7 @@ class _Fd:
 
     def __reduce__(self):
         from multiprocessing import reduction
+
         return _rebuild_fd, (reduction.DupFd(self.fd),)
 
 
@@ -93,7 +96,7 @@ def _sleep_until(t_ns: int) -> None:
 
 
 def _guard(fn):
-    @functools.wraps(fn)                    # pickled by name: spawn must find it
+    @functools.wraps(fn)  # pickled by name: spawn must find it
     def run(kind, chan, ctl, *args):
         try:
             fn(kind, chan, ctl, *args)
@@ -101,11 +104,13 @@ def _guard(fn):
             ctl[FAILED] = 1
             traceback.print_exc()
             raise
+
     return run
 
 
 def _open_mq(name):
     import posix_ipc
+
     return posix_ipc.MessageQueue(name)
 
 
@@ -119,17 +124,18 @@ def sender_main(kind, chan, ctl, duration, batch, window, cpu):
     start_ns = _ready_then_start(ctl, READY_S)
     deadline = start_ns + int(duration * 1e9)
     step = batch if kind == "mp_queue_batch" else CHUNK
-    spin = window and kind == "eventfd"         # the others block on their own limits
+    spin = window and kind == "eventfd"  # the others block on their own limits
 
-    def go():                           # flow control, then the deadline
+    def go():  # flow control, then the deadline
         while spin and sent + step - ctl[PROGRESS] > window:
             if clock() >= deadline:
                 return False
         return clock() < deadline
+
     if kind in ("mp_queue", "faster_fifo"):
         put = chan.put
         while go():
-            for i in range(CHUNK):                 # 64 events between clock reads
+            for i in range(CHUNK):  # 64 events between clock reads
                 put(i)
             sent += CHUNK
         put(None)
@@ -155,7 +161,7 @@ def sender_main(kind, chan, ctl, duration, batch, window, cpu):
             sent += CHUNK
         ctl[SENT] = sent
         ctl[DONE] = 1
-        write(fd, 1)                            # a last wake-up, not an event
+        write(fd, 1)  # a last wake-up, not an event
     elif kind == "posix_mq":
         send = chan.send
         while go():
@@ -205,7 +211,7 @@ def consumer_main(kind, chan, ctl, duration, batch, window, cpu):
             if ctl[DONE] and got >= ctl[SENT] + 1:
                 break
         last = clock()
-        got -= 1                                # the sender's last wake-up
+        got -= 1  # the sender's last wake-up
     elif kind == "posix_mq":
         receive = chan.receive
         while True:
@@ -231,7 +237,7 @@ def run_one(kind: str, duration: float, batch: int, window: int, pin) -> dict:
         chans = (q, q)
         cleanup.append(q.close)
     elif kind == "mp_pipe":
-        a, b = CTX.Pipe(duplex=False)          # (receiving end, sending end)
+        a, b = CTX.Pipe(duplex=False)  # (receiving end, sending end)
         chans = (b, a)
         cleanup += [a.close, b.close]
     elif kind == "eventfd":
@@ -240,11 +246,13 @@ def run_one(kind: str, duration: float, batch: int, window: int, pin) -> dict:
         cleanup.append(lambda: os.close(fd))
     elif kind == "faster_fifo":
         import faster_fifo
+
         q = faster_fifo.Queue(max_size_bytes=1 << 24)
         chans = (q, q)
         cleanup.append(q.close)
     elif kind == "posix_mq":
         import posix_ipc
+
         name = f"/evtchn-bench-{os.getpid()}"
         mq = posix_ipc.MessageQueue(name, posix_ipc.O_CREX)
         chans = (name, name)
@@ -254,14 +262,17 @@ def run_one(kind: str, duration: float, batch: int, window: int, pin) -> dict:
     s_cpu, c_cpu = pin or (None, None)
     procs = []
     try:
-        for target, chan, cpu in ((consumer_main, chans[1], c_cpu),
-                                  (sender_main, chans[0], s_cpu)):
-            p = CTX.Process(target=target, args=(kind, chan, ctl, duration, batch, window, cpu),
-                            name=f"{kind} {target.__name__}", daemon=True)
+        for target, chan, cpu in ((consumer_main, chans[1], c_cpu), (sender_main, chans[0], s_cpu)):
+            p = CTX.Process(
+                target=target,
+                args=(kind, chan, ctl, duration, batch, window, cpu),
+                name=f"{kind} {target.__name__}",
+                daemon=True,
+            )
             p.start()
             procs.append(p)
         limit = time.monotonic() + RUN_MARGIN
-        while not (ctl[READY_S] and ctl[READY_C]):      # both spawned and set up
+        while not (ctl[READY_S] and ctl[READY_C]):  # both spawned and set up
             if time.monotonic() > limit or ctl[FAILED] or not all(p.is_alive() for p in procs):
                 raise BenchError(f"alternative {kind}: a worker did not start")
             time.sleep(0.002)
@@ -270,8 +281,9 @@ def run_one(kind: str, duration: float, batch: int, window: int, pin) -> dict:
         for p in procs:
             p.join(max(0.0, limit - time.monotonic()))
         if any(p.is_alive() for p in procs) or ctl[FAILED]:
-            raise BenchError(f"alternative {kind} failed or overran "
-                             f"(exit codes {[p.exitcode for p in procs]})")
+            raise BenchError(
+                f"alternative {kind} failed or overran (exit codes {[p.exitcode for p in procs]})"
+            )
     finally:
         for p in procs:
             if p.is_alive():
@@ -282,9 +294,15 @@ def run_one(kind: str, duration: float, batch: int, window: int, pin) -> dict:
                 fn()
             except OSError:
                 pass
-    rec = {"impl": kind, "sent": ctl[SENT], "delivered": ctl[DELIVERED], "reads": ctl[READS],
-           "elapsed_ns": ctl[ELAPSED]}
-    rec["events_per_s"] = rec["delivered"] / (rec["elapsed_ns"] / 1e9) \
-        if rec["elapsed_ns"] > 0 else 0.0
+    rec = {
+        "impl": kind,
+        "sent": ctl[SENT],
+        "delivered": ctl[DELIVERED],
+        "reads": ctl[READS],
+        "elapsed_ns": ctl[ELAPSED],
+    }
+    rec["events_per_s"] = (
+        rec["delivered"] / (rec["elapsed_ns"] / 1e9) if rec["elapsed_ns"] > 0 else 0.0
+    )
     rec["ok"] = rec["delivered"] == rec["sent"]
     return rec

@@ -1,4 +1,5 @@
 """Build the C yardstick (bench/c/evtchn_ref.c) against a layout.h generated from evtchn.layout."""
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,9 @@ def build(build_dir, cc: str | None = None) -> Path:
 
 def compiler_version(cc: str | None = None) -> str:
     try:
-        out = subprocess.run([compiler(cc), "--version"], capture_output=True, text=True,
-                             timeout=30).stdout
+        out = subprocess.run(
+            [compiler(cc), "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
     except (BuildError, OSError, subprocess.SubprocessError):
         return "unknown"
     return out.splitlines()[0] if out else "unknown"

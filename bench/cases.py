@@ -17,6 +17,7 @@ isolated   the same host and ports, one process, nothing racing: send_many one b
            the kernels' own cost per event plus each call's overhead (a diagnostic for the
            stream figures, which are dominated by what the two processes do to each other).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,17 +29,18 @@ import time
 
 import numpy as np
 
-from evtchn import Host, layout as L
+from evtchn import Host
+from evtchn import layout as L
 from evtchn.memory import DomainMemory, Segment
 
 from . import workers as W
 
 CTX = multiprocessing.get_context("spawn")
-START_DELAY = 0.05              # s between handing out a run and its common start
-JOIN_TIMEOUT = 10.0             # s to wait for a worker to stop before killing it
-RUN_MARGIN = 60.0               # s a run may take beyond its duration before it is abandoned
-ISOLATED_SHARE = 0.5            # an isolated run lasts this fraction of a stream run
-WARMUP = 0.1                    # s of untimed evtchn run before the measured ones
+START_DELAY = 0.05  # s between handing out a run and its common start
+JOIN_TIMEOUT = 10.0  # s to wait for a worker to stop before killing it
+RUN_MARGIN = 60.0  # s a run may take beyond its duration before it is abandoned
+ISOLATED_SHARE = 0.5  # an isolated run lasts this fraction of a stream run
+WARMUP = 0.1  # s of untimed evtchn run before the measured ones
 
 
 class BenchError(RuntimeError):
@@ -54,15 +56,15 @@ class StreamConfig:
     spin_us: float = 50.0
     duration: float = 1.0
     wait_timeout: float = 0.01
-    pin: tuple | None = None        # (sender cpu, vcpu cpu), or None: let the scheduler place
+    pin: tuple | None = None  # (sender cpu, vcpu cpu), or None: let the scheduler place
 
     def check(self) -> None:
         if self.ports < 1 or self.batch < 1 or self.ports % self.batch:
-            raise BenchError(f"ports ({self.ports}) must be a positive multiple of batch "
-                             f"({self.batch})")
+            raise BenchError(
+                f"ports ({self.ports}) must be a positive multiple of batch ({self.batch})"
+            )
         if self.window and self.window < self.batch:
-            raise BenchError(f"window ({self.window}) must be 0 or at least batch "
-                             f"({self.batch})")
+            raise BenchError(f"window ({self.window}) must be 0 or at least batch ({self.batch})")
         if self.cap < 1 or self.duration <= 0 or self.spin_us < 0 or self.wait_timeout <= 0:
             raise BenchError("cap, duration and wait_timeout must be positive, spin_us >= 0")
 
@@ -143,8 +145,7 @@ class Stream:
             self.send_ports.append(self.domu.bind_interdomain(self.dom0.domid, rport))
         self.vcpu = 0
         # Read-only view of dom0 for the kick counter (the same memory; never unlinked here).
-        self._dm0 = DomainMemory(Segment(L.domain_segment_name(self.host.name,
-                                                               self.dom0.domid)))
+        self._dm0 = DomainMemory(Segment(L.domain_segment_name(self.host.name, self.dom0.domid)))
         self._drain()
 
     # -- checks ---------------------------------------------------------------------------
@@ -164,24 +165,28 @@ class Stream:
         rec["left_pending"] = self._left()
         rec["drained_after"] = self._drain()
         rec["lost"] = rec["edges"] - rec["delivered"]
-        rec["events_per_s"] = rec["delivered"] / (rec["elapsed_ns"] / 1e9) \
-            if rec["elapsed_ns"] > 0 else 0.0
+        rec["events_per_s"] = (
+            rec["delivered"] / (rec["elapsed_ns"] / 1e9) if rec["elapsed_ns"] > 0 else 0.0
+        )
         rec["events_per_call"] = rec["delivered"] / max(1, rec["nonempty_calls"])
-        rec["ok"] = (rec["lost"] == 0 and rec["left_pending"] == 0 and
-                     rec["drained_after"] == 0)
+        rec["ok"] = rec["lost"] == 0 and rec["left_pending"] == 0 and rec["drained_after"] == 0
         return rec
 
     # -- evtchn ---------------------------------------------------------------------------
     def start_workers(self) -> None:
         self.ctl = CTX.RawArray("q", W.CTL_SIZE)
         sender_cpu, vcpu_cpu = self.cfg.pin or (None, None)
-        self.sender = _Worker(W.sender_main, (self.host.name, self.backend, self.domu.domid,
-                                              self.send_ports, self.ctl, sender_cpu),
-                              f"{self.abi} sender")
+        self.sender = _Worker(
+            W.sender_main,
+            (self.host.name, self.backend, self.domu.domid, self.send_ports, self.ctl, sender_cpu),
+            f"{self.abi} sender",
+        )
         self.workers.append(self.sender)
-        self.vcpu_w = _Worker(W.vcpu_main, (self.host.name, self.backend, self.dom0.domid,
-                                            self.vcpu, self.ctl, vcpu_cpu),
-                              f"{self.abi} vcpu")
+        self.vcpu_w = _Worker(
+            W.vcpu_main,
+            (self.host.name, self.backend, self.dom0.domid, self.vcpu, self.ctl, vcpu_cpu),
+            f"{self.abi} vcpu",
+        )
         self.workers.append(self.vcpu_w)
         for w in self.workers:
             w.expect(RUN_MARGIN)
@@ -202,10 +207,15 @@ class Stream:
         self.ctl[W.DONE] = 0
         self.ctl[W.PROGRESS] = 0
         kicks = self._kicks()
-        params = {"start_ns": time.monotonic_ns() + int(START_DELAY * 1e9),
-                  "duration": cfg.duration, "batch": cfg.batch, "window": cfg.window,
-                  "cap": cfg.cap, "spin_ns": int(cfg.spin_us * 1000),
-                  "wait_timeout": cfg.wait_timeout}
+        params = {
+            "start_ns": time.monotonic_ns() + int(START_DELAY * 1e9),
+            "duration": cfg.duration,
+            "batch": cfg.batch,
+            "window": cfg.window,
+            "cap": cfg.cap,
+            "spin_ns": int(cfg.spin_us * 1000),
+            "wait_timeout": cfg.wait_timeout,
+        }
         for w in self.workers:
             w.conn.send(params)
         limit = START_DELAY + cfg.duration + RUN_MARGIN
@@ -216,17 +226,17 @@ class Stream:
         """The isolated case in this process (the parent's Host uses the measured backend)."""
         cfg = self.cfg
         arr = np.ascontiguousarray(self.send_ports, dtype=np.uint32)
-        chunks = [arr[i:i + cfg.batch] for i in range(0, len(arr), cfg.batch)]
+        chunks = [arr[i : i + cfg.batch] for i in range(0, len(arr), cfg.batch)]
         edges = np.zeros(cfg.batch, np.uint8)
         buf = np.empty(cfg.cap, np.uint32)
         send_many, consume_into, vcpu = self.domu.send_many, self.dom0.consume_into, self.vcpu
         clock = time.monotonic_ns
         sent = nedges = delivered = calls = batches = send_ns = consume_ns = 0
         affinity = os.sched_getaffinity(0)
-        if cfg.pin:                         # where the C program runs it too
+        if cfg.pin:  # where the C program runs it too
             os.sched_setaffinity(0, {cfg.pin[0]})
         try:
-            send_many(chunks[0], edges)     # untimed: a JIT backend compiles here
+            send_many(chunks[0], edges)  # untimed: a JIT backend compiles here
             self._drain()
             end = clock() + int(cfg.duration * ISOLATED_SHARE * 1e9)
             i = 0
@@ -248,9 +258,16 @@ class Stream:
                 i = i + 1 if i + 1 < len(chunks) else 0
         finally:
             os.sched_setaffinity(0, affinity)
-        rec = {"impl": self.backend, "sent": sent, "edges": nedges, "delivered": delivered,
-               "consume_calls": calls, "batches": batches, "send_ns": send_ns,
-               "consume_ns": consume_ns}
+        rec = {
+            "impl": self.backend,
+            "sent": sent,
+            "edges": nedges,
+            "delivered": delivered,
+            "consume_calls": calls,
+            "batches": batches,
+            "send_ns": send_ns,
+            "consume_ns": consume_ns,
+        }
         return self._after_isolated(rec)
 
     def _after_isolated(self, rec: dict) -> dict:
@@ -259,19 +276,37 @@ class Stream:
         rec["lost"] = rec["edges"] - rec["delivered"]
         rec["send_events_per_s"] = rec["edges"] / (rec["send_ns"] / 1e9)
         rec["consume_events_per_s"] = rec["delivered"] / (rec["consume_ns"] / 1e9)
-        rec["ok"] = (rec["lost"] == 0 and rec["left_pending"] == 0 and
-                     rec["drained_after"] == 0)
+        rec["ok"] = rec["lost"] == 0 and rec["left_pending"] == 0 and rec["drained_after"] == 0
         return rec
 
     # -- C --------------------------------------------------------------------------------
     def _c_command(self, exe) -> list:
         cfg = self.cfg
-        cmd = [str(exe), "--host", self.host.name, "--sender", str(self.domu.domid),
-               "--receiver", str(self.dom0.domid), "--vcpu", str(self.vcpu),
-               "--ports", _ranges(self.send_ports), "--batch", str(cfg.batch),
-               "--window", str(cfg.window), "--cap", str(cfg.cap),
-               "--spin-ns", str(int(cfg.spin_us * 1000)), "--duration", str(cfg.duration),
-               "--wait-timeout", str(cfg.wait_timeout)]
+        cmd = [
+            str(exe),
+            "--host",
+            self.host.name,
+            "--sender",
+            str(self.domu.domid),
+            "--receiver",
+            str(self.dom0.domid),
+            "--vcpu",
+            str(self.vcpu),
+            "--ports",
+            _ranges(self.send_ports),
+            "--batch",
+            str(cfg.batch),
+            "--window",
+            str(cfg.window),
+            "--cap",
+            str(cfg.cap),
+            "--spin-ns",
+            str(int(cfg.spin_us * 1000)),
+            "--duration",
+            str(cfg.duration),
+            "--wait-timeout",
+            str(cfg.wait_timeout),
+        ]
         if cfg.pin:
             cmd += ["--pin", f"{cfg.pin[0]},{cfg.pin[1]}"]
         return cmd
@@ -279,11 +314,11 @@ class Stream:
     def _run_c(self, cmd) -> dict:
         cfg = self.cfg
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True,
-                               timeout=cfg.duration + RUN_MARGIN)
+            r = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=cfg.duration + RUN_MARGIN
+            )
         except subprocess.TimeoutExpired:
-            raise BenchError(f"the C program overran {cfg.duration + RUN_MARGIN:.0f} s") \
-                from None
+            raise BenchError(f"the C program overran {cfg.duration + RUN_MARGIN:.0f} s") from None
         if r.returncode != 0:
             raise BenchError(f"the C program failed ({r.returncode}):\n{r.stderr}")
         rec = {"impl": "c", **json.loads(r.stdout)}

@@ -16,11 +16,12 @@ be skipped): N senders + N vCPUs, N = 1, 2, 32 (bench/multi.py, --pairs); send-t
 latency for a busy and an idle vCPU beside the C program's hand-off (bench/latency.py,
 --no-latency); multiprocessing.Queue / Pipe / os.eventfd doing the stream case
 (bench/alternatives.py, --no-alternatives); mapped pages per ABI at 1k .. 2^20 ports beside
-Xen's design formulas (bench/memory.py, --no-memory). See bench/README.md. Exit status: 0; 1 when a run lost or
-left events (a correctness failure, reported after the table) or, with --compare, when a
-figure got worse than --threshold percent; 2 on a usage or environment error (no compiler,
-backend not built, unreadable JSON).
+Xen's design formulas (bench/memory.py, --no-memory). See bench/README.md.
+Exit status: 0; 1 when a run lost or left events (a correctness failure, reported after the
+table) or, with --compare, when a figure got worse than --threshold percent; 2 on a usage or
+environment error (no compiler, backend not built, unreadable JSON).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import build as B
 from . import alternatives as A
+from . import build as B
 from . import compare as C
 from . import latency as LT
 from . import memory as M
@@ -44,7 +45,7 @@ from . import plot as P
 from .cases import BenchError, Stream, StreamConfig
 
 STREAM, ISOLATED, ALTERNATIVE, MULTI = Stream.name, "isolated", "alternative", "multi"
-PER_EVENT = "stream1x1_per_event"          # the stream case with batch 1: a call per event
+PER_EVENT = "stream1x1_per_event"  # the stream case with batch 1: a call per event
 
 ABIS = ("fifo", "2l")
 REPO = Path(__file__).resolve().parent.parent
@@ -52,56 +53,115 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _parser() -> argparse.ArgumentParser:
     d = StreamConfig()
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--abi", action="append", choices=ABIS,
-                   help="ABI to run (repeatable; default: fifo and 2l)")
-    p.add_argument("--backend", default="cython", choices=("cython", "numba"),
-                   help="evtchn backend measured against C")
-    p.add_argument("--beside", choices=("cython", "numba", "none"), default="auto",
-                   help="a second evtchn backend interleaved in the stream and isolated "
-                        "cases, with its ratio to --backend (auto: numba beside cython when "
-                        "it is importable)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--abi", action="append", choices=ABIS, help="ABI to run (repeatable; default: fifo and 2l)"
+    )
+    p.add_argument(
+        "--backend",
+        default="cython",
+        choices=("cython", "numba"),
+        help="evtchn backend measured against C",
+    )
+    p.add_argument(
+        "--beside",
+        choices=("cython", "numba", "none"),
+        default="auto",
+        help="a second evtchn backend interleaved in the stream and isolated "
+        "cases, with its ratio to --backend (auto: numba beside cython when "
+        "it is importable)",
+    )
     p.add_argument("--only", choices=("evtchn", "c"), help="run one side only")
     p.add_argument("--reps", type=int, default=5, help="runs of each side per ABI")
     p.add_argument("--duration", type=float, default=d.duration, help="seconds per run")
     p.add_argument("--ports", type=int, default=d.ports, help="interdomain ports")
     p.add_argument("--batch", type=int, default=d.batch, help="ports per send_many call")
-    p.add_argument("--window", type=int, default=d.window,
-                   help="most events in flight (sent, not yet delivered); 0 = no limit")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=d.window,
+        help="most events in flight (sent, not yet delivered); 0 = no limit",
+    )
     p.add_argument("--cap", type=int, default=d.cap, help="consume buffer, in ports")
-    p.add_argument("--spin-us", type=float, default=d.spin_us,
-                   help="microseconds an idle vCPU polls its upcall flag before wait()")
-    p.add_argument("--no-pin", action="store_true",
-                   help="do not pin the sender and the vCPU to two distinct CPUs")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 repetition of 0.25 s per side and ABI")
-    p.add_argument("--no-alternatives", action="store_true",
-                   help="skip multiprocessing.Queue / Pipe / os.eventfd (bench/alternatives.py)")
-    p.add_argument("--no-memory", action="store_true",
-                   help="skip mapped pages per ABI at 1k..2^20 ports (bench/memory.py)")
-    p.add_argument("--no-latency", action="store_true",
-                   help="skip send-to-handler latency, busy and idle vCPU (bench/latency.py)")
-    p.add_argument("--latency-events", type=int, default=2000, metavar="N",
-                   help="events per latency run (--quick: 200)")
-    p.add_argument("--pairs", type=int, nargs="+", metavar="N",
-                   help=f"N senders + N vCPUs for the multi-process case (default "
-                        f"{' '.join(map(str, MU.PAIRS))}; --quick: "
-                        f"{' '.join(map(str, MU.QUICK_PAIRS))}); 0 skips it")
+    p.add_argument(
+        "--spin-us",
+        type=float,
+        default=d.spin_us,
+        help="microseconds an idle vCPU polls its upcall flag before wait()",
+    )
+    p.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin the sender and the vCPU to two distinct CPUs",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 repetition of 0.25 s per side and ABI"
+    )
+    p.add_argument(
+        "--no-alternatives",
+        action="store_true",
+        help="skip multiprocessing.Queue / Pipe / os.eventfd (bench/alternatives.py)",
+    )
+    p.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip mapped pages per ABI at 1k..2^20 ports (bench/memory.py)",
+    )
+    p.add_argument(
+        "--no-latency",
+        action="store_true",
+        help="skip send-to-handler latency, busy and idle vCPU (bench/latency.py)",
+    )
+    p.add_argument(
+        "--latency-events",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="events per latency run (--quick: 200)",
+    )
+    p.add_argument(
+        "--pairs",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help=f"N senders + N vCPUs for the multi-process case (default "
+        f"{' '.join(map(str, MU.PAIRS))}; --quick: "
+        f"{' '.join(map(str, MU.QUICK_PAIRS))}); 0 skips it",
+    )
     p.add_argument("--json", metavar="PATH", help="write figures and metadata here")
-    p.add_argument("--compare", metavar="OLD.json",
-                   help="after the run, print the change of every figure common with this "
-                        "earlier --json file; exit 1 if one got worse by more than --threshold")
-    p.add_argument("--threshold", type=float, default=C.DEFAULT_THRESHOLD, metavar="PERCENT",
-                   help="--compare: largest tolerated worsening, in percent")
-    p.add_argument("--new", metavar="NEW.json",
-                   help="with --compare and/or --plot: take the figures from this file "
-                        "instead of running")
-    p.add_argument("--plot", metavar="DIR",
-                   help="write throughput.png (events/s against processes per ABI) and "
-                        "latency_cdf.png here (needs matplotlib)")
-    p.add_argument("--build-dir", metavar="DIR",
-                   help="where to build the C program (default: a temporary directory)")
+    p.add_argument(
+        "--compare",
+        metavar="OLD.json",
+        help="after the run, print the change of every figure common with this "
+        "earlier --json file; exit 1 if one got worse by more than --threshold",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=C.DEFAULT_THRESHOLD,
+        metavar="PERCENT",
+        help="--compare: largest tolerated worsening, in percent",
+    )
+    p.add_argument(
+        "--new",
+        metavar="NEW.json",
+        help="with --compare and/or --plot: take the figures from this file instead of running",
+    )
+    p.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="write throughput.png (events/s against processes per ABI) and "
+        "latency_cdf.png here (needs matplotlib)",
+    )
+    p.add_argument(
+        "--build-dir",
+        metavar="DIR",
+        help="where to build the C program (default: a temporary directory)",
+    )
     p.add_argument("--cc", help="C compiler (default: $CC or cc)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every run")
     return p
@@ -109,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_backend(backend: str) -> None:
     from evtchn import Host
+
     try:
         Host(backend).close()
     except ImportError as exc:
@@ -117,11 +178,19 @@ def _check_backend(backend: str) -> None:
 
 def _git_commit() -> str:
     try:
-        r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                           text=True, timeout=30)
+        r = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         commit = r.stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--",
-                                "evtchn", "bench"], capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "evtchn", "bench"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return commit + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -129,18 +198,27 @@ def _git_commit() -> str:
 
 def _machine(cc) -> dict:
     import numpy
+
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f
-                        if ln.startswith("model name")), cpu)
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
+            )
     except OSError:
         pass
-    return {"machine": {"arch": platform.machine(), "cpu": cpu, "cpus": os.cpu_count(),
-                        "system": f"{platform.system()} {platform.release()}",
-                        "cc": B.compiler_version(cc)},
-            "python": platform.python_version(), "numpy": numpy.__version__,
-            "git_commit": _git_commit()}
+    return {
+        "machine": {
+            "arch": platform.machine(),
+            "cpu": cpu,
+            "cpus": os.cpu_count(),
+            "system": f"{platform.system()} {platform.release()}",
+            "cc": B.compiler_version(cc),
+        },
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "git_commit": _git_commit(),
+    }
 
 
 def _fmt(rate) -> str:
@@ -155,8 +233,14 @@ def _median(runs, impl, key):
 
 
 def run(args) -> tuple[int, dict]:
-    cfg = StreamConfig(ports=args.ports, batch=args.batch, window=args.window, cap=args.cap,
-                       spin_us=args.spin_us, duration=args.duration)
+    cfg = StreamConfig(
+        ports=args.ports,
+        batch=args.batch,
+        window=args.window,
+        cap=args.cap,
+        spin_us=args.spin_us,
+        duration=args.duration,
+    )
     cpus = sorted(os.sched_getaffinity(0))
     if not args.no_pin and len(cpus) >= 2:
         cfg.pin = (cpus[0], cpus[1])
@@ -193,7 +277,7 @@ def run(args) -> tuple[int, dict]:
                     case.warm_up()
                 if other:
                     other.warm_up()
-                for rep in range(reps):              # A B (C) A B (C) ...: drift hits all alike
+                for rep in range(reps):  # A B (C) A B (C) ...: drift hits all alike
                     if do_evtchn:
                         record(case.run_evtchn(), STREAM, abi, rep)
                     if other:
@@ -225,8 +309,9 @@ def run(args) -> tuple[int, dict]:
         latency_figures, latency_lines = {}, []
         if not args.no_latency:
             count = 200 if args.quick else args.latency_events
-            latency_figures, samples = LT.measure(abis if do_evtchn else [], backend, exe,
-                                                  count, cfg.pin, out=latency_lines.append)
+            latency_figures, samples = LT.measure(
+                abis if do_evtchn else [], backend, exe, count, cfg.pin, out=latency_lines.append
+            )
     alts, skipped = [], {}
     if not args.no_alternatives:
         for kind in A.ALL:
@@ -236,38 +321,48 @@ def run(args) -> tuple[int, dict]:
             else:
                 alts.append(kind)
         per_event = None
-        if do_evtchn and "fifo" in abis:            # evtchn with one call per event, too
+        if do_evtchn and "fifo" in abis:  # evtchn with one call per event, too
             per_event = Stream("fifo", backend, dataclasses.replace(cfg, batch=1))
         try:
             if per_event:
                 per_event.warm_up()
-            for rep in range(reps):                  # kinds interleaved within each rep
+            for rep in range(reps):  # kinds interleaved within each rep
                 if per_event:
                     record(per_event.run_evtchn(), PER_EVENT, "fifo", rep)
                 for kind in alts:
-                    record(A.run_one(kind, cfg.duration, cfg.batch, cfg.window, cfg.pin),
-                           ALTERNATIVE, "-", rep)
+                    record(
+                        A.run_one(kind, cfg.duration, cfg.batch, cfg.window, cfg.pin),
+                        ALTERNATIVE,
+                        "-",
+                        rep,
+                    )
         finally:
             if per_event:
                 per_event.close()
-    impls = ([backend] if do_evtchn else []) + ([beside] if beside else []) + \
-        (["c"] if do_c else [])
+    impls = (
+        ([backend] if do_evtchn else []) + ([beside] if beside else []) + (["c"] if do_c else [])
+    )
     figures, ok = _report(runs, abis, impls, backend)
     figures.update(latency_figures)
     if alts or skipped:
-        figures.update(_report_alternatives(runs, abis, alts, skipped, backend, figures,
-                                            cfg.batch))
+        figures.update(_report_alternatives(runs, abis, alts, skipped, backend, figures, cfg.batch))
     if pairs:
         figures.update(_report_multi(runs, abis, pairs, backend))
     if not args.no_memory:
-        rows = M.measure(M.QUICK_SIZES if args.quick else M.SIZES,
-                         backend if backend in ("cython", "reference") else "cython")
+        rows = M.measure(
+            M.QUICK_SIZES if args.quick else M.SIZES,
+            backend if backend in ("cython", "reference") else "cython",
+        )
         figures.update(M.figures(rows))
     for line in latency_lines:
         print(line)
-    doc = {**figures, **_machine(args.cc), "config": {**dataclasses.asdict(cfg),
-           "reps": reps, "backend": backend, "abis": abis}, "runs": runs,
-           "latency_samples_ns": samples}
+    doc = {
+        **figures,
+        **_machine(args.cc),
+        "config": {**dataclasses.asdict(cfg), "reps": reps, "backend": backend, "abis": abis},
+        "runs": runs,
+        "latency_samples_ns": samples,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return (0 if ok else 1), doc
@@ -277,19 +372,27 @@ def _describe(r) -> str:
     head = f"  {r['case']:<9} {r['abi']:>4} {r['impl']:>6} rep {r['rep']}: "
     if r["case"] == MULTI:
         head = f"  {r['case']:<9} {r['abi']:>4} {r['processes']:>3} processes rep {r['rep']}: "
-        body = (f"{_fmt(r['events_per_s'])} ev/s, delivered {r['delivered']} of {r['edges']} "
-                f"edges, {r['waits']} waits")
+        body = (
+            f"{_fmt(r['events_per_s'])} ev/s, delivered {r['delivered']} of {r['edges']} "
+            f"edges, {r['waits']} waits"
+        )
     elif r["case"] == ALTERNATIVE:
         head = f"  {r['case']:<9} {r['impl']:>14} rep {r['rep']}: "
-        body = (f"{_fmt(r['events_per_s'])} ev/s, received {r['delivered']} of {r['sent']}, "
-                f"{r['reads']} reads")
+        body = (
+            f"{_fmt(r['events_per_s'])} ev/s, received {r['delivered']} of {r['sent']}, "
+            f"{r['reads']} reads"
+        )
     elif r["case"] == ISOLATED:
-        body = (f"send {_fmt(r['send_events_per_s'])} ev/s, consume "
-                f"{_fmt(r['consume_events_per_s'])} ev/s, {r['delivered']} events")
+        body = (
+            f"send {_fmt(r['send_events_per_s'])} ev/s, consume "
+            f"{_fmt(r['consume_events_per_s'])} ev/s, {r['delivered']} events"
+        )
     else:
-        body = (f"{_fmt(r['events_per_s'])} ev/s, delivered {r['delivered']} of {r['edges']} "
-                f"edges ({r['sent']} sends), {r['events_per_call']:.1f} ev/call, "
-                f"{r['waits']} waits, {r['kicks']} kicks")
+        body = (
+            f"{_fmt(r['events_per_s'])} ev/s, delivered {r['delivered']} of {r['edges']} "
+            f"edges ({r['sent']} sends), {r['events_per_call']:.1f} ev/call, "
+            f"{r['waits']} waits, {r['kicks']} kicks"
+        )
     return head + body + ("" if r["ok"] else "  FAILED CHECK")
 
 
@@ -336,31 +439,41 @@ def _report(runs, abis, impls, backend):
             line += f" {ratio:>9.2f}" if ratio is not None else f" {'-':>9}"
         return line, rs
 
-    head = (f"{'case':<22} {'abi':<5}" + "".join(f" {names[i] + ' ev/s':>16}" for i in impls)
-            + (f" {'ratio':>7}" if both else "")
-            + (f" {other + '/' + backend:>9}" if other else ""))
-    print(f"median of {max(r['rep'] for r in runs) + 1} interleaved runs; ratio = "
-          f"evtchn-{backend} / C" + (f"; {other}/{backend} = evtchn-{other} / evtchn-{backend}"
-                                     if other else ""))
+    head = (
+        f"{'case':<22} {'abi':<5}"
+        + "".join(f" {names[i] + ' ev/s':>16}" for i in impls)
+        + (f" {'ratio':>7}" if both else "")
+        + (f" {other + '/' + backend:>9}" if other else "")
+    )
+    print(
+        f"median of {max(r['rep'] for r in runs) + 1} interleaved runs; ratio = "
+        f"evtchn-{backend} / C"
+        + (f"; {other}/{backend} = evtchn-{other} / evtchn-{backend}" if other else "")
+    )
     print(head)
     for abi in abis:
         line, rs = row(STREAM, "events_per_s", abi, STREAM, "events")
         detail = "; ".join(
             f"{names[i]}: {_median(rs, i, 'events_per_call'):.0f} ev/call, "
             f"{_median(rs, i, 'waits'):.0f} waits, {_median(rs, i, 'kicks'):.0f} kicks"
-            for i in impls)
+            for i in impls
+        )
         print(f"{line}   {detail}")
     for abi in abis:
         print(row(f"{ISOLATED} send", "send_events_per_s", abi, ISOLATED, "send_events")[0])
-        print(row(f"{ISOLATED} consume", "consume_events_per_s", abi, ISOLATED,
-                  "consume_events")[0])
+        print(
+            row(f"{ISOLATED} consume", "consume_events_per_s", abi, ISOLATED, "consume_events")[0]
+        )
     ok = True
     for r in runs:
         if not r["ok"]:
             ok = False
-            what = (f"received {r['delivered']} of {r['sent']}" if r["case"] == ALTERNATIVE
-                    else f"lost {r['lost']}, left pending {r['left_pending']}, "
-                         f"drained after {r['drained_after']}")
+            what = (
+                f"received {r['delivered']} of {r['sent']}"
+                if r["case"] == ALTERNATIVE
+                else f"lost {r['lost']}, left pending {r['left_pending']}, "
+                f"drained after {r['drained_after']}"
+            )
             print(f"CHECK FAILED: {r['case']} {r['abi']} {r['impl']} rep {r['rep']}: {what}")
     return figures, ok
 
@@ -368,11 +481,16 @@ def _report(runs, abis, impls, backend):
 def _report_multi(runs, abis, pairs, backend) -> dict:
     out = {}
     print()
-    print(f"N senders + N vCPUs ({backend}), not pinned, {MU.PORTS} ports per pair (fewer when "
-          f"2l's 4095 would not hold them); events/s, median of "
-          f"{max(r['rep'] for r in runs) + 1} runs")
-    print(f"{'abi':<5}" + "".join(f" {f'N={n} ({2 * n} proc)':>16}" for n in pairs)
-          + f" {'ports/pair':>16}")
+    print(
+        f"N senders + N vCPUs ({backend}), not pinned, {MU.PORTS} ports per pair (fewer when "
+        f"2l's 4095 would not hold them); events/s, median of "
+        f"{max(r['rep'] for r in runs) + 1} runs"
+    )
+    print(
+        f"{'abi':<5}"
+        + "".join(f" {f'N={n} ({2 * n} proc)':>16}" for n in pairs)
+        + f" {'ports/pair':>16}"
+    )
     for abi in abis:
         line = f"{abi:<5}"
         for n in pairs:
@@ -384,7 +502,7 @@ def _report_multi(runs, abis, pairs, backend) -> dict:
     return out
 
 
-TARGETS = {"mp_queue": 20.0, "eventfd": 2.0}       # evtchn fifo 1:1 / alternative, at least
+TARGETS = {"mp_queue": 20.0, "eventfd": 2.0}  # evtchn fifo 1:1 / alternative, at least
 
 
 def _report_alternatives(runs, abis, alts, skipped, backend, figures, batch) -> dict:
@@ -392,15 +510,21 @@ def _report_alternatives(runs, abis, alts, skipped, backend, figures, batch) -> 
     out = {}
     evt = {abi: figures.get(f"{STREAM}_{abi}_{backend}_events_per_s") for abi in abis}
     print()
-    print(f"1 sender -> 1 consumer, same duration and pinning; median of "
-          f"{max(r['rep'] for r in runs) + 1} runs; ratio = evtchn stream1x1 / alternative")
-    print(f"{'alternative':<46} {'ev/s':>9} {'reads/s':>9}"
-          + "".join(f" {'evtchn-' + abi + '/alt':>15}" for abi in abis if evt[abi])
-          + (f" {'per-event/alt':>15}" if any(r["case"] == PER_EVENT for r in runs) else ""))
+    print(
+        f"1 sender -> 1 consumer, same duration and pinning; median of "
+        f"{max(r['rep'] for r in runs) + 1} runs; ratio = evtchn stream1x1 / alternative"
+    )
+    print(
+        f"{'alternative':<46} {'ev/s':>9} {'reads/s':>9}"
+        + "".join(f" {'evtchn-' + abi + '/alt':>15}" for abi in abis if evt[abi])
+        + (f" {'per-event/alt':>15}" if any(r["case"] == PER_EVENT for r in runs) else "")
+    )
     for abi in abis:
         if evt[abi]:
-            print(f"{'evtchn ' + abi + ', send_many of ' + str(batch) + ' ports':<46} "
-                  f"{_fmt(evt[abi]):>9} {'':>9}")
+            print(
+                f"{'evtchn ' + abi + ', send_many of ' + str(batch) + ' ports':<46} "
+                f"{_fmt(evt[abi]):>9} {'':>9}"
+            )
     pe = [r for r in runs if r["case"] == PER_EVENT]
     pe_rate = statistics.median(r["events_per_s"] for r in pe) if pe else None
     if pe_rate:
@@ -409,8 +533,13 @@ def _report_alternatives(runs, abis, alts, skipped, backend, figures, batch) -> 
     for kind in alts:
         rs = [r for r in runs if r["case"] == ALTERNATIVE and r["impl"] == kind]
         rate = statistics.median(r["events_per_s"] for r in rs)
-        reads = statistics.median(r["reads"] / (r["elapsed_ns"] / 1e9) for r in rs
-                                  if r["elapsed_ns"] > 0) if rs else None
+        reads = (
+            statistics.median(
+                r["reads"] / (r["elapsed_ns"] / 1e9) for r in rs if r["elapsed_ns"] > 0
+            )
+            if rs
+            else None
+        )
         out[f"alt_{kind}_events_per_s"] = rate
         line = f"{A.DESCRIPTION[kind]:<46} {_fmt(rate):>9} {_fmt(reads):>9}"
         for abi in abis:
@@ -428,8 +557,10 @@ def _report_alternatives(runs, abis, alts, skipped, backend, figures, batch) -> 
         for case, how in ((STREAM, f"send_many of {batch}"), (PER_EVENT, "a call per event")):
             ratio = out.get(f"{case}_fifo_{backend}_over_{kind}")
             if ratio is not None:
-                print(f"target: evtchn fifo 1:1 at least {target:g}x {kind} ({how}): measured "
-                      f"{ratio:.1f}x, " + ("met" if ratio >= target else "NOT met"))
+                print(
+                    f"target: evtchn fifo 1:1 at least {target:g}x {kind} ({how}): measured "
+                    f"{ratio:.1f}x, " + ("met" if ratio >= target else "NOT met")
+                )
     return out
 
 
@@ -437,7 +568,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.plot:
-            P.check()                       # fail before a long run, not after it
+            P.check()  # fail before a long run, not after it
         if args.new:
             if not (args.compare or args.plot):
                 raise BenchError("--new needs --compare OLD.json or --plot DIR")

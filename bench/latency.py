@@ -17,6 +17,7 @@ event itself goes through evtchn. The C program's --handoff mode measures the fl
 figures on the same CPUs: a store plus a spinning reader (busy), a store plus FUTEX_WAKE of a
 FUTEX_WAIT sleeper (idle), with nothing of evtchn in between.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,9 +35,9 @@ from .cases import CTX, JOIN_TIMEOUT, RUN_MARGIN, BenchError
 SLOT = 8
 T_SEND, ACK, SLEEPING, READY_S, READY_V, FAILED, GO = (i * SLOT for i in range(7))
 CTL_SIZE = 7 * SLOT
-WARM = 20                       # first events of a run, not counted (first calls, page faults)
+WARM = 20  # first events of a run, not counted (first calls, page faults)
 MODES = ("busy", "idle")
-GAP_NS = 100_000                # between the previous event's handling and the next send
+GAP_NS = 100_000  # between the previous event's handling and the next send
 
 
 def _pin(cpu) -> None:
@@ -123,12 +124,28 @@ def run_evtchn(abi: str, backend: str, mode: str, count: int, pin, gap_ns: int =
         ctl = CTX.RawArray("q", CTL_SIZE)
         lat = CTX.RawArray("q", count + WARM)
         s_cpu, v_cpu = pin or (None, None)
-        procs = [CTX.Process(target=vcpu_main, args=(host.name, backend, dom0.domid, 0, mode,
-                                                     count + WARM, lat, ctl, v_cpu), daemon=True),
-                 CTX.Process(target=sender_main, args=(host.name, backend, domu.domid, sport,
-                                                       mode, count + WARM, gap_ns, ctl,
-                                                       s_cpu),
-                             daemon=True)]
+        procs = [
+            CTX.Process(
+                target=vcpu_main,
+                args=(host.name, backend, dom0.domid, 0, mode, count + WARM, lat, ctl, v_cpu),
+                daemon=True,
+            ),
+            CTX.Process(
+                target=sender_main,
+                args=(
+                    host.name,
+                    backend,
+                    domu.domid,
+                    sport,
+                    mode,
+                    count + WARM,
+                    gap_ns,
+                    ctl,
+                    s_cpu,
+                ),
+                daemon=True,
+            ),
+        ]
         for p in procs:
             p.start()
         limit = time.monotonic() + RUN_MARGIN
@@ -140,11 +157,11 @@ def run_evtchn(abi: str, backend: str, mode: str, count: int, pin, gap_ns: int =
         for p in procs:
             p.join(max(0.0, limit + RUN_MARGIN - time.monotonic()))
         if ctl[FAILED] or any(p.exitcode != 0 for p in procs):
-            raise BenchError(f"latency {abi} {mode} failed (exit codes "
-                             f"{[p.exitcode for p in procs]})")
+            raise BenchError(
+                f"latency {abi} {mode} failed (exit codes {[p.exitcode for p in procs]})"
+            )
         if ctl[ACK] != count + WARM:
-            raise BenchError(f"latency {abi} {mode}: {ctl[ACK]} of {count + WARM} events "
-                             f"handled")
+            raise BenchError(f"latency {abi} {mode}: {ctl[ACK]} of {count + WARM} events handled")
         return list(lat)[WARM:]
     finally:
         for p in procs:
@@ -169,8 +186,13 @@ def run_c(exe, mode: str, count: int, pin, gap_ns: int = GAP_NS):
 
 def summary(lat) -> dict:
     a = np.sort(np.asarray(lat, dtype=np.int64))
-    return {"p50_ns": float(np.percentile(a, 50)), "p99_ns": float(np.percentile(a, 99)),
-            "min_ns": float(a[0]), "max_ns": float(a[-1]), "count": int(len(a))}
+    return {
+        "p50_ns": float(np.percentile(a, 50)),
+        "p99_ns": float(np.percentile(a, 99)),
+        "min_ns": float(a[0]),
+        "max_ns": float(a[-1]),
+        "count": int(len(a)),
+    }
 
 
 def measure(abis, backend, exe, count: int, pin, out=print) -> tuple[dict, dict]:
@@ -184,10 +206,14 @@ def measure(abis, backend, exe, count: int, pin, out=print) -> tuple[dict, dict]
             samples[f"C {mode}"] = run_c(exe, mode, count, pin)
     figures = {}
     out("")
-    out(f"send -> handler latency, one event at a time, {count} events each, sender and vCPU "
-        f"pinned to two CPUs ({GAP_NS // 1000} us between events)")
-    out("busy: the vCPU polls its upcall flag; idle: it is blocked in wait() and kicked; "
-        "C: shared-memory store + spinning reader (busy), FUTEX_WAKE of a FUTEX_WAIT (idle)")
+    out(
+        f"send -> handler latency, one event at a time, {count} events each, sender and vCPU "
+        f"pinned to two CPUs ({GAP_NS // 1000} us between events)"
+    )
+    out(
+        "busy: the vCPU polls its upcall flag; idle: it is blocked in wait() and kicked; "
+        "C: shared-memory store + spinning reader (busy), FUTEX_WAKE of a FUTEX_WAIT (idle)"
+    )
     out(f"{'what':<18} {'median':>10} {'p99':>10} {'min':>10} {'max':>10}")
     for label, lat in samples.items():
         s = summary(lat)
@@ -195,8 +221,10 @@ def measure(abis, backend, exe, count: int, pin, out=print) -> tuple[dict, dict]
         key = f"latency_{mode}_{who.replace('evtchn-', '').replace('C', 'c')}"
         figures[key + "_p50_ns"] = s["p50_ns"]
         figures[key + "_p99_ns"] = s["p99_ns"]
-        out(f"{label:<18} {_us(s['p50_ns']):>10} {_us(s['p99_ns']):>10} {_us(s['min_ns']):>10} "
-            f"{_us(s['max_ns']):>10}")
+        out(
+            f"{label:<18} {_us(s['p50_ns']):>10} {_us(s['p99_ns']):>10} {_us(s['min_ns']):>10} "
+            f"{_us(s['max_ns']):>10}"
+        )
     return figures, samples
 
 

@@ -13,6 +13,7 @@ Design: Xen's figures computed from the formulas (not measured), for the same n 
           the per-vCPU 64^2-bit L2 selectors (512 B each, ceil(vcpus * 512 / 4096) pages)
     fifo  ceil(n / 1024) event-array pages (4-byte event words) + 1 control-block page per vCPU
 """
+
 from __future__ import annotations
 
 import os
@@ -54,7 +55,7 @@ def measure(sizes=SIZES, backend: str = "cython", out=print) -> list[dict]:
             kw = {"link_bits": FIFO_LINK_BITS} if abi == "fifo" else {}
             dom = host.create_domain(abi=abi, vcpus=VCPUS, **kw)
             seg = os.path.join("/dev/shm", L.domain_segment_name(host.name, dom.domid))
-            used, spent = 1, 0.0                       # port 0 is reserved
+            used, spent = 1, 0.0  # port 0 is reserved
             for n in sorted(sizes):
                 row = {"abi": abi, "ports": n, "design_pages": design_pages(abi, n)}
                 if n > limit(abi):
@@ -68,8 +69,12 @@ def measure(sizes=SIZES, backend: str = "cython", out=print) -> list[dict]:
                 spent += time.perf_counter() - t0
                 used = n
                 pages = dom.mapped_pages()
-                row.update(pages=pages, bytes=pages * PAGE,
-                           shm_bytes=os.stat(seg).st_blocks * 512, bind_s=spent)
+                row.update(
+                    pages=pages,
+                    bytes=pages * PAGE,
+                    shm_bytes=os.stat(seg).st_blocks * 512,
+                    bind_s=spent,
+                )
                 rows.append(row)
     finally:
         host.close()
@@ -92,25 +97,35 @@ def _ports(n) -> str:
 
 def _print(rows, sizes, backend, out) -> None:
     out("")
-    out(f"mapped event-state pages per ABI ({backend} backend, {VCPUS} vCPU, fifo link_bits="
-        f"{FIFO_LINK_BITS}); measured = Domain.mapped_pages() after binding ports 1..n-1;")
-    out("design = Xen's formula (computed, not measured): 2l 1; 3l 1 + 16 + L2; "
-        "fifo ceil(n/1024) + 1 per vCPU")
-    out(f"{'ABI':<5} {'ports':>6} {'pages':>6} {'bytes':>9} {'design':>7} {'design B':>9} "
-        f"{'/dev/shm':>10} {'bind s, cumul.':>14}")
+    out(
+        f"mapped event-state pages per ABI ({backend} backend, {VCPUS} vCPU, fifo link_bits="
+        f"{FIFO_LINK_BITS}); measured = Domain.mapped_pages() after binding ports 1..n-1;"
+    )
+    out(
+        "design = Xen's formula (computed, not measured): 2l 1; 3l 1 + 16 + L2; "
+        "fifo ceil(n/1024) + 1 per vCPU"
+    )
+    out(
+        f"{'ABI':<5} {'ports':>6} {'pages':>6} {'bytes':>9} {'design':>7} {'design B':>9} "
+        f"{'/dev/shm':>10} {'bind s, cumul.':>14}"
+    )
     for r in rows:
         d = r["design_pages"]
-        out(f"{r['abi']:<5} {_ports(r['ports']):>6} "
+        out(
+            f"{r['abi']:<5} {_ports(r['ports']):>6} "
             f"{'n/a' if r['pages'] is None else r['pages']:>6} {_size(r['bytes']):>9} "
             f"{'n/a' if d is None else d:>7} {_size(None if d is None else d * PAGE):>9} "
             f"{_size(r['shm_bytes']):>10} "
-            f"{'-' if r['bind_s'] is None else format(r['bind_s'], '.1f'):>14}")
+            f"{'-' if r['bind_s'] is None else format(r['bind_s'], '.1f'):>14}"
+        )
     if tuple(sorted(sizes)) != SIZES:
         out(f"(only {', '.join(_ports(n) for n in sorted(sizes))} ports in this run)")
     bad = [r for r in rows if r["pages"] is not None and r["pages"] != r["design_pages"]]
     for r in bad:
-        out(f"note: {r['abi']} at {_ports(r['ports'])} maps {r['pages']} pages, the design "
-            f"formula gives {r['design_pages']}")
+        out(
+            f"note: {r['abi']} at {_ports(r['ports'])} maps {r['pages']} pages, the design "
+            f"formula gives {r['design_pages']}"
+        )
 
 
 def figures(rows) -> dict:

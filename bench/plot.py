@@ -1,8 +1,9 @@
 """--plot DIR: PNGs from a bench JSON document (matplotlib, optional).
 
-    throughput.png   events/s against processes (N senders + N vCPUs: 2N), one line per ABI
-    latency_cdf.png  send -> handler latency CDFs, busy and idle vCPU, evtchn per ABI and C
+throughput.png   events/s against processes (N senders + N vCPUs: 2N), one line per ABI
+latency_cdf.png  send -> handler latency CDFs, busy and idle vCPU, evtchn per ABI and C
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -10,8 +11,10 @@ from pathlib import Path
 
 from .cases import BenchError
 
-MISSING = ("--plot needs matplotlib, which is not installed here (pip install matplotlib, "
-           "or drop --plot); nothing was run")
+MISSING = (
+    "--plot needs matplotlib, which is not installed here (pip install matplotlib, "
+    "or drop --plot); nothing was run"
+)
 
 
 def check() -> None:
@@ -23,6 +26,7 @@ def plot(doc: dict, out_dir) -> list[Path]:
     """Write the PNGs for what `doc` holds; returns their paths."""
     check()
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -31,9 +35,10 @@ def plot(doc: dict, out_dir) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     machine = doc.get("machine", {})
-    note = f"{machine.get('cpu', '?')}, {machine.get('cpus', '?')} CPUs, {doc.get('git_commit', '')}"
+    cpu, ncpu = machine.get("cpu", "?"), machine.get("cpus", "?")
+    note = f"{cpu}, {ncpu} CPUs, {doc.get('git_commit', '')}"
 
-    series = {}                                     # abi -> {processes: events/s}
+    series = {}  # abi -> {processes: events/s}
     for key, value in doc.items():
         if key.startswith("multi_") and key.endswith("_events_per_s") and value:
             _, abi, procs = key.split("_")[:3]

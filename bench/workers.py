@@ -13,6 +13,7 @@ line per slot) that is the benchmark's own bookkeeping, outside evtchn's memory:
 
 The C program (bench/c/evtchn_ref.c) runs exactly these loops.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,7 @@ import traceback
 
 import numpy as np
 
-SLOT = 8                        # int64 slots per cache line
+SLOT = 8  # int64 slots per cache line
 START, DONE, PROGRESS = 0, SLOT, 2 * SLOT
 CTL_SIZE = 3 * SLOT
 
@@ -37,7 +38,7 @@ def _serve(conn, setup, run):
             if params is None:
                 break
             conn.send(("ok", run(state, params)))
-    except Exception:                                   # reported to the parent, which raises
+    except Exception:  # reported to the parent, which raises
         try:
             conn.send(("error", traceback.format_exc()))
         except OSError:
@@ -61,18 +62,20 @@ def _pin(cpu) -> None:
 
 def sender_main(conn, host_name: str, backend: str, domid: int, ports, ctl, cpu=None) -> None:
     """Send on `ports` (the sender domain's local ports) in batches until the deadline."""
+
     def setup():
         from evtchn import Host
+
         _pin(cpu)
         host = Host.attach(host_name, backend)
         return {"host": host, "dom": host.domain(domid)}
 
     def run(state, p):
         dom, batch, window = state["dom"], p["batch"], p["window"]
-        relax = os.sched_yield if p.get("yield") else None     # more processes than CPUs
+        relax = os.sched_yield if p.get("yield") else None  # more processes than CPUs
         arr = np.ascontiguousarray(ports, dtype=np.uint32)
         nb = len(arr) // batch
-        chunks = [arr[i * batch:(i + 1) * batch] for i in range(nb)]
+        chunks = [arr[i * batch : (i + 1) * batch] for i in range(nb)]
         edges = np.zeros(batch, np.uint8)
         t0 = p["start_ns"]
         deadline = t0 + int(p["duration"] * 1e9)
@@ -81,7 +84,7 @@ def sender_main(conn, host_name: str, backend: str, domid: int, ports, ctl, cpu=
         _sleep_until(t0)
         i = 0
         while clock() < deadline:
-            if window:                      # flow control: at most `window` edges in flight
+            if window:  # flow control: at most `window` edges in flight
                 while nedges + batch - ctl[PROGRESS] > window and clock() < deadline:
                     if relax:
                         relax()
@@ -99,12 +102,13 @@ def sender_main(conn, host_name: str, backend: str, domid: int, ports, ctl, cpu=
     _serve(conn, setup, run)
 
 
-def vcpu_main(conn, host_name: str, backend: str, domid: int, vcpu: int, ctl,
-              cpu=None) -> None:
+def vcpu_main(conn, host_name: str, backend: str, domid: int, vcpu: int, ctl, cpu=None) -> None:
     """The vCPU: consume into a buffer; when a call delivers nothing, poll the upcall flag for
     up to spin_ns, then block in wait(). Ends when the sender is done and all is drained."""
+
     def setup():
         from evtchn import Host
+
         _pin(cpu)
         host = Host.attach(host_name, backend)
         return {"host": host, "dom": host.domain(domid)}
@@ -131,12 +135,12 @@ def vcpu_main(conn, host_name: str, backend: str, domid: int, vcpu: int, ctl,
                 if n == cap:
                     fulls += 1
                     continue
-            if final:                       # drained after the sender finished
+            if final:  # drained after the sender finished
                 break
             if n:
                 continue
             if ctl[DONE]:
-                final = True                # one more pass sees every last event
+                final = True  # one more pass sees every last event
                 continue
             if spin_ns:
                 end = clock() + spin_ns
@@ -146,8 +150,14 @@ def vcpu_main(conn, host_name: str, backend: str, domid: int, vcpu: int, ctl,
                     continue
             waits += 1
             wait(vcpu, timeout)
-        return {"delivered": delivered, "consume_calls": calls, "nonempty_calls": nonempty,
-                "full_calls": fulls, "waits": waits, "elapsed_ns": last - t0,
-                "consumer_ns": clock() - t0}
+        return {
+            "delivered": delivered,
+            "consume_calls": calls,
+            "nonempty_calls": nonempty,
+            "full_calls": fulls,
+            "waits": waits,
+            "elapsed_ns": last - t0,
+            "consumer_ns": clock() - t0,
+        }
 
     _serve(conn, setup, run)

@@ -1,18 +1,28 @@
 """evtchn: Xen's event channels (2-level, 3-level, FIFO) on real shared memory.
 
-    with evtchn.Host() as host:
-        dom0 = host.create_domain(abi="fifo", vcpus=2)
-        domu = host.create_domain(abi="fifo")
-        port = dom0.alloc_unbound(domu.domid)
-        local = domu.bind_interdomain(dom0.domid, port)
-        domu.send(local)
-        dom0.consume(0)          # -> array([port, ...])
+with evtchn.Host() as host:
+    dom0 = host.create_domain(abi="fifo", vcpus=2)
+    domu = host.create_domain(abi="fifo")
+    port = dom0.alloc_unbound(domu.domid)
+    local = domu.bind_interdomain(dom0.domid, port)
+    domu.send(local)
+    dom0.consume(0)          # -> array([port, ...])
 """
-from .errors import EvtchnError, HostGoneError
-from .host import BACKENDS, Host, PollResult, PortStatus
-from .domain import Domain
-from . import layout
 
-__all__ = ["BACKENDS", "Domain", "EvtchnError", "Host", "HostGoneError", "PollResult",
-           "PortStatus", "layout"]
+from . import layout
+from .domain import Domain
+from .errors import EvtchnError, HostGoneError
+from .host import BACKENDS, Host
+from .results import PollResult, PortStatus
+
+__all__ = [
+    "BACKENDS",
+    "Domain",
+    "EvtchnError",
+    "Host",
+    "HostGoneError",
+    "PollResult",
+    "PortStatus",
+    "layout",
+]
 __version__ = "0.1.0"

@@ -38,17 +38,20 @@ cdef extern from * nogil:
     _Static_assert(__atomic_always_lock_free(4, 0), "evtchn needs lock-free 4-byte atomics");
     _Static_assert(__atomic_always_lock_free(8, 0), "evtchn needs lock-free 8-byte atomics");
 
+    #define EVTCHN_SC __ATOMIC_SEQ_CST
     #define EVTCHN_AT_OPS(N, T)                                                                 \
     static inline T at_load##N(const T *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }    \
-    static inline T at_load_relaxed##N(const T *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); } \
-    static inline T at_load_sc##N(const T *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }  \
+    static inline T at_load_relaxed##N(const T *p) {                                           \
+        return __atomic_load_n(p, __ATOMIC_RELAXED); }                                         \
+    static inline T at_load_sc##N(const T *p) { return __atomic_load_n(p, EVTCHN_SC); }        \
     static inline void at_store##N(T *p, T v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }    \
-    static inline void at_store_relaxed##N(T *p, T v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); } \
-    static inline T at_fetch_or##N(T *p, T v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); } \
-    static inline T at_fetch_and##N(T *p, T v) { return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST); } \
-    static inline T at_fetch_add##N(T *p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); } \
-    static inline T at_fetch_sub##N(T *p, T v) { return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST); } \
-    static inline T at_exchange##N(T *p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); } \
+    static inline void at_store_relaxed##N(T *p, T v) {                                        \
+        __atomic_store_n(p, v, __ATOMIC_RELAXED); }                                            \
+    static inline T at_fetch_or##N(T *p, T v) { return __atomic_fetch_or(p, v, EVTCHN_SC); }   \
+    static inline T at_fetch_and##N(T *p, T v) { return __atomic_fetch_and(p, v, EVTCHN_SC); } \
+    static inline T at_fetch_add##N(T *p, T v) { return __atomic_fetch_add(p, v, EVTCHN_SC); } \
+    static inline T at_fetch_sub##N(T *p, T v) { return __atomic_fetch_sub(p, v, EVTCHN_SC); } \
+    static inline T at_exchange##N(T *p, T v) { return __atomic_exchange_n(p, v, EVTCHN_SC); } \
     /* Strong CAS: 1 if *p was *expected and is now desired; else 0 and *expected = *p. */    \
     static inline int at_cas##N(T *p, T *expected, T desired) {                                \
         return __atomic_compare_exchange_n(p, expected, desired, 0,                            \

@@ -20,76 +20,116 @@ ctypedef fused word:
 
 
 def load(word[::1] a, Py_ssize_t i):
-    if word is uint8_t: return A.at_load8(&a[i])
-    elif word is uint16_t: return A.at_load16(&a[i])
-    elif word is uint32_t: return A.at_load32(&a[i])
-    else: return A.at_load64(&a[i])
+    if word is uint8_t:
+        return A.at_load8(&a[i])
+    elif word is uint16_t:
+        return A.at_load16(&a[i])
+    elif word is uint32_t:
+        return A.at_load32(&a[i])
+    else:
+        return A.at_load64(&a[i])
 
 
 def load_relaxed(word[::1] a, Py_ssize_t i):
-    if word is uint8_t: return A.at_load_relaxed8(&a[i])
-    elif word is uint16_t: return A.at_load_relaxed16(&a[i])
-    elif word is uint32_t: return A.at_load_relaxed32(&a[i])
-    else: return A.at_load_relaxed64(&a[i])
+    if word is uint8_t:
+        return A.at_load_relaxed8(&a[i])
+    elif word is uint16_t:
+        return A.at_load_relaxed16(&a[i])
+    elif word is uint32_t:
+        return A.at_load_relaxed32(&a[i])
+    else:
+        return A.at_load_relaxed64(&a[i])
 
 
 def store(word[::1] a, Py_ssize_t i, uint64_t v):
-    if word is uint8_t: A.at_store8(&a[i], <word>v)
-    elif word is uint16_t: A.at_store16(&a[i], <word>v)
-    elif word is uint32_t: A.at_store32(&a[i], <word>v)
-    else: A.at_store64(&a[i], <word>v)
+    if word is uint8_t:
+        A.at_store8(&a[i], <word>v)
+    elif word is uint16_t:
+        A.at_store16(&a[i], <word>v)
+    elif word is uint32_t:
+        A.at_store32(&a[i], <word>v)
+    else:
+        A.at_store64(&a[i], <word>v)
 
 
 def store_relaxed(word[::1] a, Py_ssize_t i, uint64_t v):
-    if word is uint8_t: A.at_store_relaxed8(&a[i], <word>v)
-    elif word is uint16_t: A.at_store_relaxed16(&a[i], <word>v)
-    elif word is uint32_t: A.at_store_relaxed32(&a[i], <word>v)
-    else: A.at_store_relaxed64(&a[i], <word>v)
+    if word is uint8_t:
+        A.at_store_relaxed8(&a[i], <word>v)
+    elif word is uint16_t:
+        A.at_store_relaxed16(&a[i], <word>v)
+    elif word is uint32_t:
+        A.at_store_relaxed32(&a[i], <word>v)
+    else:
+        A.at_store_relaxed64(&a[i], <word>v)
 
 
 def fetch_or(word[::1] a, Py_ssize_t i, uint64_t v):
-    if word is uint8_t: return A.at_fetch_or8(&a[i], <word>v)
-    elif word is uint16_t: return A.at_fetch_or16(&a[i], <word>v)
-    elif word is uint32_t: return A.at_fetch_or32(&a[i], <word>v)
-    else: return A.at_fetch_or64(&a[i], <word>v)
+    if word is uint8_t:
+        return A.at_fetch_or8(&a[i], <word>v)
+    elif word is uint16_t:
+        return A.at_fetch_or16(&a[i], <word>v)
+    elif word is uint32_t:
+        return A.at_fetch_or32(&a[i], <word>v)
+    else:
+        return A.at_fetch_or64(&a[i], <word>v)
 
 
 def fetch_and(word[::1] a, Py_ssize_t i, uint64_t v):
-    if word is uint8_t: return A.at_fetch_and8(&a[i], <word>v)
-    elif word is uint16_t: return A.at_fetch_and16(&a[i], <word>v)
-    elif word is uint32_t: return A.at_fetch_and32(&a[i], <word>v)
-    else: return A.at_fetch_and64(&a[i], <word>v)
+    if word is uint8_t:
+        return A.at_fetch_and8(&a[i], <word>v)
+    elif word is uint16_t:
+        return A.at_fetch_and16(&a[i], <word>v)
+    elif word is uint32_t:
+        return A.at_fetch_and32(&a[i], <word>v)
+    else:
+        return A.at_fetch_and64(&a[i], <word>v)
 
 
 def fetch_add(word[::1] a, Py_ssize_t i, uint64_t v):
-    if word is uint8_t: return A.at_fetch_add8(&a[i], <word>v)
-    elif word is uint16_t: return A.at_fetch_add16(&a[i], <word>v)
-    elif word is uint32_t: return A.at_fetch_add32(&a[i], <word>v)
-    else: return A.at_fetch_add64(&a[i], <word>v)
+    if word is uint8_t:
+        return A.at_fetch_add8(&a[i], <word>v)
+    elif word is uint16_t:
+        return A.at_fetch_add16(&a[i], <word>v)
+    elif word is uint32_t:
+        return A.at_fetch_add32(&a[i], <word>v)
+    else:
+        return A.at_fetch_add64(&a[i], <word>v)
 
 
 def fetch_sub(word[::1] a, Py_ssize_t i, uint64_t v):
-    if word is uint8_t: return A.at_fetch_sub8(&a[i], <word>v)
-    elif word is uint16_t: return A.at_fetch_sub16(&a[i], <word>v)
-    elif word is uint32_t: return A.at_fetch_sub32(&a[i], <word>v)
-    else: return A.at_fetch_sub64(&a[i], <word>v)
+    if word is uint8_t:
+        return A.at_fetch_sub8(&a[i], <word>v)
+    elif word is uint16_t:
+        return A.at_fetch_sub16(&a[i], <word>v)
+    elif word is uint32_t:
+        return A.at_fetch_sub32(&a[i], <word>v)
+    else:
+        return A.at_fetch_sub64(&a[i], <word>v)
 
 
 def exchange(word[::1] a, Py_ssize_t i, uint64_t v):
-    if word is uint8_t: return A.at_exchange8(&a[i], <word>v)
-    elif word is uint16_t: return A.at_exchange16(&a[i], <word>v)
-    elif word is uint32_t: return A.at_exchange32(&a[i], <word>v)
-    else: return A.at_exchange64(&a[i], <word>v)
+    if word is uint8_t:
+        return A.at_exchange8(&a[i], <word>v)
+    elif word is uint16_t:
+        return A.at_exchange16(&a[i], <word>v)
+    elif word is uint32_t:
+        return A.at_exchange32(&a[i], <word>v)
+    else:
+        return A.at_exchange64(&a[i], <word>v)
 
 
 def cas(word[::1] a, Py_ssize_t i, uint64_t expected, uint64_t desired):
     """(1, expected) if a[i] was `expected` and is now `desired`, else (0, what a[i] held)."""
     cdef word e = <word>expected
     cdef int ok
-    if word is uint8_t: ok = A.at_cas8(&a[i], &e, <word>desired)
-    elif word is uint16_t: ok = A.at_cas16(&a[i], &e, <word>desired)
-    elif word is uint32_t: ok = A.at_cas32(&a[i], &e, <word>desired)
-    else: ok = A.at_cas64(&a[i], &e, <word>desired)
+    if word is uint8_t:
+        ok = A.at_cas8(&a[i], &e, <word>desired)
+    elif word is uint16_t:
+        ok = A.at_cas16(&a[i], &e, <word>desired)
+    elif word is uint32_t:
+        ok = A.at_cas32(&a[i], &e, <word>desired)
+    else:
+        ok = A.at_cas64(&a[i], &e, <word>desired)
     return ok, e
 
 
@@ -100,18 +140,26 @@ cdef inline void _check_bit(Py_ssize_t width, unsigned bit) except *:
 
 def test_and_set_bit(word[::1] a, Py_ssize_t i, unsigned bit):
     _check_bit(sizeof(word), bit)
-    if word is uint8_t: return A.at_test_and_set_bit8(&a[i], bit)
-    elif word is uint16_t: return A.at_test_and_set_bit16(&a[i], bit)
-    elif word is uint32_t: return A.at_test_and_set_bit32(&a[i], bit)
-    else: return A.at_test_and_set_bit64(&a[i], bit)
+    if word is uint8_t:
+        return A.at_test_and_set_bit8(&a[i], bit)
+    elif word is uint16_t:
+        return A.at_test_and_set_bit16(&a[i], bit)
+    elif word is uint32_t:
+        return A.at_test_and_set_bit32(&a[i], bit)
+    else:
+        return A.at_test_and_set_bit64(&a[i], bit)
 
 
 def test_and_clear_bit(word[::1] a, Py_ssize_t i, unsigned bit):
     _check_bit(sizeof(word), bit)
-    if word is uint8_t: return A.at_test_and_clear_bit8(&a[i], bit)
-    elif word is uint16_t: return A.at_test_and_clear_bit16(&a[i], bit)
-    elif word is uint32_t: return A.at_test_and_clear_bit32(&a[i], bit)
-    else: return A.at_test_and_clear_bit64(&a[i], bit)
+    if word is uint8_t:
+        return A.at_test_and_clear_bit8(&a[i], bit)
+    elif word is uint16_t:
+        return A.at_test_and_clear_bit16(&a[i], bit)
+    elif word is uint32_t:
+        return A.at_test_and_clear_bit32(&a[i], bit)
+    else:
+        return A.at_test_and_clear_bit64(&a[i], bit)
 
 
 def fence():
@@ -129,9 +177,9 @@ def clock_ns():
 def hammer_fetch_add(uint64_t[::1] a, Py_ssize_t i, Py_ssize_t n):
     """a[i] += 1, n times, each one an atomic fetch_add."""
     cdef uint64_t *p = &a[i]
-    cdef Py_ssize_t k
+    cdef Py_ssize_t _k
     with nogil:
-        for k in range(n):
+        for _k in range(n):
             A.at_fetch_add64(p, 1)
 
 
@@ -140,9 +188,9 @@ def locked_increment(uint32_t[::1] lock, Py_ssize_t li, uint64_t[::1] counter, P
     """n times: take the lock at lock[li] as `pid`, counter[ci] += 1, release."""
     cdef uint32_t *w = &lock[li]
     cdef uint64_t *c = &counter[ci]
-    cdef Py_ssize_t k
+    cdef Py_ssize_t _k
     with nogil:
-        for k in range(n):
+        for _k in range(n):
             A.evlock_acquire(w, pid)
             c[0] += 1       # a plain load and store: only the lock keeps the count exact
             A.evlock_release(w)

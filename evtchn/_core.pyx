@@ -385,7 +385,7 @@ cdef int fifo_set_link(const dom_t *d, uint32_t tail_port, uint32_t port) noexce
     times; a guest that keeps changing the word loses the event ("not linked")."""
     cdef uint32_t *word = fifo_word(d, tail_port)
     cdef uint32_t w
-    cdef int r, attempt
+    cdef int r, _attempt
     if word == NULL:                             # cannot happen: a tail was linked in the array
         return 0
     w = at_load32(word)
@@ -394,7 +394,7 @@ cdef int fifo_set_link(const dom_t *d, uint32_t tail_port, uint32_t port) noexce
         return r
     at_fetch_or32(word, FIFO_BUSY)               # guest_set_bit(BUSY)
     w = at_load32(word)
-    for attempt in range(FIFO_LINK_RETRIES):
+    for _attempt in range(FIFO_LINK_RETRIES):
         r = fifo_try_set_link(d, word, &w, port)
         if r >= 0:
             if r == 0:                           # r == 1 wrote the word with BUSY clear
@@ -430,8 +430,8 @@ cdef inline int fifo_lock_queues(const dom_t *d, uint32_t v, char *pe, char **pq
     cdef uint32_t lastq, prio
     cdef char *q
     cdef char *old_q
-    cdef int attempt
-    for attempt in range(FIFO_LOCK_TRIES):
+    cdef int _attempt
+    for _attempt in range(FIFO_LOCK_TRIES):
         lastq = at_load32(plastq)
         prio = at_load8(pprio_field)
         q = queue_at(d, v, prio)
@@ -547,8 +547,8 @@ cdef char *fifo_lock_old_queue(const dom_t *d, char *pe) noexcept nogil:
     cdef uint32_t *plastq = <uint32_t *>(pe + P_LASTQ)
     cdef uint32_t lastq
     cdef char *old_q
-    cdef int attempt
-    for attempt in range(FIFO_LOCK_TRIES):
+    cdef int _attempt
+    for _attempt in range(FIFO_LOCK_TRIES):
         lastq = at_load32(plastq)
         old_q = queue_at(d, lastq >> 16, lastq & 0xFF)
         evlock_acquire(<uint32_t *>(old_q + Q_LOCK), _mypid)

@@ -53,6 +53,7 @@ compiled, and is invalidated only when the caller's own source file changes.
 Linux only (futex, /proc, glibc/musl ``__errno_location``); futex syscall numbers are known for
 x86_64, aarch64, riscv64 and ppc64le.
 """
+
 from __future__ import annotations
 
 import errno as _errno
@@ -66,26 +67,70 @@ from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
 __all__ = [
-    "load_u8", "load_u16", "load_u32", "load_u64",
-    "store_u8", "store_u16", "store_u32", "store_u64",
-    "fetch_or_u8", "fetch_or_u16", "fetch_or_u32", "fetch_or_u64",
-    "fetch_and_u8", "fetch_and_u16", "fetch_and_u32", "fetch_and_u64",
-    "fetch_xor_u8", "fetch_xor_u16", "fetch_xor_u32", "fetch_xor_u64",
-    "fetch_add_u8", "fetch_add_u16", "fetch_add_u32", "fetch_add_u64",
-    "fetch_sub_u8", "fetch_sub_u16", "fetch_sub_u32", "fetch_sub_u64",
-    "xchg_u8", "xchg_u16", "xchg_u32", "xchg_u64",
-    "cas_u8", "cas_u16", "cas_u32", "cas_u64",
-    "fence", "cpu_relax",
-    "getpid", "sched_yield", "kill", "get_errno", "pid_alive", "monotonic_ns",
-    "futex_wait", "futex_wake",
-    "lock_try", "lock_acquire", "lock_release",
-    "LOCK_SPINS", "LOCK_YIELDS_PER_CHECK",
+    "load_u8",
+    "load_u16",
+    "load_u32",
+    "load_u64",
+    "store_u8",
+    "store_u16",
+    "store_u32",
+    "store_u64",
+    "fetch_or_u8",
+    "fetch_or_u16",
+    "fetch_or_u32",
+    "fetch_or_u64",
+    "fetch_and_u8",
+    "fetch_and_u16",
+    "fetch_and_u32",
+    "fetch_and_u64",
+    "fetch_xor_u8",
+    "fetch_xor_u16",
+    "fetch_xor_u32",
+    "fetch_xor_u64",
+    "fetch_add_u8",
+    "fetch_add_u16",
+    "fetch_add_u32",
+    "fetch_add_u64",
+    "fetch_sub_u8",
+    "fetch_sub_u16",
+    "fetch_sub_u32",
+    "fetch_sub_u64",
+    "xchg_u8",
+    "xchg_u16",
+    "xchg_u32",
+    "xchg_u64",
+    "cas_u8",
+    "cas_u16",
+    "cas_u32",
+    "cas_u64",
+    "fence",
+    "cpu_relax",
+    "getpid",
+    "sched_yield",
+    "kill",
+    "get_errno",
+    "pid_alive",
+    "monotonic_ns",
+    "futex_wait",
+    "futex_wake",
+    "lock_try",
+    "lock_acquire",
+    "lock_release",
+    "LOCK_SPINS",
+    "LOCK_YIELDS_PER_CHECK",
 ]
 
 _MACHINE = _platform.machine().lower()
-_FUTEX_NR = {"x86_64": 202, "amd64": 202, "aarch64": 98, "arm64": 98,
-             "riscv64": 98, "ppc64le": 221, "ppc64": 221}.get(_MACHINE)
-FUTEX_WAIT, FUTEX_WAKE = 0, 1            # no FUTEX_PRIVATE_FLAG: the futexes are shared
+_FUTEX_NR = {
+    "x86_64": 202,
+    "amd64": 202,
+    "aarch64": 98,
+    "arm64": 98,
+    "riscv64": 98,
+    "ppc64le": 221,
+    "ppc64": 221,
+}.get(_MACHINE)
+FUTEX_WAIT, FUTEX_WAKE = 0, 1  # no FUTEX_PRIVATE_FLAG: the futexes are shared
 CLOCK_MONOTONIC = 1
 
 _UTYPES = {8: types.uint8, 16: types.uint16, 32: types.uint32, 64: types.uint64}
@@ -96,10 +141,12 @@ _SEQ_CST = "seq_cst"
 
 def _named(name, doc):
     """Give a typer function its public name before ``intrinsic`` copies it (repr, errors)."""
+
     def deco(fn):
         fn.__name__ = fn.__qualname__ = name
         fn.__doc__ = doc
         return intrinsic(fn)
+
     return deco
 
 
@@ -127,6 +174,7 @@ def _load_errno(builder):
 
 # --- loads and stores --------------------------------------------------------------------------
 
+
 def _make_load(width):
     name = f"load_u{width}"
     ret = _UTYPES[width]
@@ -138,7 +186,9 @@ def _make_load(width):
         def codegen(context, builder, sig, args):
             ptr = _addr_ptr(context, builder, sig.args[0], args[0], width)
             return builder.load_atomic(ptr, _SEQ_CST, width // 8)
+
         return ret(addr), codegen
+
     return load
 
 
@@ -152,24 +202,30 @@ def _make_store(width, ordering, name):
             v = context.cast(builder, args[1], sig.args[1], _UTYPES[width])
             builder.store_atomic(v, ptr, ordering, width // 8)
             return context.get_dummy_value()
+
         return types.none(addr, val), codegen
+
     return store
 
 
 load_u8, load_u16, load_u32, load_u64 = (_make_load(w) for w in (8, 16, 32, 64))
 store_u8, store_u16, store_u32, store_u64 = (
-    _make_store(w, _SEQ_CST, f"store_u{w}") for w in (8, 16, 32, 64))
+    _make_store(w, _SEQ_CST, f"store_u{w}") for w in (8, 16, 32, 64)
+)
 _store_release_u32 = _make_store(32, "release", "_store_release_u32")
 
 
 # --- read-modify-write -------------------------------------------------------------------------
 
+
 def _make_rmw(op, llvm_op, width):
     name = f"{op}_u{width}"
     ret = _UTYPES[width]
 
-    @_named(name, f"{name}(addr, val) -> uint{width}: atomicrmw {llvm_op} seq_cst; "
-                  "returns the old value.")
+    @_named(
+        name,
+        f"{name}(addr, val) -> uint{width}: atomicrmw {llvm_op} seq_cst; returns the old value.",
+    )
     def rmw(typingctx, addr, val):
         _check_ints(name, addr=addr, val=val)
 
@@ -177,7 +233,9 @@ def _make_rmw(op, llvm_op, width):
             ptr = _addr_ptr(context, builder, sig.args[0], args[0], width)
             v = context.cast(builder, args[1], sig.args[1], ret)
             return builder.atomic_rmw(llvm_op, ptr, v, _SEQ_CST)
+
         return ret(addr, val), codegen
+
     return rmw
 
 
@@ -185,8 +243,11 @@ def _make_cas(width):
     name = f"cas_u{width}"
     ret = _UTYPES[width]
 
-    @_named(name, f"{name}(addr, expected, desired) -> uint{width}: cmpxchg seq_cst; returns "
-                  "the old value (the swap happened iff old == expected).")
+    @_named(
+        name,
+        f"{name}(addr, expected, desired) -> uint{width}: cmpxchg seq_cst; returns "
+        "the old value (the swap happened iff old == expected).",
+    )
     def cas(typingctx, addr, expected, desired):
         _check_ints(name, addr=addr, expected=expected, desired=desired)
 
@@ -196,40 +257,49 @@ def _make_cas(width):
             des = context.cast(builder, args[2], sig.args[2], ret)
             pair = builder.cmpxchg(ptr, exp, des, _SEQ_CST, _SEQ_CST)
             return builder.extract_value(pair, 0)
+
         return ret(addr, expected, desired), codegen
+
     return cas
 
 
 fetch_or_u8, fetch_or_u16, fetch_or_u32, fetch_or_u64 = (
-    _make_rmw("fetch_or", "or", w) for w in (8, 16, 32, 64))
+    _make_rmw("fetch_or", "or", w) for w in (8, 16, 32, 64)
+)
 fetch_and_u8, fetch_and_u16, fetch_and_u32, fetch_and_u64 = (
-    _make_rmw("fetch_and", "and", w) for w in (8, 16, 32, 64))
+    _make_rmw("fetch_and", "and", w) for w in (8, 16, 32, 64)
+)
 fetch_xor_u8, fetch_xor_u16, fetch_xor_u32, fetch_xor_u64 = (
-    _make_rmw("fetch_xor", "xor", w) for w in (8, 16, 32, 64))
+    _make_rmw("fetch_xor", "xor", w) for w in (8, 16, 32, 64)
+)
 fetch_add_u8, fetch_add_u16, fetch_add_u32, fetch_add_u64 = (
-    _make_rmw("fetch_add", "add", w) for w in (8, 16, 32, 64))
+    _make_rmw("fetch_add", "add", w) for w in (8, 16, 32, 64)
+)
 fetch_sub_u8, fetch_sub_u16, fetch_sub_u32, fetch_sub_u64 = (
-    _make_rmw("fetch_sub", "sub", w) for w in (8, 16, 32, 64))
+    _make_rmw("fetch_sub", "sub", w) for w in (8, 16, 32, 64)
+)
 xchg_u8, xchg_u16, xchg_u32, xchg_u64 = (_make_rmw("xchg", "xchg", w) for w in (8, 16, 32, 64))
 cas_u8, cas_u16, cas_u32, cas_u64 = (_make_cas(w) for w in (8, 16, 32, 64))
 
 
 # --- barriers ----------------------------------------------------------------------------------
 
+
 @_named("fence", "fence(): seq_cst memory fence (mfence on x86).")
 def fence(typingctx):
     def codegen(context, builder, sig, args):
         builder.fence(_SEQ_CST)
         return context.get_dummy_value()
+
     return types.none(), codegen
 
 
 # LLVM's target intrinsics rather than inline asm: Numba's JIT has no asm parser initialised
 # ("Inline asm not supported by this streamer"), and both are marked as having side effects.
 if _MACHINE in ("x86_64", "amd64", "i386", "i686", "x86"):
-    _RELAX = ("llvm.x86.sse2.pause", [])                       # pause
+    _RELAX = ("llvm.x86.sse2.pause", [])  # pause
 elif _MACHINE in ("aarch64", "arm64"):
-    _RELAX = ("llvm.aarch64.hint", [ir.Constant(_I32, 1)])     # yield
+    _RELAX = ("llvm.aarch64.hint", [ir.Constant(_I32, 1)])  # yield
 else:
     _RELAX = None
 
@@ -242,15 +312,18 @@ def cpu_relax(typingctx):
             fnty = ir.FunctionType(ir.VoidType(), [a.type for a in hint_args])
             builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), hint_args)
         return context.get_dummy_value()
+
     return types.none(), codegen
 
 
 # --- syscalls ----------------------------------------------------------------------------------
 
+
 @_named("getpid", "getpid() -> int64")
 def getpid(typingctx):
     def codegen(context, builder, sig, args):
         return builder.sext(builder.call(_libc(builder, "getpid", _I32, []), []), _I64)
+
     return types.int64(), codegen
 
 
@@ -258,6 +331,7 @@ def getpid(typingctx):
 def sched_yield(typingctx):
     def codegen(context, builder, sig, args):
         return builder.sext(builder.call(_libc(builder, "sched_yield", _I32, []), []), _I64)
+
     return types.int64(), codegen
 
 
@@ -270,6 +344,7 @@ def kill(typingctx, pid, sig):
         s = context.cast(builder, args[1], signature.args[1], types.int32)
         fn = _libc(builder, "kill", _I32, [_I32, _I32])
         return builder.sext(builder.call(fn, [p, s]), _I64)
+
     return types.int64(pid, sig), codegen
 
 
@@ -277,6 +352,7 @@ def kill(typingctx, pid, sig):
 def get_errno(typingctx):
     def codegen(context, builder, sig, args):
         return builder.sext(_load_errno(builder), _I64)
+
     return types.int64(), codegen
 
 
@@ -295,6 +371,7 @@ def monotonic_ns(typingctx):
         sec = builder.load(sec_p)
         nsec = builder.load(nsec_p)
         return builder.add(builder.mul(sec, ir.Constant(_I64, 1_000_000_000)), nsec)
+
     return types.int64(), codegen
 
 
@@ -311,8 +388,11 @@ def _check_futex(name):
         raise TypingError(f"{name}: futex syscall number unknown on {_MACHINE!r}")
 
 
-@_named("futex_wait", "futex_wait(addr, expected, timeout_ns) -> int64: shared FUTEX_WAIT; "
-                      "0, -EAGAIN, -ETIMEDOUT or -EINTR. timeout_ns < 0 waits forever.")
+@_named(
+    "futex_wait",
+    "futex_wait(addr, expected, timeout_ns) -> int64: shared FUTEX_WAIT; "
+    "0, -EAGAIN, -ETIMEDOUT or -EINTR. timeout_ns < 0 waits forever.",
+)
 def futex_wait(typingctx, addr, expected, timeout_ns):
     _check_ints("futex_wait", addr=addr, expected=expected, timeout_ns=timeout_ns)
     _check_futex("futex_wait")
@@ -329,11 +409,15 @@ def futex_wait(typingctx, addr, expected, timeout_ns):
         ts_arg = builder.select(forever, ir.Constant(_I64, 0), builder.ptrtoint(ts, _I64))
         zero = ir.Constant(_I64, 0)
         return _syscall(builder, [uaddr, ir.Constant(_I64, FUTEX_WAIT), val, ts_arg, zero, zero])
+
     return types.int64(addr, expected, timeout_ns), codegen
 
 
-@_named("futex_wake", "futex_wake(addr, n) -> int64: shared FUTEX_WAKE of up to n waiters; "
-                      "the number woken, or -errno.")
+@_named(
+    "futex_wake",
+    "futex_wake(addr, n) -> int64: shared FUTEX_WAKE of up to n waiters; "
+    "the number woken, or -errno.",
+)
 def futex_wake(typingctx, addr, n):
     _check_ints("futex_wake", addr=addr, n=n)
     _check_futex("futex_wake")
@@ -343,19 +427,22 @@ def futex_wake(typingctx, addr, n):
         cnt = builder.zext(context.cast(builder, args[1], sig.args[1], types.uint32), _I64)
         zero = ir.Constant(_I64, 0)
         return _syscall(builder, [uaddr, ir.Constant(_I64, FUTEX_WAKE), cnt, zero, zero, zero])
+
     return types.int64(addr, n), codegen
 
 
 # /proc/<pid>/stat, to tell a zombie (dead but not yet reaped: kill(pid, 0) still succeeds)
 # from a live process.
 
+
 @_named("_open_rdonly", "_open_rdonly(path_addr) -> int64: open(path, O_RDONLY|O_CLOEXEC)")
 def _open_rdonly(typingctx, path):
     def codegen(context, builder, sig, args):
         p = _addr_ptr(context, builder, sig.args[0], args[0], 8)
         fn = _libc(builder, "open", _I32, [ir.IntType(8).as_pointer(), _I32], var_arg=True)
-        flags = ir.Constant(_I32, 0o2000000)          # O_RDONLY | O_CLOEXEC (Linux)
+        flags = ir.Constant(_I32, 0o2000000)  # O_RDONLY | O_CLOEXEC (Linux)
         return builder.sext(builder.call(fn, [p, flags]), _I64)
+
     return types.int64(path), codegen
 
 
@@ -367,6 +454,7 @@ def _read(typingctx, fd, buf, n):
         c = context.cast(builder, args[2], sig.args[2], types.int64)
         fn = _libc(builder, "read", _I64, [_I32, ir.IntType(8).as_pointer(), _I64])
         return builder.call(fn, [f, b, c])
+
     return types.int64(fd, buf, n), codegen
 
 
@@ -375,6 +463,7 @@ def _close(typingctx, fd):
     def codegen(context, builder, sig, args):
         f = context.cast(builder, args[0], sig.args[0], types.int32)
         return builder.sext(builder.call(_libc(builder, "close", _I32, [_I32]), [f]), _I64)
+
     return types.int64(fd), codegen
 
 
@@ -415,7 +504,7 @@ def _proc_state(pid):
     # "pid (comm) S ...": comm may hold ')' but no later field does, so the last one ends it.
     close_paren = -1
     for i in range(got):
-        if buf[i] == 41:                              # ')'
+        if buf[i] == 41:  # ')'
             close_paren = i
     if close_paren < 0 or close_paren + 2 >= got:
         return 0
@@ -425,18 +514,18 @@ def _proc_state(pid):
 @njit(cache=True)
 def pid_alive(pid):
     """True if process ``pid`` exists (even if owned by another user) and is not a zombie."""
-    if pid <= 0 or pid > 0x7FFFFFFF:                  # 0 and negatives address process groups
+    if pid <= 0 or pid > 0x7FFFFFFF:  # 0 and negatives address process groups
         return False
     if kill(pid, 0) != 0:
-        return get_errno() == _EPERM                  # ESRCH: gone
+        return get_errno() == _EPERM  # ESRCH: gone
     state = _proc_state(pid)
-    return not (state == 90 or state == 88 or state == 120)   # 'Z', 'X', 'x'
+    return not (state == 90 or state == 88 or state == 120)  # 'Z', 'X', 'x'
 
 
 # --- robust process-shared spinlock --------------------------------------------------------------
 
-LOCK_SPINS = 100               # looks at the word, cpu_relax between them, before each yield
-LOCK_YIELDS_PER_CHECK = 256    # sched_yield calls between checks that the owner is alive
+LOCK_SPINS = 100  # looks at the word, cpu_relax between them, before each yield
+LOCK_YIELDS_PER_CHECK = 256  # sched_yield calls between checks that the owner is alive
 
 
 @njit(cache=True)

@@ -5,6 +5,7 @@ follows Linux drivers/xen/events (a bound port is enabled, i.e. unmasked, as aft
 request_irq; bind_vcpu is xen_rebind_evtchn_to_cpu: mask, EVTCHNOP_bind_vcpu, move the
 per-CPU binding, unmask).
 """
+
 from __future__ import annotations
 
 import errno as E
@@ -13,7 +14,10 @@ import numpy as np
 
 from . import layout as L
 from .errors import EvtchnError
-from .host import PollResult, PortStatus, _CONSUME_CHUNK, _int
+from .errors import as_int as _int
+from .results import PollResult, PortStatus
+
+_CONSUME_CHUNK = 65536
 
 
 class Domain:
@@ -30,8 +34,10 @@ class Domain:
         return (_attach_domain, (self.host.name, self.host.backend, self.domid))
 
     def __repr__(self) -> str:
-        return (f"<evtchn.Domain {self.domid} abi={self.abi} vcpus={self.vcpus} "
-                f"max_ports={self.max_ports} on {self.host.name}>")
+        return (
+            f"<evtchn.Domain {self.domid} abi={self.abi} vcpus={self.vcpus} "
+            f"max_ports={self.max_ports} on {self.host.name}>"
+        )
 
     # -- configuration -------------------------------------------------------------------------
     @property
@@ -64,8 +70,9 @@ class Domain:
     def _vcpu(self, vcpu) -> int:
         v = _int(vcpu, "vcpu")
         if not 0 <= v < self.vcpus:
-            raise EvtchnError(E.ENOENT, f"domain {self.domid} has no vcpu {v} "
-                                        f"(vcpus 0..{self.vcpus - 1})")
+            raise EvtchnError(
+                E.ENOENT, f"domain {self.domid} has no vcpu {v} (vcpus 0..{self.vcpus - 1})"
+            )
         return v
 
     def _valid_port(self, port) -> int:
@@ -73,17 +80,23 @@ class Domain:
         p = _int(port, "port")
         valid = self.valid_ports
         if not 0 <= p < valid:
-            raise EvtchnError(E.EINVAL, f"port {p} is not valid in domain {self.domid} "
-                                        f"(ports below {valid} are; the {self.abi} limit is "
-                                        f"{self.max_ports})")
+            raise EvtchnError(
+                E.EINVAL,
+                f"port {p} is not valid in domain {self.domid} "
+                f"(ports below {valid} are; the {self.abi} limit is "
+                f"{self.max_ports})",
+            )
         return p
 
     def _guest_port(self, port) -> int:
         """A port the guest may address in its shared bitmaps or event array."""
         p = _int(port, "port")
         if not 0 <= p < self.max_ports:
-            raise EvtchnError(E.EINVAL, f"port {p} is beyond domain {self.domid}'s limit of "
-                                        f"{self.max_ports} ports ({self.abi})")
+            raise EvtchnError(
+                E.EINVAL,
+                f"port {p} is beyond domain {self.domid}'s limit of "
+                f"{self.max_ports} ports ({self.abi})",
+            )
         return p
 
     def _remote(self, remote_domid) -> int:
@@ -128,12 +141,15 @@ class Domain:
                 port = p
                 break
         if port is None:
-            raise EvtchnError(E.ENOSPC, f"no free port in domain {self.domid}: all "
-                                        f"{dm.max_ports - 1} usable ports of its "
-                                        f"{self.abi} limit ({dm.max_ports}) are in use")
+            raise EvtchnError(
+                E.ENOSPC,
+                f"no free port in domain {self.domid}: all "
+                f"{dm.max_ports - 1} usable ports of its "
+                f"{self.abi} limit ({dm.max_ports}) are in use",
+            )
         dm.set_hdr(L.H_ALLOC_HINT, port + 1 if hint == port else hint)
         valid = dm.hdr(L.H_VALID)
-        if port >= valid:                        # allocate buckets; publish the size last
+        if port >= valid:  # allocate buckets; publish the size last
             bucket = L.EVTCHNS_PER_BUCKET
             dm.set_hdr(L.H_VALID, (port // bucket + 1) * bucket)
         return port
@@ -147,7 +163,7 @@ class Domain:
         valid = dm.hdr(L.H_VALID)
         for lo in range(start, valid, chunk):
             hi = min(lo + chunk, valid)
-            states = dm.u8[base + lo * stride:base + hi * stride:stride]
+            states = dm.u8[base + lo * stride : base + hi * stride : stride]
             yield from (lo + int(i) for i in np.flatnonzero(states == L.ECS_FREE))
         yield from range(max(start, valid), dm.max_ports)
 
@@ -164,7 +180,7 @@ class Domain:
     def _init_port(self, port: int, state: int, vcpu: int = 0) -> None:
         dm = self._dm
         dm.set_port_u16(port, L.P_NOTIFY_VCPU, vcpu)
-        dm.set_port_u8(port, L.P_PRIORITY, L.FIFO_PRIORITY_DEFAULT)   # evtchn_fifo_init
+        dm.set_port_u8(port, L.P_PRIORITY, L.FIFO_PRIORITY_DEFAULT)  # evtchn_fifo_init
         dm.set_port_u8(port, L.P_STATE, state)
 
     def _alloc(self, state: int, vcpu: int = 0, fill=None) -> int:
@@ -199,8 +215,9 @@ class Domain:
             while dm.array_pages() * L.FIFO_WORDS_PER_PAGE <= port:
                 r = self._k.expand_array(self.domid)
                 if r < 0:
-                    raise EvtchnError(-r, f"the event array of domain {self.domid} cannot "
-                                          f"grow to port {port}")
+                    raise EvtchnError(
+                        -r, f"the event array of domain {self.domid} cannot grow to port {port}"
+                    )
         finally:
             self._unlock_domains(self.domid)
 
@@ -212,7 +229,7 @@ class Domain:
         if dm.abi == L.ABI_FIFO:
             return
         bit = port % w
-        for v in range(dm.vcpus):              # atomics: other ports share these words
+        for v in range(dm.vcpus):  # atomics: other ports share these words
             idx = dm.cpumask_word_index(v, port // w)
             address = self._base + idx * (w // 8)
             if v == vcpu:
@@ -232,6 +249,7 @@ class Domain:
         def fill(port):
             self._dm.set_port_u16(port, L.P_REMOTE_DOM, rd)
             self._dm.set_port_u32(port, L.P_REMOTE_PORT, 0)
+
         port = self._alloc(L.ECS_UNBOUND, 0, fill)
         self._guest_bind(port)
         return port
@@ -245,15 +263,20 @@ class Domain:
         self._lock_domains(self.domid, rdom)
         try:
             if not 0 <= rport < rdm.hdr(L.H_VALID):
-                raise EvtchnError(E.EINVAL, f"remote port {rport} is not valid in domain "
-                                            f"{rdom}")
+                raise EvtchnError(E.EINVAL, f"remote port {rport} is not valid in domain {rdom}")
             if rdm.state(rport) != L.ECS_UNBOUND:
-                raise EvtchnError(E.EINVAL, f"remote port {rport} of domain {rdom} is "
-                                            f"{L.STATUS_NAMES[rdm.state(rport)]}, not unbound")
+                raise EvtchnError(
+                    E.EINVAL,
+                    f"remote port {rport} of domain {rdom} is "
+                    f"{L.STATUS_NAMES[rdm.state(rport)]}, not unbound",
+                )
             allowed = rdm.port_u16(rport, L.P_REMOTE_DOM)
             if allowed != self.domid:
-                raise EvtchnError(E.EINVAL, f"remote port {rport} of domain {rdom} accepts a "
-                                            f"bind from domain {allowed} only")
+                raise EvtchnError(
+                    E.EINVAL,
+                    f"remote port {rport} of domain {rdom} accepts a "
+                    f"bind from domain {allowed} only",
+                )
             lport = self._get_free_port()
             chans = ((self.domid, lport), (rdom, rport))
             self._lock_chans(*chans)
@@ -280,18 +303,21 @@ class Domain:
             raise EvtchnError(E.EINVAL, f"virq {v_} is out of range (0..{L.NR_VIRQS - 1})")
         vc = _int(vcpu, "vcpu")
         if v_ not in L.VIRQ_PER_VCPU and vc != 0:
-            raise EvtchnError(E.EINVAL, f"virq {v_} is not per-vCPU: bind it on vcpu 0, "
-                                        f"not {vc}")
+            raise EvtchnError(E.EINVAL, f"virq {v_} is not per-vCPU: bind it on vcpu 0, not {vc}")
         vc = self._vcpu(vc)
         global_virq = v_ not in L.VIRQ_PER_VCPU and v_ not in L.VIRQ_PER_DOMAIN
         if global_virq and self.domid != L.HARDWARE_DOMID:
-            raise EvtchnError(E.EBUSY, f"global virq {v_} is handled by domain "
-                                       f"{L.HARDWARE_DOMID}, not {self.domid}")
+            raise EvtchnError(
+                E.EBUSY,
+                f"global virq {v_} is handled by domain {L.HARDWARE_DOMID}, not {self.domid}",
+            )
         self._lock_domains(self.domid)
         try:
             if self._dm.virq_port(vc, v_):
-                raise EvtchnError(E.EEXIST, f"virq {v_} is already bound on vcpu {vc} "
-                                            f"(port {self._dm.virq_port(vc, v_)})")
+                raise EvtchnError(
+                    E.EEXIST,
+                    f"virq {v_} is already bound on vcpu {vc} (port {self._dm.virq_port(vc, v_)})",
+                )
             port = self._get_free_port()
             self._lock_chans((self.domid, port))
             self._dm.set_port_u32(port, L.P_REMOTE_PORT, v_)
@@ -323,16 +349,15 @@ class Domain:
             state = dm.state(p)
             if state == L.ECS_INTERDOMAIN:
                 rdom = dm.port_u16(p, L.P_REMOTE_DOM)
-                if rdom != self.domid:          # retake both locks in domid order
+                if rdom != self.domid:  # retake both locks in domid order
                     self._unlock_domains(self.domid)
                     self._lock_domains(self.domid, rdom)
-                    if dm.state(p) != L.ECS_INTERDOMAIN or \
-                            dm.port_u16(p, L.P_REMOTE_DOM) != rdom:
+                    if dm.state(p) != L.ECS_INTERDOMAIN or dm.port_u16(p, L.P_REMOTE_DOM) != rdom:
                         self._unlock_domains(self.domid, rdom)
                         continue
             try:
                 destroyed = self._close_locked(p, state)
-                self._set_affinity(p, 0)         # Linux resets the affinity (R4)
+                self._set_affinity(p, 0)  # Linux resets the affinity (R4)
             finally:
                 self._unlock_domains(self.domid, *(() if rdom is None else (rdom,)))
             return destroyed
@@ -387,17 +412,26 @@ class Domain:
         n, err = self._k.send_many(self.domid, arr, edges)
         if err:
             exc = self._send_error(int(arr[n]), err)
-            raise EvtchnError(err, f"send_many stopped at index {n} (the {n} sends before it "
-                                   f"took effect): {exc.strerror.split(': ', 1)[-1]}")
+            raise EvtchnError(
+                err,
+                f"send_many stopped at index {n} (the {n} sends before it "
+                f"took effect): {exc.strerror.split(': ', 1)[-1]}",
+            )
         return n
 
     def _send_error(self, port: int, code: int) -> EvtchnError:
         if not 0 <= port < self.valid_ports:
-            return EvtchnError(code, f"port {port} is not valid in domain {self.domid} "
-                                     f"(ports below {self.valid_ports} are)")
+            return EvtchnError(
+                code,
+                f"port {port} is not valid in domain {self.domid} "
+                f"(ports below {self.valid_ports} are)",
+            )
         state = L.STATUS_NAMES[self._dm.state(port)]
-        return EvtchnError(code, f"cannot send on port {port} of domain {self.domid}: it is "
-                                 f"{state} (send needs an interdomain, ipi or unbound port)")
+        return EvtchnError(
+            code,
+            f"cannot send on port {port} of domain {self.domid}: it is "
+            f"{state} (send needs an interdomain, ipi or unbound port)",
+        )
 
     def raise_virq(self, virq: int, vcpu: int = 0) -> None:
         """What Xen does when VIRQ `virq` fires (send_guest_vcpu_virq / _domain_virq): a
@@ -435,13 +469,17 @@ class Domain:
         self._lock_domains(self.domid)
         try:
             state = dm.state(p)
-            fixed = state == L.ECS_IPI or (state == L.ECS_VIRQ and
-                                           dm.port_u32(p, L.P_REMOTE_PORT) in L.VIRQ_PER_VCPU)
+            fixed = state == L.ECS_IPI or (
+                state == L.ECS_VIRQ and dm.port_u32(p, L.P_REMOTE_PORT) in L.VIRQ_PER_VCPU
+            )
             if fixed or state not in (L.ECS_UNBOUND, L.ECS_INTERDOMAIN, L.ECS_VIRQ):
-                raise EvtchnError(E.EINVAL, f"port {p} of domain {self.domid} is "
-                                            f"{L.STATUS_NAMES[state]}"
-                                            f"{' (bound to its vcpu)' if fixed else ''}: "
-                                            f"its vcpu cannot change")
+                raise EvtchnError(
+                    E.EINVAL,
+                    f"port {p} of domain {self.domid} is "
+                    f"{L.STATUS_NAMES[state]}"
+                    f"{' (bound to its vcpu)' if fixed else ''}: "
+                    f"its vcpu cannot change",
+                )
             was_masked = self.is_masked(p)
             self.mask(p)
             # Under the port's channel lock and its peer's: a sender holds the latter while it
@@ -463,15 +501,19 @@ class Domain:
         """FIFO: the queue used from the port's next link on (an event already LINKED stays)."""
         p = self._valid_port(port)
         if self._dm.abi != L.ABI_FIFO:
-            raise EvtchnError(E.ENOSYS, f"set_priority needs the fifo ABI; domain "
-                                        f"{self.domid} uses {self.abi}")
+            raise EvtchnError(
+                E.ENOSYS, f"set_priority needs the fifo ABI; domain {self.domid} uses {self.abi}"
+            )
         if self._dm.state(p) <= L.ECS_RESERVED:
             raise EvtchnError(E.EACCES, f"port {p} of domain {self.domid} is not bound")
         prio = _int(priority, "priority")
         if not L.FIFO_PRIORITY_MAX <= prio <= L.FIFO_PRIORITY_MIN:
-            raise EvtchnError(E.EINVAL, f"priority {prio} is out of range "
-                                        f"({L.FIFO_PRIORITY_MAX} highest .. "
-                                        f"{L.FIFO_PRIORITY_MIN} lowest)")
+            raise EvtchnError(
+                E.EINVAL,
+                f"priority {prio} is out of range "
+                f"({L.FIFO_PRIORITY_MAX} highest .. "
+                f"{L.FIFO_PRIORITY_MIN} lowest)",
+            )
         self._dm.set_port_u8(p, L.P_PRIORITY, prio)
 
     def hyp_unmask(self, port: int) -> int:
@@ -490,8 +532,11 @@ class Domain:
         finally:
             self._unlock_domains(self.domid)
         if r < 0:
-            raise EvtchnError(-r, f"the event array of domain {self.domid} already has all "
-                                  f"{self._dm.array_pages()} pages (link_bits={self.link_bits})")
+            raise EvtchnError(
+                -r,
+                f"the event array of domain {self.domid} already has all "
+                f"{self._dm.array_pages()} pages (link_bits={self.link_bits})",
+            )
 
     def reset(self) -> None:
         """EVTCHNOP_reset on this domain: close every port. Xen then returns a FIFO domain to
@@ -505,7 +550,7 @@ class Domain:
                 if dm.state(p) > L.ECS_RESERVED:
                     try:
                         self.close(p)
-                    except EvtchnError as exc:     # closed concurrently by someone else
+                    except EvtchnError as exc:  # closed concurrently by someone else
                         if exc.errno != E.EINVAL:
                             raise
             if dm.abi == L.ABI_FIFO:
@@ -517,25 +562,25 @@ class Domain:
         dm, lay = self._dm, self._dm.layout
         self._lock_domains(self.domid)
         handlers = [self._base + lay.guest_vcpu(v) + L.G_HANDLER_LOCK for v in range(dm.vcpus)]
-        for h in handlers:                       # no upcall handler runs meanwhile
+        for h in handlers:  # no upcall handler runs meanwhile
             self._k.lock(h)
         try:
             words = dm.array_pages() * L.FIFO_WORDS_PER_PAGE
-            dm.set_hdr(L.H_ARRAY_PAGES, 0)       # unpublish the array before clearing it
+            dm.set_hdr(L.H_ARRAY_PAGES, 0)  # unpublish the array before clearing it
             for v in range(dm.vcpus):
                 cb = lay.control_block(v)
-                dm.u8[cb:cb + L.CONTROL_BLOCK_SIZE] = 0
+                dm.u8[cb : cb + L.CONTROL_BLOCK_SIZE] = 0
                 x = lay.xen_vcpu(v) + L.X_QUEUES
                 for q in range(L.FIFO_MAX_QUEUES):
                     dm.u32[(x + q * L.QUEUE_SIZE + L.Q_TAIL) // 4] = 0
                 g = lay.guest_vcpu(v)
-                dm.u32[(g + L.G_LOCAL_READY) // 4:(g + L.G_LOCAL_HEAD + 64) // 4] = 0
+                dm.u32[(g + L.G_LOCAL_READY) // 4 : (g + L.G_LOCAL_HEAD + 64) // 4] = 0
             ports = lay.port(0) // 4
             stride = L.PORT_SIZE // 4
             end = ports + stride * self.valid_ports
-            dm.u32[ports + L.P_LASTQ // 4:end:stride] = 0
+            dm.u32[ports + L.P_LASTQ // 4 : end : stride] = 0
             ea = lay.event_word(0) // 4
-            dm.u32[ea:ea + words] = 0
+            dm.u32[ea : ea + words] = 0
         finally:
             for h in reversed(handlers):
                 self._k.unlock(h)
@@ -595,8 +640,8 @@ class Domain:
             return self.consume_into(vc, out if max_events is None else out[:max_events])
         if max_events is not None:
             buf = np.empty(max_events, np.uint32)
-            return buf[:self._k.consume(self.domid, vc, buf)].copy()
-        chunks, limit = [], 4 * self.max_ports   # a storm cannot keep us here forever
+            return buf[: self._k.consume(self.domid, vc, buf)].copy()
+        chunks, limit = [], 4 * self.max_ports  # a storm cannot keep us here forever
         total = 0
         while True:
             buf = np.empty(min(_CONSUME_CHUNK, limit - total), np.uint32)
@@ -634,8 +679,10 @@ class Domain:
         vc = self._vcpu(vcpu)
         plist = [ports] if isinstance(ports, (int, np.integer)) else list(ports)
         if len(plist) > L.SCHED_POLL_MAX_PORTS:
-            raise EvtchnError(E.EINVAL, f"SCHEDOP_poll takes at most "
-                                        f"{L.SCHED_POLL_MAX_PORTS} ports, not {len(plist)}")
+            raise EvtchnError(
+                E.EINVAL,
+                f"SCHEDOP_poll takes at most {L.SCHED_POLL_MAX_PORTS} ports, not {len(plist)}",
+            )
         arr = np.empty(len(plist), np.uint32)
         for i, p in enumerate(plist):
             p = _int(p, "port")
@@ -646,9 +693,10 @@ class Domain:
             raise ValueError(f"timeout must be >= 0 or None, not {timeout}")
         reason, port = self._k.poll(self.domid, vc, arr, timeout)
         if reason < 0:
-            self._valid_port(port)               # raises EINVAL, naming the port
-            raise EvtchnError(-reason, f"SCHEDOP_poll: port {port} of domain {self.domid} "
-                                       f"is not in use")
+            self._valid_port(port)  # raises EINVAL, naming the port
+            raise EvtchnError(
+                -reason, f"SCHEDOP_poll: port {port} of domain {self.domid} is not in use"
+            )
         return PollResult(L.POLL_REASONS[reason], int(port))
 
     # -- memory --------------------------------------------------------------------------------
@@ -666,20 +714,30 @@ class Domain:
         for v in range(L.LEGACY_MAX_VCPUS, dm.vcpus):
             regions[f"vcpu_info_vcpu{v}"] = (seg, lay.vcpu_info(v), L.VCPU_INFO_SIZE)
         if dm.abi == L.ABI_FIFO:
-            regions["event_array"] = (seg, lay.offsets["event_array"],
-                                      dm.array_pages() * L.PAGE_SIZE)
+            regions["event_array"] = (
+                seg,
+                lay.offsets["event_array"],
+                dm.array_pages() * L.PAGE_SIZE,
+            )
             for v in range(dm.vcpus):
-                regions[f"control_block_vcpu{v}"] = (seg, lay.control_block(v),
-                                                     L.CONTROL_BLOCK_SIZE)
+                regions[f"control_block_vcpu{v}"] = (
+                    seg,
+                    lay.control_block(v),
+                    L.CONTROL_BLOCK_SIZE,
+                )
         elif dm.abi == L.ABI_3L:
             regions["3l_pending"] = (seg, lay.offsets["l3_pending"], lay.l3_bitmap_bytes)
             regions["3l_mask"] = (seg, lay.offsets["l3_mask"], lay.l3_bitmap_bytes)
             for v in range(dm.vcpus):
-                regions[f"3l_l2_selector_vcpu{v}"] = (seg, lay.l2_selector(v),
-                                                      lay.l2_selector_bytes)
+                regions[f"3l_l2_selector_vcpu{v}"] = (
+                    seg,
+                    lay.l2_selector(v),
+                    lay.l2_selector_bytes,
+                )
         return regions
 
 
 def _attach_domain(name: str, backend: str, domid: int) -> Domain:
     from .host import Host
+
     return Host.attach(name, backend).domain(domid)

@@ -1,7 +1,9 @@
 """EvtchnError: an OSError that carries the errno Xen returns for the same misuse."""
+
 from __future__ import annotations
 
 import errno as _errno
+import operator
 import os
 
 
@@ -26,3 +28,10 @@ def fail(code: int, message: str) -> EvtchnError:
 
 def strerror(code: int) -> str:
     return os.strerror(code)
+
+
+def as_int(value, what: str) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise EvtchnError(_errno.EINVAL, f"{what} {value!r} is not an integer") from None

@@ -5,11 +5,10 @@ under the locks Xen takes (per-domain event_lock, per-channel lock), on the same
 kernels use; every backend shares it. The data plane (set_pending, send, unmask, consume, wait)
 is the backend's kernels: evtchn.reference, evtchn._core (Cython) or evtchn.numba_kernels.
 """
+
 from __future__ import annotations
 
-import dataclasses
 import errno as E
-import operator
 import os
 import secrets
 import weakref
@@ -17,70 +16,35 @@ import weakref
 import numpy as np
 
 from . import layout as L
-from .errors import EvtchnError, HostGoneError
+from .domain import Domain
+from .errors import EvtchnError, HostGoneError, as_int
 from .memory import DomainMemory, Segment, check_name
+from .results import PollResult, PortStatus  # noqa: F401  (re-exported)
 
 BACKENDS = ("cython", "numba", "reference")
 DEFAULT_BACKEND = os.environ.get("EVTCHN_BACKEND", "cython")
 MAX_VCPUS = 1024
-_CONSUME_CHUNK = 65536
 
 
 def _make_kernels(backend: str):
     if backend == "reference":
         from .reference import ReferenceKernels
+
         return ReferenceKernels()
     if backend == "cython":
         try:
             from ._core import CythonKernels
         except ImportError as exc:
-            raise ImportError("the Cython backend is not built: run `pip install -e .` "
-                              f"(or use backend='reference'): {exc}") from exc
+            raise ImportError(
+                "the Cython backend is not built: run `pip install -e .` "
+                f"(or use backend='reference'): {exc}"
+            ) from exc
         return CythonKernels()
     if backend == "numba":
         from .numba_kernels import NumbaKernels
+
         return NumbaKernels()
     raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-
-
-def _int(value, what: str) -> int:
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise EvtchnError(E.EINVAL, f"{what} {value!r} is not an integer") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class PortStatus:
-    """EVTCHNOP_status: state, notify vCPU, the peer or VIRQ, plus the FIFO priority."""
-
-    state: str
-    vcpu: int
-    remote_domid: int | None = None
-    remote_port: int | None = None
-    virq: int | None = None
-    priority: int | None = None
-
-    def __getitem__(self, key):
-        return getattr(self, key)
-
-
-@dataclasses.dataclass(frozen=True)
-class PollResult:
-    """Why SCHEDOP_poll returned. Xen's hypercall returns 0 in every case below; the model
-    tells the guest which one it was.
-
-    reason: "pending" (a polled port was pending on entry, masked or not), "event" (a send
-    set PENDING 0 -> 1 on a polled port, or on any port when several are polled, and woke
-    the vCPU), "upcall" (the vCPU had an unmasked upcall pending on entry, or was kicked by
-    one while it slept) or "timeout". port: the port found pending or whose event woke the
-    vCPU, else 0. True unless the poll timed out."""
-
-    reason: str
-    port: int = 0
-
-    def __bool__(self) -> bool:
-        return self.reason != "timeout"
 
 
 class Host:
@@ -90,12 +54,14 @@ class Host:
     opens it from any other process. Use it as a context manager, or call ``close()``.
     """
 
-    def __init__(self, backend: str | None = None, *, inject: str | None = None,
-                 _attach: str | None = None):
+    def __init__(
+        self, backend: str | None = None, *, inject: str | None = None, _attach: str | None = None
+    ):
         backend = backend or DEFAULT_BACKEND
         if inject is not None and inject not in L.INJECTIONS:
-            raise ValueError(f"unknown injection {inject!r}: choose one of "
-                             f"{', '.join(L.INJECTIONS)}")
+            raise ValueError(
+                f"unknown injection {inject!r}: choose one of {', '.join(L.INJECTIONS)}"
+            )
         self.backend = backend
         self._k = _make_kernels(backend)
         self._pid = os.getpid()
@@ -103,8 +69,9 @@ class Host:
         self._closed = False
         if _attach is None:
             self._owner = True
-            self._hseg = Segment(f"{L.SEGMENT_PREFIX}{self._pid}-{secrets.token_hex(4)}",
-                                 L.HOST_SIZE)
+            self._hseg = Segment(
+                f"{L.SEGMENT_PREFIX}{self._pid}-{secrets.token_hex(4)}", L.HOST_SIZE
+            )
             u32 = self._hseg.u32
             u32[L.HH_VERSION // 4] = L.LAYOUT_VERSION
             u32[L.HH_CREATOR // 4] = self._pid
@@ -119,7 +86,7 @@ class Host:
             self._check_host_header()
 
     @classmethod
-    def attach(cls, name: str, backend: str | None = None) -> "Host":
+    def attach(cls, name: str, backend: str | None = None) -> Host:
         """Open the host `name` created by another process; never unlinks it."""
         return cls(backend, _attach=name)
 
@@ -129,8 +96,11 @@ class Host:
             raise HostGoneError(E.EINVAL, f"{seg.name!r} is not an evtchn host")
         version = int(seg.u32[L.HH_VERSION // 4])
         if version != L.LAYOUT_VERSION:
-            raise HostGoneError(E.EINVAL, f"host {seg.name!r} has layout version {version}; "
-                                          f"this evtchn reads version {L.LAYOUT_VERSION}")
+            raise HostGoneError(
+                E.EINVAL,
+                f"host {seg.name!r} has layout version {version}; "
+                f"this evtchn reads version {L.LAYOUT_VERSION}",
+            )
 
     def __reduce__(self):
         return (Host.attach, (self.name, self.backend))
@@ -165,7 +135,7 @@ class Host:
         if self._owner:
             self._finalizer()
 
-    def __enter__(self) -> "Host":
+    def __enter__(self) -> Host:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -180,9 +150,15 @@ class Host:
     def ndomains(self) -> int:
         return int(self._hseg.u32[L.HH_NDOMAINS // 4])
 
-    def create_domain(self, abi: str = "fifo", vcpus: int = 1, word_bits: int = 64,
-                      link_bits: int = L.FIFO_LINK_BITS, max_ports: int | None = None,
-                      auto_expand: bool = True) -> "Domain":
+    def create_domain(
+        self,
+        abi: str = "fifo",
+        vcpus: int = 1,
+        word_bits: int = 64,
+        link_bits: int = L.FIFO_LINK_BITS,
+        max_ports: int | None = None,
+        auto_expand: bool = True,
+    ) -> Domain:
         """A new domain using `abi` ("fifo", "2l" or "3l") with `vcpus` vCPUs.
 
         word_bits is xen_ulong_t's width (64, or 32 for the x86-32 compat layout); link_bits
@@ -197,8 +173,10 @@ class Host:
         try:
             domid = self.ndomains
             if domid >= L.MAX_DOMAINS:
-                raise EvtchnError(E.ENOSPC, f"host {self.name!r} has {domid} domains, the most "
-                                            f"Xen's domid space allows")
+                raise EvtchnError(
+                    E.ENOSPC,
+                    f"host {self.name!r} has {domid} domains, the most Xen's domid space allows",
+                )
             seg = Segment(L.domain_segment_name(self.name, domid), lay.size)
             DomainMemory.initialise(seg, lay, domid, auto_expand)
             seg.u32[L.H_INJECT // 4] = self._hseg.u32[L.HH_INJECT // 4]
@@ -206,16 +184,16 @@ class Host:
             _init_domain_state(dm)
             self._doms[domid] = dm
             self._k.map_domain(dm)
-            self._hseg.u32[L.HH_NDOMAINS // 4] = domid + 1     # publish after the init
+            self._hseg.u32[L.HH_NDOMAINS // 4] = domid + 1  # publish after the init
         finally:
             self._k.unlock(hlock)
         return Domain(self, domid)
 
-    def domain(self, domid: int) -> "Domain":
+    def domain(self, domid: int) -> Domain:
         self._dm(domid)
         return Domain(self, domid)
 
-    def domains(self) -> list["Domain"]:
+    def domains(self) -> list[Domain]:
         return [self.domain(d) for d in range(self.ndomains)]
 
     def _dm(self, domid) -> DomainMemory:
@@ -223,10 +201,12 @@ class Host:
         if dm is not None:
             return dm
         self._check_open()
-        domid = _int(domid, "domid")
+        domid = as_int(domid, "domid")
         if not 0 <= domid < self.ndomains:
-            raise EvtchnError(E.ESRCH, f"no domain {domid} on host {self.name!r} "
-                                       f"(domains 0..{self.ndomains - 1} exist)")
+            raise EvtchnError(
+                E.ESRCH,
+                f"no domain {domid} on host {self.name!r} (domains 0..{self.ndomains - 1} exist)",
+            )
         dm = DomainMemory(Segment(L.domain_segment_name(self.name, domid)))
         self._doms[domid] = dm
         self._k.map_domain(dm)
@@ -239,8 +219,10 @@ class Host:
                 self._dm(domid)
 
     def __repr__(self) -> str:
-        return (f"<evtchn.Host {self.name} backend={self.backend} domains={self.ndomains}"
-                f"{' closed' if self._closed else ''}>")
+        return (
+            f"<evtchn.Host {self.name} backend={self.backend} domains={self.ndomains}"
+            f"{' closed' if self._closed else ''}>"
+        )
 
 
 def _unlink_host(name: str, creator: int) -> None:
@@ -275,15 +257,19 @@ def _domain_layout(abi, vcpus, word_bits, link_bits, max_ports):
     if word_bits not in (32, 64):
         raise ValueError(f"word_bits must be 32 or 64 (xen_ulong_t), not {word_bits!r}")
     if not isinstance(link_bits, int) or not 10 <= link_bits <= L.FIFO_MAX_LINK_BITS:
-        raise ValueError(f"link_bits must be an integer from 10 to {L.FIFO_MAX_LINK_BITS} "
-                         f"(4 flag bits leave 28 in a 32-bit event word), not {link_bits!r}")
+        raise ValueError(
+            f"link_bits must be an integer from 10 to {L.FIFO_MAX_LINK_BITS} "
+            f"(4 flag bits leave 28 in a 32-bit event word), not {link_bits!r}"
+        )
     limit = L.abi_max_ports(code, word_bits, link_bits)
     if max_ports is None:
         max_ports = limit
     elif not isinstance(max_ports, int) or not 2 <= max_ports <= limit:
-        raise ValueError(f"max_ports must be an integer from 2 to {limit} (the {abi} limit "
-                         f"with word_bits={word_bits}, link_bits={link_bits}), "
-                         f"not {max_ports!r}")
+        raise ValueError(
+            f"max_ports must be an integer from 2 to {limit} (the {abi} limit "
+            f"with word_bits={word_bits}, link_bits={link_bits}), "
+            f"not {max_ports!r}"
+        )
     return code, L.domain_layout(code, vcpus, word_bits, link_bits, max_ports)
 
 
@@ -292,7 +278,7 @@ def _init_domain_state(dm: DomainMemory) -> None:
     lay = dm.layout
     dm.set_hdr(L.H_VALID, min(L.EVTCHNS_PER_BUCKET, _bucket_round(dm.max_ports)))
     dm.set_hdr(L.H_ALLOC_HINT, 1)
-    dm.set_port_u8(0, L.P_STATE, L.ECS_RESERVED)        # port 0 is never handed out
+    dm.set_port_u8(0, L.P_STATE, L.ECS_RESERVED)  # port 0 is never handed out
     if dm.abi == L.ABI_FIFO:
         return
     wbytes = dm.word_bits // 8
@@ -300,14 +286,11 @@ def _init_domain_state(dm: DomainMemory) -> None:
         start = (lay.offsets["shared_info"] + L.si_mask(dm.word_bits)) // wbytes
         count = dm.word_bits
     else:
-        start, count = lay.offsets["l3_mask"] // wbytes, dm.word_bits ** 2
-    dm.words[start:start + count] = ~np.zeros(1, dm.words.dtype)[0]   # Linux masks all ports
-    cpu0 = lay.cpumask(0) // wbytes                     # ... and binds them all to vCPU 0
-    dm.words[cpu0:cpu0 + lay.cpumask_bytes // wbytes] = ~np.zeros(1, dm.words.dtype)[0]
+        start, count = lay.offsets["l3_mask"] // wbytes, dm.word_bits**2
+    dm.words[start : start + count] = ~np.zeros(1, dm.words.dtype)[0]  # Linux masks all ports
+    cpu0 = lay.cpumask(0) // wbytes  # ... and binds them all to vCPU 0
+    dm.words[cpu0 : cpu0 + lay.cpumask_bytes // wbytes] = ~np.zeros(1, dm.words.dtype)[0]
 
 
 def _bucket_round(n: int) -> int:
     return -(-n // L.EVTCHNS_PER_BUCKET) * L.EVTCHNS_PER_BUCKET
-
-
-from .domain import Domain  # noqa: E402  (Domain needs Host's helpers above)

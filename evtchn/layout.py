@@ -23,6 +23,7 @@ A domain lives in one POSIX shared-memory segment, page-aligned regions in this 
 The segment is sized for the ABI's limit but tmpfs only backs the pages that are touched, so a
 domain with link_bits=28 and ten ports uses kilobytes of memory, not the 1 GiB its array could.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,13 +39,18 @@ ABI_BY_CODE = {code: name for name, code in ABI_NAMES.items()}
 # --- Port states (struct evtchn.state, xen/include/xen/sched.h) and EVTCHNSTAT_* ------------
 ECS_FREE, ECS_RESERVED, ECS_UNBOUND, ECS_INTERDOMAIN, ECS_PIRQ, ECS_VIRQ, ECS_IPI = range(7)
 STATUS_NAMES = {
-    ECS_FREE: "closed", ECS_RESERVED: "closed", ECS_UNBOUND: "unbound",
-    ECS_INTERDOMAIN: "interdomain", ECS_PIRQ: "pirq", ECS_VIRQ: "virq", ECS_IPI: "ipi",
+    ECS_FREE: "closed",
+    ECS_RESERVED: "closed",
+    ECS_UNBOUND: "unbound",
+    ECS_INTERDOMAIN: "interdomain",
+    ECS_PIRQ: "pirq",
+    ECS_VIRQ: "virq",
+    ECS_IPI: "ipi",
 }
 
 DOMID_SELF = 0x7FF0
 DOMID_FIRST_RESERVED = 0x7FF0
-EVTCHNS_PER_BUCKET = 64          # Xen: PAGE_SIZE / next_pow2(sizeof(struct evtchn)), 64-B aligned
+EVTCHNS_PER_BUCKET = 64  # Xen: PAGE_SIZE / next_pow2(sizeof(struct evtchn)), 64-B aligned
 
 # --- VIRQs (xen/include/public/xen.h; get_virq_type in event_channel.c) ----------------------
 NR_VIRQS = 24
@@ -53,7 +59,7 @@ VIRQ_DEBUGGER, VIRQ_XENOPROF, VIRQ_CON_RING, VIRQ_PCPU_STATE = 6, 7, 8, 9
 VIRQ_MEM_EVENT, VIRQ_ARGO, VIRQ_ENOMEM, VIRQ_XENPMU = 10, 11, 12, 13
 VIRQ_PER_VCPU = frozenset({VIRQ_TIMER, VIRQ_DEBUG, VIRQ_XENOPROF, VIRQ_XENPMU})
 VIRQ_PER_DOMAIN = frozenset({VIRQ_ARGO})
-HARDWARE_DOMID = 0               # global VIRQs go to the hardware domain unless redirected
+HARDWARE_DOMID = 0  # global VIRQs go to the hardware domain unless redirected
 
 # --- FIFO (xen/include/public/event_channel.h) ------------------------------------------------
 FIFO_PENDING_BIT, FIFO_MASKED_BIT, FIFO_LINKED_BIT, FIFO_BUSY_BIT = 31, 30, 29, 28
@@ -62,32 +68,32 @@ FIFO_MASKED = 1 << FIFO_MASKED_BIT
 FIFO_LINKED = 1 << FIFO_LINKED_BIT
 FIFO_BUSY = 1 << FIFO_BUSY_BIT
 FIFO_LINK_BITS = 17
-FIFO_MAX_LINK_BITS = 28          # 4 flag bits leave 28 for LINK
+FIFO_MAX_LINK_BITS = 28  # 4 flag bits leave 28 for LINK
 FIFO_PRIORITY_MAX, FIFO_PRIORITY_DEFAULT, FIFO_PRIORITY_MIN = 0, 7, 15
 FIFO_MAX_QUEUES = 16
 FIFO_WORDS_PER_PAGE = PAGE_SIZE // 4
-CONTROL_BLOCK_SIZE = 72          # u32 ready, u32 rsvd, u32 head[16]
+CONTROL_BLOCK_SIZE = 72  # u32 ready, u32 rsvd, u32 head[16]
 CB_READY, CB_HEAD = 0, 8
-FIFO_LOCK_TRIES = 3              # attempts to lock the (old, new) queue pair
-FIFO_LINK_RETRIES = 4            # LINK cmpxchg retries with BUSY set
+FIFO_LOCK_TRIES = 3  # attempts to lock the (old, new) queue pair
+FIFO_LINK_RETRIES = 4  # LINK cmpxchg retries with BUSY set
 
 # --- Historical bugs the stress harness must catch (spec section 5), by name -> code ---------
 INJECTIONS = {
-    "2l-selector-before-upcall-clear": 1,   # R1: guest xchg's the selector, then clears the flag
-    "2l-unmask-test-before-clear": 2,       # R2: guest tests PENDING before clearing the mask
-    "fifo-ready-every-link": 3,             # R6: READY set on every link, not only a new HEAD
-    "fifo-old-tail-kept": 4,                # R7: an old tail is not invalidated on relink
-    "fifo-pending-before-lock": 5,          # R9: PENDING/LINKED tested before the queue locks
+    "2l-selector-before-upcall-clear": 1,  # R1: guest xchg's the selector, then clears the flag
+    "2l-unmask-test-before-clear": 2,  # R2: guest tests PENDING before clearing the mask
+    "fifo-ready-every-link": 3,  # R6: READY set on every link, not only a new HEAD
+    "fifo-old-tail-kept": 4,  # R7: an old tail is not invalidated on relink
+    "fifo-pending-before-lock": 5,  # R9: PENDING/LINKED tested before the queue locks
 }
-R9_PAUSE_SET_NS = 20_000         # R9 injection: after setting PENDING 0 -> 1 (timing only)
-R9_PAUSE_LINK_NS = 300_000       # R9 injection: a relink holding LINKED and the queue lock
+R9_PAUSE_SET_NS = 20_000  # R9 injection: after setting PENDING 0 -> 1 (timing only)
+R9_PAUSE_LINK_NS = 300_000  # R9 injection: a relink holding LINKED and the queue lock
 
 # --- vcpu_info / shared_info (x86-64, and x86-32 compat when word_bits == 32) ----------------
 LEGACY_MAX_VCPUS = 32
 VCPU_INFO_SIZE = 64
-VI_UPCALL_PENDING = 0            # u8
-VI_UPCALL_MASK = 1               # u8
-SI_PENDING = 2048                # evtchn_pending[W] after vcpu_info[32]
+VI_UPCALL_PENDING = 0  # u8
+VI_UPCALL_MASK = 1  # u8
+SI_PENDING = 2048  # evtchn_pending[W] after vcpu_info[32]
 
 
 def vi_pending_sel(word_bits: int) -> int:
@@ -102,14 +108,14 @@ def si_mask(word_bits: int) -> int:
 
 # --- Hypervisor-private struct evtchn, one per port -------------------------------------------
 PORT_SIZE = 32
-P_LOCK = 0                       # u32: per-channel lock (owner pid)
-P_REMOTE_PORT = 4                # u32: interdomain peer port, or the VIRQ number
-P_REMOTE_DOM = 8                 # u16: interdomain/unbound peer domain
-P_NOTIFY_VCPU = 10               # u16: notify_vcpu_id
-P_STATE = 12                     # u8: ECS_*
-P_PRIORITY = 13                  # u8: FIFO priority
-P_PENDING = 14                   # u8: FIFO "pending while the array page was missing"
-P_LASTQ = 16                     # u32: FIFO last queue: byte 0 priority, bytes 2-3 vCPU
+P_LOCK = 0  # u32: per-channel lock (owner pid)
+P_REMOTE_PORT = 4  # u32: interdomain peer port, or the VIRQ number
+P_REMOTE_DOM = 8  # u16: interdomain/unbound peer domain
+P_NOTIFY_VCPU = 10  # u16: notify_vcpu_id
+P_STATE = 12  # u8: ECS_*
+P_PRIORITY = 13  # u8: FIFO priority
+P_PENDING = 14  # u8: FIFO "pending while the array page was missing"
+P_LASTQ = 16  # u32: FIFO last queue: byte 0 priority, bytes 2-3 vCPU
 # Xen's channel lock is a rwlock: senders, EVTCHNOP_unmask and VIRQ raisers read-lock it, the
 # control plane write-locks it. Here it is one owner word; a read-type holder stores its pid |
 # this bit, so that a VIRQ raiser (Xen: read_trylock, which fails only against a writer) can
@@ -124,66 +130,81 @@ def lastq_pack(vcpu: int, priority: int) -> int:
 
 # --- Hypervisor-private per-vCPU state ---------------------------------------------------------
 XEN_VCPU_SIZE = 256
-X_KICK = 0                       # u32 futex word, bumped when a blocked vCPU is kicked
-X_BLOCKED = 4                    # u32 number of waiters blocked in wait()
-X_QUEUES = 16                    # 16 x {u32 tail, u32 lock}
+X_KICK = 0  # u32 futex word, bumped when a blocked vCPU is kicked
+X_BLOCKED = 4  # u32 number of waiters blocked in wait()
+X_QUEUES = 16  # 16 x {u32 tail, u32 lock}
 QUEUE_SIZE = 8
 Q_TAIL, Q_LOCK = 0, 4
-X_VIRQ = X_QUEUES + FIFO_MAX_QUEUES * QUEUE_SIZE   # u32 virq_to_evtchn[NR_VIRQS]
-X_POLL_EVTCHN = X_VIRQ + 4 * NR_VIRQS               # i32 poll_evtchn: 0, -1 (several), or port
-X_POLL = X_POLL_EVTCHN + 4       # u32: this vCPU's bit of d->poll_mask (POLL_* values)
+X_VIRQ = X_QUEUES + FIFO_MAX_QUEUES * QUEUE_SIZE  # u32 virq_to_evtchn[NR_VIRQS]
+X_POLL_EVTCHN = X_VIRQ + 4 * NR_VIRQS  # i32 poll_evtchn: 0, -1 (several), or port
+X_POLL = X_POLL_EVTCHN + 4  # u32: this vCPU's bit of d->poll_mask (POLL_* values)
 
 # --- SCHEDOP_poll (xen/common/sched/core.c do_poll, event_channel.c evtchn_check_pollers) -----
-SCHED_POLL_MAX_PORTS = 128       # "fairly arbitrary limit": more is -EINVAL
-POLL_IDLE = 0                    # X_POLL: not polling
-POLL_ACTIVE = 1                  # polling: the poll_mask bit is set
-POLL_WOKEN = 1 << 31             # | port: evtchn_check_pollers cleared the bit for `port`
+SCHED_POLL_MAX_PORTS = 128  # "fairly arbitrary limit": more is -EINVAL
+POLL_IDLE = 0  # X_POLL: not polling
+POLL_ACTIVE = 1  # polling: the poll_mask bit is set
+POLL_WOKEN = 1 << 31  # | port: evtchn_check_pollers cleared the bit for `port`
 # Why a poll returned (Xen returns 0 in every case; the model tells them apart).
 POLL_TIMEOUT, POLL_PENDING, POLL_EVENT, POLL_UPCALL = 0, 1, 2, 3
-POLL_REASONS = {POLL_TIMEOUT: "timeout", POLL_PENDING: "pending", POLL_EVENT: "event",
-                POLL_UPCALL: "upcall"}
+POLL_REASONS = {
+    POLL_TIMEOUT: "timeout",
+    POLL_PENDING: "pending",
+    POLL_EVENT: "event",
+    POLL_UPCALL: "upcall",
+}
 
 # --- Guest-private per-vCPU state (Linux per-CPU variables) ------------------------------------
 GUEST_VCPU_SIZE = 128
-G_HANDLER_LOCK = 0               # u32: the upcall handler runs on one CPU at a time
-G_LOCAL_READY = 4                # u32: READY bits taken but not yet served (consume stopped early)
-G_LOCAL_HEAD = 8                 # u32[16]: Linux's per-queue local head
-G_RESUME_WORD = 72               # u32: 2l/3l current_word_idx (3l: index of the L3 word)
-G_RESUME_BIT = 76                # u32: 2l/3l current_bit_idx
+G_HANDLER_LOCK = 0  # u32: the upcall handler runs on one CPU at a time
+G_LOCAL_READY = 4  # u32: READY bits taken but not yet served (consume stopped early)
+G_LOCAL_HEAD = 8  # u32[16]: Linux's per-queue local head
+G_RESUME_WORD = 72  # u32: 2l/3l current_word_idx (3l: index of the L3 word)
+G_RESUME_BIT = 76  # u32: 2l/3l current_bit_idx
 
 # --- Domain header (page 0) --------------------------------------------------------------------
-DOMAIN_MAGIC = 0x31444E4843545645   # b"EVTCHND1" little-endian
-H_MAGIC = 0                      # u64
+DOMAIN_MAGIC = 0x31444E4843545645  # b"EVTCHND1" little-endian
+H_MAGIC = 0  # u64
 H_VERSION = 8
 H_DOMID = 12
 H_ABI = 16
 H_VCPUS = 20
 H_WORD_BITS = 24
 H_LINK_BITS = 28
-H_MAX_PORTS = 32                 # effective limit: ports 0 .. max_ports-1
-H_VALID = 36                     # valid_evtchns: grows by buckets, never shrinks (XSA-338)
-H_EVENT_LOCK = 40                # per-domain event_lock (owner pid)
-H_ARRAY_PAGES = 44               # FIFO event-array pages added so far (num_evtchns / 1024)
-H_ALLOC_HINT = 48                # no FREE port below this one
-H_AUTO_EXPAND = 52               # guest expands the event array on bind (Linux behaviour)
-H_RESET_BUSY = 56                # EVTCHNOP_reset in progress
-H_INJECT = 60                    # a known historical bug put back (INJECTIONS), 0 = none
-H_LAYOUT = 64                    # u64 region offsets, in REGIONS order
-REGIONS = ("shared_info", "vcpu_info_ext", "control", "l3_pending", "l3_mask", "l2_selector",
-           "ports", "xen_vcpu", "guest_vcpu", "cpumask", "event_array")
+H_MAX_PORTS = 32  # effective limit: ports 0 .. max_ports-1
+H_VALID = 36  # valid_evtchns: grows by buckets, never shrinks (XSA-338)
+H_EVENT_LOCK = 40  # per-domain event_lock (owner pid)
+H_ARRAY_PAGES = 44  # FIFO event-array pages added so far (num_evtchns / 1024)
+H_ALLOC_HINT = 48  # no FREE port below this one
+H_AUTO_EXPAND = 52  # guest expands the event array on bind (Linux behaviour)
+H_RESET_BUSY = 56  # EVTCHNOP_reset in progress
+H_INJECT = 60  # a known historical bug put back (INJECTIONS), 0 = none
+H_LAYOUT = 64  # u64 region offsets, in REGIONS order
+REGIONS = (
+    "shared_info",
+    "vcpu_info_ext",
+    "control",
+    "l3_pending",
+    "l3_mask",
+    "l2_selector",
+    "ports",
+    "xen_vcpu",
+    "guest_vcpu",
+    "cpumask",
+    "event_array",
+)
 H_REGION = {name: H_LAYOUT + 8 * i for i, name in enumerate(REGIONS)}
-H_CPUMASK_BYTES = H_LAYOUT + 8 * len(REGIONS)      # u64: cpumask bytes per vCPU
-H_SEGMENT_SIZE = H_CPUMASK_BYTES + 8                # u64
-H_POLLERS = H_SEGMENT_SIZE + 8   # u32: vCPUs with their poll_mask bit set (bitmap_empty test)
+H_CPUMASK_BYTES = H_LAYOUT + 8 * len(REGIONS)  # u64: cpumask bytes per vCPU
+H_SEGMENT_SIZE = H_CPUMASK_BYTES + 8  # u64
+H_POLLERS = H_SEGMENT_SIZE + 8  # u32: vCPUs with their poll_mask bit set (bitmap_empty test)
 
 # --- Host header ---------------------------------------------------------------------------------
-HOST_MAGIC = 0x31484E4843545645     # b"EVTCHNH1"
-HH_MAGIC = 0                     # u64
+HOST_MAGIC = 0x31484E4843545645  # b"EVTCHNH1"
+HH_MAGIC = 0  # u64
 HH_VERSION = 8
-HH_NDOMAINS = 12                 # published (release) after the domain segment is initialised
-HH_CREATOR = 16                  # pid of the creating process: the only one that unlinks
-HH_LOCK = 20                     # serialises create_domain
-HH_INJECT = 24                   # copied into each new domain's H_INJECT
+HH_NDOMAINS = 12  # published (release) after the domain segment is initialised
+HH_CREATOR = 16  # pid of the creating process: the only one that unlinks
+HH_LOCK = 20  # serialises create_domain
+HH_INJECT = 24  # copied into each new domain's H_INJECT
 HOST_SIZE = PAGE_SIZE
 MAX_DOMAINS = DOMID_FIRST_RESERVED
 SEGMENT_PREFIX = "evtchn-"
@@ -196,9 +217,9 @@ def domain_segment_name(host_name: str, domid: int) -> str:
 def abi_max_ports(abi: int, word_bits: int, link_bits: int) -> int:
     """Ports the ABI can address: W^2 (2l), W^3 (3l), 2^link_bits (fifo)."""
     if abi == ABI_2L:
-        return word_bits ** 2
+        return word_bits**2
     if abi == ABI_3L:
-        return word_bits ** 3
+        return word_bits**3
     return 1 << link_bits
 
 
@@ -225,7 +246,7 @@ class DomainLayout:
 
     @property
     def l3_bitmap_bytes(self) -> int:
-        return self.word_bits ** 3 // 8
+        return self.word_bits**3 // 8
 
     def vcpu_info(self, vcpu: int) -> int:
         if vcpu < LEGACY_MAX_VCPUS:
@@ -254,8 +275,9 @@ class DomainLayout:
         return self.offsets["event_array"] + 4 * port
 
 
-def domain_layout(abi: int, vcpus: int, word_bits: int, link_bits: int,
-                  max_ports: int) -> DomainLayout:
+def domain_layout(
+    abi: int, vcpus: int, word_bits: int, link_bits: int, max_ports: int
+) -> DomainLayout:
     """Place the regions of a domain; sizes follow the ABI's limits (see the module doc)."""
     w = word_bits
     fifo, l3 = abi == ABI_FIFO, abi == ABI_3L
@@ -264,8 +286,8 @@ def domain_layout(abi: int, vcpus: int, word_bits: int, link_bits: int,
         "shared_info": PAGE_SIZE,
         "vcpu_info_ext": _pages(max(0, vcpus - LEGACY_MAX_VCPUS) * VCPU_INFO_SIZE),
         "control": PAGE_SIZE * vcpus if fifo else 0,
-        "l3_pending": _pages(w ** 3 // 8) if l3 else 0,
-        "l3_mask": _pages(w ** 3 // 8) if l3 else 0,
+        "l3_pending": _pages(w**3 // 8) if l3 else 0,
+        "l3_mask": _pages(w**3 // 8) if l3 else 0,
         "l2_selector": _pages(vcpus * w * w // 8) if l3 else 0,
         "ports": _pages(_round(max_ports, EVTCHNS_PER_BUCKET) * PORT_SIZE),
         "xen_vcpu": _pages(vcpus * XEN_VCPU_SIZE),
@@ -273,7 +295,7 @@ def domain_layout(abi: int, vcpus: int, word_bits: int, link_bits: int,
         "cpumask": _pages(vcpus * cpumask_bytes),
         "event_array": _pages(4 << link_bits) if fifo else 0,
     }
-    offsets, at = {}, PAGE_SIZE            # page 0 is the header
+    offsets, at = {}, PAGE_SIZE  # page 0 is the header
     for name in REGIONS:
         offsets[name] = at
         at += sizes[name]

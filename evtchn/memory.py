@@ -5,6 +5,7 @@ multiprocessing.shared_memory: on Python < 3.13 every attach of the latter regis
 with a resource tracker that unlinks it when an unrelated attaching process exits (CPython
 gh-82300). Here only the creating process ever unlinks.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -33,14 +34,14 @@ class Segment:
             raise HostGoneError(2, f"no evtchn shared-memory segment named {name!r}") from None
         try:
             if size is not None:
-                os.ftruncate(fd, size)       # sparse: tmpfs backs only the pages touched
+                os.ftruncate(fd, size)  # sparse: tmpfs backs only the pages touched
             self.size = os.fstat(fd).st_size
             if self.size == 0:
                 raise HostGoneError(22, f"segment {name!r} is empty: not an evtchn segment")
             self.mm = mmap.mmap(fd, self.size)
         finally:
             os.close(fd)
-        self.u8 = np.frombuffer(self.mm, np.uint8)     # frombuffer pins the mapping
+        self.u8 = np.frombuffer(self.mm, np.uint8)  # frombuffer pins the mapping
         self.u16 = self.u8.view(np.uint16)
         self.u32 = self.u8.view(np.uint32)
         self.u64 = self.u8.view(np.uint64)
@@ -70,9 +71,12 @@ class DomainMemory:
         if int(u64[L.H_MAGIC // 8]) != L.DOMAIN_MAGIC:
             raise HostGoneError(22, f"segment {seg.name!r} is not an evtchn domain")
         if int(u32[L.H_VERSION // 4]) != L.LAYOUT_VERSION:
-            raise HostGoneError(22, f"segment {seg.name!r} has layout version "
-                                    f"{int(u32[L.H_VERSION // 4])}, this evtchn reads "
-                                    f"version {L.LAYOUT_VERSION}")
+            raise HostGoneError(
+                22,
+                f"segment {seg.name!r} has layout version "
+                f"{int(u32[L.H_VERSION // 4])}, this evtchn reads "
+                f"version {L.LAYOUT_VERSION}",
+            )
         self.domid = int(u32[L.H_DOMID // 4])
         self.abi = int(u32[L.H_ABI // 4])
         vcpus, wb = int(u32[L.H_VCPUS // 4]), int(u32[L.H_WORD_BITS // 4])
@@ -80,16 +84,22 @@ class DomainMemory:
         self.layout = L.domain_layout(self.abi, vcpus, wb, lb, mp)
         self.vcpus, self.word_bits, self.link_bits, self.max_ports = vcpus, wb, lb, mp
         self.u8, self.u16, self.u32, self.u64 = seg.u8, seg.u16, seg.u32, seg.u64
-        self.words = seg.u64 if wb == 64 else seg.u32   # xen_ulong_t view for bitmaps
+        self.words = seg.u64 if wb == 64 else seg.u32  # xen_ulong_t view for bitmaps
 
     @staticmethod
     def initialise(seg: Segment, lay: L.DomainLayout, domid: int, auto_expand: bool) -> None:
         """Write the header of a fresh (zeroed) segment; magic last, so readers see it whole."""
         u32, u64 = seg.u32, seg.u64
-        for off, val in ((L.H_VERSION, L.LAYOUT_VERSION), (L.H_DOMID, domid),
-                         (L.H_ABI, lay.abi), (L.H_VCPUS, lay.vcpus),
-                         (L.H_WORD_BITS, lay.word_bits), (L.H_LINK_BITS, lay.link_bits),
-                         (L.H_MAX_PORTS, lay.max_ports), (L.H_AUTO_EXPAND, int(auto_expand))):
+        for off, val in (
+            (L.H_VERSION, L.LAYOUT_VERSION),
+            (L.H_DOMID, domid),
+            (L.H_ABI, lay.abi),
+            (L.H_VCPUS, lay.vcpus),
+            (L.H_WORD_BITS, lay.word_bits),
+            (L.H_LINK_BITS, lay.link_bits),
+            (L.H_MAX_PORTS, lay.max_ports),
+            (L.H_AUTO_EXPAND, int(auto_expand)),
+        ):
             u32[off // 4] = val
         for name, off in L.H_REGION.items():
             u64[off // 8] = lay.offsets[name]

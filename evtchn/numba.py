@@ -67,6 +67,7 @@ Rules:
   side too, worker processes start without compiling. Numba does not see through to a change
   of evtchn in your function's cache entry: clear your cache when you upgrade evtchn.
 """
+
 from __future__ import annotations
 
 import os
@@ -78,8 +79,22 @@ from numba import njit
 
 from . import numba_kernels as _k
 
-__all__ = ["Views", "views", "send", "send_many", "consume", "wait", "upcall_pending", "mask",
-           "unmask", "is_pending", "is_masked", "is_linked", "set_pending", "raise_virq"]
+__all__ = [
+    "Views",
+    "views",
+    "send",
+    "send_many",
+    "consume",
+    "wait",
+    "upcall_pending",
+    "mask",
+    "unmask",
+    "is_pending",
+    "is_masked",
+    "is_linked",
+    "set_pending",
+    "raise_virq",
+]
 
 
 class Views(NamedTuple):
@@ -91,14 +106,14 @@ class Views(NamedTuple):
     pid: int
 
 
-_KEEP: dict[int, object] = {}          # id(table) -> host: the mapping outlives the table
+_KEEP: dict[int, object] = {}  # id(table) -> host: the mapping outlives the table
 
 
 def views(domain) -> Views:
     """Views of `domain` (an evtchn.Domain on any backend) for use inside @njit code."""
     host = domain.host
     host._check_open()
-    host._sync()                       # every domain of the host, so sends reach any peer
+    host._sync()  # every domain of the host, so sends reach any peer
     ndom = host.ndomains
     table = np.zeros((max(ndom, domain.domid + 1), _k.NCOLS), np.int64)
     for domid in range(ndom):
@@ -112,6 +127,7 @@ def views(domain) -> Views:
 # The wrappers are inlined into the caller (inline="always"): the Views tuple is unpacked in
 # the user's function and only integers reach the kernels, so no call passes an array.
 
+
 @njit(inline="always", cache=True)
 def _tb(v):
     return np.int64(v.table.ctypes.data)
@@ -124,8 +140,16 @@ def send(v, port):
 
 @njit(inline="always", cache=True)
 def send_many(v, ports, edges):
-    return _k._send_many(_tb(v), v.table.shape[0], v.domid, np.int64(ports.ctypes.data),
-                         ports.shape[0], np.int64(edges.ctypes.data), edges.shape[0], v.pid)
+    return _k._send_many(
+        _tb(v),
+        v.table.shape[0],
+        v.domid,
+        np.int64(ports.ctypes.data),
+        ports.shape[0],
+        np.int64(edges.ctypes.data),
+        edges.shape[0],
+        v.pid,
+    )
 
 
 @njit(inline="always", cache=True)

@@ -36,6 +36,7 @@ worker process loads machine code instead of compiling. Numba keys that cache on
 ``refresh_cache_guard`` drops it when layout.py or _numba_atomics.py (whose constants and code
 are baked in) change.
 """
+
 from __future__ import annotations
 
 import errno as _errno
@@ -54,16 +55,61 @@ from numba.extending import intrinsic
 
 from . import layout as L
 from ._numba_atomics import (
-    cas_u32, cpu_relax, fence, fetch_add_u32, fetch_and_u32, fetch_and_u64,
-    fetch_or_u8, fetch_or_u32, fetch_or_u64, fetch_sub_u32, futex_wait, futex_wake, load_u8,
-    load_u16, load_u32, load_u64, lock_acquire, lock_release, lock_try, monotonic_ns,
-    sched_yield, store_u8, store_u32, xchg_u32, xchg_u64,
+    cas_u32,
+    cpu_relax,
+    fence,
+    fetch_add_u32,
+    fetch_and_u32,
+    fetch_and_u64,
+    fetch_or_u8,
+    fetch_or_u32,
+    fetch_or_u64,
+    fetch_sub_u32,
+    futex_wait,
+    futex_wake,
+    load_u8,
+    load_u16,
+    load_u32,
+    load_u64,
+    lock_acquire,
+    lock_release,
+    lock_try,
+    monotonic_ns,
+    sched_yield,
+    store_u8,
+    store_u32,
+    xchg_u32,
+    xchg_u64,
 )
 
 # --- domain table columns -----------------------------------------------------------------------
-(C_BASE, C_ABI, C_WB, C_LB, C_VCPUS, C_MAXP, C_SIZE,
- C_SI, C_VIEXT, C_CTRL, C_L3P, C_L3M, C_L2SEL, C_PORTS, C_XV, C_GV, C_CPUMASK, C_EA,
- C_CPUB, C_PEND, C_MASK, C_SEL, C_L2B, C_LINKMASK, C_WSHIFT) = range(25)
+(
+    C_BASE,
+    C_ABI,
+    C_WB,
+    C_LB,
+    C_VCPUS,
+    C_MAXP,
+    C_SIZE,
+    C_SI,
+    C_VIEXT,
+    C_CTRL,
+    C_L3P,
+    C_L3M,
+    C_L2SEL,
+    C_PORTS,
+    C_XV,
+    C_GV,
+    C_CPUMASK,
+    C_EA,
+    C_CPUB,
+    C_PEND,
+    C_MASK,
+    C_SEL,
+    C_L2B,
+    C_LINKMASK,
+    C_WSHIFT,
+) = range(25)
 NCOLS = 25
 
 # --- constants baked into the kernels (module globals are compile-time constants) ----------------
@@ -75,41 +121,64 @@ PENDING, MASKED, LINKED, BUSY = L.FIFO_PENDING, L.FIFO_MASKED, L.FIFO_LINKED, L.
 PENDING_BIT, LINKED_BIT = L.FIFO_PENDING_BIT, L.FIFO_LINKED_BIT
 LOCK_TRIES, LINK_RETRIES = L.FIFO_LOCK_TRIES, L.FIFO_LINK_RETRIES
 CB_READY, CB_HEAD = L.CB_READY, L.CB_HEAD
-PORT_SIZE, P_LOCK, P_REMOTE_PORT, P_REMOTE_DOM = L.PORT_SIZE, L.P_LOCK, L.P_REMOTE_PORT, \
-    L.P_REMOTE_DOM
-P_NOTIFY_VCPU, P_STATE, P_PRIORITY, P_PENDING, P_LASTQ = L.P_NOTIFY_VCPU, L.P_STATE, \
-    L.P_PRIORITY, L.P_PENDING, L.P_LASTQ
-XEN_VCPU_SIZE, X_KICK, X_BLOCKED, X_QUEUES, X_VIRQ = L.XEN_VCPU_SIZE, L.X_KICK, L.X_BLOCKED, \
-    L.X_QUEUES, L.X_VIRQ
+PORT_SIZE, P_LOCK, P_REMOTE_PORT, P_REMOTE_DOM = (
+    L.PORT_SIZE,
+    L.P_LOCK,
+    L.P_REMOTE_PORT,
+    L.P_REMOTE_DOM,
+)
+P_NOTIFY_VCPU, P_STATE, P_PRIORITY, P_PENDING, P_LASTQ = (
+    L.P_NOTIFY_VCPU,
+    L.P_STATE,
+    L.P_PRIORITY,
+    L.P_PENDING,
+    L.P_LASTQ,
+)
+XEN_VCPU_SIZE, X_KICK, X_BLOCKED, X_QUEUES, X_VIRQ = (
+    L.XEN_VCPU_SIZE,
+    L.X_KICK,
+    L.X_BLOCKED,
+    L.X_QUEUES,
+    L.X_VIRQ,
+)
 QUEUE_SIZE, Q_TAIL, Q_LOCK = L.QUEUE_SIZE, L.Q_TAIL, L.Q_LOCK
-GUEST_VCPU_SIZE, G_HANDLER_LOCK, G_LOCAL_READY = L.GUEST_VCPU_SIZE, L.G_HANDLER_LOCK, \
-    L.G_LOCAL_READY
+GUEST_VCPU_SIZE, G_HANDLER_LOCK, G_LOCAL_READY = (
+    L.GUEST_VCPU_SIZE,
+    L.G_HANDLER_LOCK,
+    L.G_LOCAL_READY,
+)
 G_LOCAL_HEAD, G_RESUME_WORD, G_RESUME_BIT = L.G_LOCAL_HEAD, L.G_RESUME_WORD, L.G_RESUME_BIT
-VCPU_INFO_SIZE, LEGACY_MAX_VCPUS, VI_UPCALL_PENDING = L.VCPU_INFO_SIZE, L.LEGACY_MAX_VCPUS, \
-    L.VI_UPCALL_PENDING
+VCPU_INFO_SIZE, LEGACY_MAX_VCPUS, VI_UPCALL_PENDING = (
+    L.VCPU_INFO_SIZE,
+    L.LEGACY_MAX_VCPUS,
+    L.VI_UPCALL_PENDING,
+)
 VI_UPCALL_MASK = L.VI_UPCALL_MASK
-H_VALID, H_ARRAY_PAGES, H_INJECT, H_POLLERS = L.H_VALID, L.H_ARRAY_PAGES, L.H_INJECT, \
-    L.H_POLLERS
+H_VALID, H_ARRAY_PAGES, H_INJECT, H_POLLERS = L.H_VALID, L.H_ARRAY_PAGES, L.H_INJECT, L.H_POLLERS
 X_POLL_EVTCHN, X_POLL = L.X_POLL_EVTCHN, L.X_POLL
 POLL_IDLE, POLL_ACTIVE, POLL_WOKEN = L.POLL_IDLE, L.POLL_ACTIVE, L.POLL_WOKEN
-POLL_TIMEOUT, POLL_PENDING, POLL_EVENT, POLL_UPCALL = L.POLL_TIMEOUT, L.POLL_PENDING, \
-    L.POLL_EVENT, L.POLL_UPCALL
+POLL_TIMEOUT, POLL_PENDING, POLL_EVENT, POLL_UPCALL = (
+    L.POLL_TIMEOUT,
+    L.POLL_PENDING,
+    L.POLL_EVENT,
+    L.POLL_UPCALL,
+)
 CHANNEL_LOCK_READER = L.CHANNEL_LOCK_READER
-POLL_AGAIN = -0x10000                  # a poll kernel's "no reason yet: sleep (again)"
+POLL_AGAIN = -0x10000  # a poll kernel's "no reason yet: sleep (again)"
 VIRQ_TIMER, NR_VIRQS = L.VIRQ_TIMER, L.NR_VIRQS
 VIRQ_PER_VCPU_0, VIRQ_PER_VCPU_1, VIRQ_PER_VCPU_2, VIRQ_PER_VCPU_3 = sorted(L.VIRQ_PER_VCPU)
-INJ_SELECTOR_FIRST = L.INJECTIONS["2l-selector-before-upcall-clear"]      # R1
-INJ_UNMASK_TEST_FIRST = L.INJECTIONS["2l-unmask-test-before-clear"]       # R2
-INJ_READY_EVERY_LINK = L.INJECTIONS["fifo-ready-every-link"]              # R6
-INJ_OLD_TAIL_KEPT = L.INJECTIONS["fifo-old-tail-kept"]                    # R7
-INJ_PENDING_BEFORE_LOCK = L.INJECTIONS["fifo-pending-before-lock"]        # R9
+INJ_SELECTOR_FIRST = L.INJECTIONS["2l-selector-before-upcall-clear"]  # R1
+INJ_UNMASK_TEST_FIRST = L.INJECTIONS["2l-unmask-test-before-clear"]  # R2
+INJ_READY_EVERY_LINK = L.INJECTIONS["fifo-ready-every-link"]  # R6
+INJ_OLD_TAIL_KEPT = L.INJECTIONS["fifo-old-tail-kept"]  # R7
+INJ_PENDING_BEFORE_LOCK = L.INJECTIONS["fifo-pending-before-lock"]  # R9
 # R9's windows are nanoseconds wide; its injection widens them (timing only): the sender that
 # set PENDING pauses before testing LINKED (the interrupt in 71ac522909's message), and a
 # linker that found PENDING already set pauses with LINKED set and the queue locked.
 R9_PAUSE_SET_NS, R9_PAUSE_LINK_NS = L.R9_PAUSE_SET_NS, L.R9_PAUSE_LINK_NS
 EINVAL, ESRCH, ENOSPC, EINTR = _errno.EINVAL, _errno.ESRCH, _errno.ENOSPC, _errno.EINTR
 FUTEX_WAKE_ALL = 0x7FFFFFFF
-WAIT_SLICE_NS = 50_000_000             # wait() and poll() return to Python this often (Ctrl-C)
+WAIT_SLICE_NS = 50_000_000  # wait() and poll() return to Python this often (Ctrl-C)
 
 _U64_ONE = np.uint64(1)
 _U64_ZERO = np.uint64(0)
@@ -117,6 +186,7 @@ _U64_ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 # --- relaxed / release atomics for lock-protected or publish-only stores -------------------------
+
 
 def _check_ints(name, **tys):
     for what, ty in tys.items():
@@ -135,8 +205,8 @@ def _load_rlx_u32(typingctx, addr):
     _check_ints("_load_rlx_u32", addr=addr)
 
     def codegen(context, builder, sig, args):
-        return builder.load_atomic(_ptr32(context, builder, sig.args[0], args[0]),
-                                   "monotonic", 4)
+        return builder.load_atomic(_ptr32(context, builder, sig.args[0], args[0]), "monotonic", 4)
+
     return types.uint32(addr), codegen
 
 
@@ -150,7 +220,9 @@ def _make_store32(ordering, name):
             v = context.cast(builder, args[1], sig.args[1], types.uint32)
             builder.store_atomic(v, ptr, ordering, 4)
             return context.get_dummy_value()
+
         return types.none(addr, val), codegen
+
     store.__doc__ = f"{name}(addr, val): {ordering} atomic store of a u32."
     return store
 
@@ -172,6 +244,7 @@ def _tget(typingctx, tb, idx):
         ld = builder.load(builder.inttoptr(addr, ir.IntType(64).as_pointer()), align=8)
         ld.set_metadata("invariant.load", builder.module.add_metadata([]))
         return ld
+
     return types.int64(tb, idx), codegen
 
 
@@ -184,8 +257,10 @@ def _make_plain(width):
 
         def codegen(context, builder, sig, args):
             a = context.cast(builder, args[0], sig.args[0], types.uintp)
-            return builder.load(builder.inttoptr(a, ir.IntType(width).as_pointer()),
-                                align=width // 8)
+            return builder.load(
+                builder.inttoptr(a, ir.IntType(width).as_pointer()), align=width // 8
+            )
+
         return uty(addr), codegen
 
     @intrinsic
@@ -195,10 +270,11 @@ def _make_plain(width):
         def codegen(context, builder, sig, args):
             a = context.cast(builder, args[0], sig.args[0], types.uintp)
             v = context.cast(builder, args[1], sig.args[1], uty)
-            builder.store(v, builder.inttoptr(a, ir.IntType(width).as_pointer()),
-                          align=width // 8)
+            builder.store(v, builder.inttoptr(a, ir.IntType(width).as_pointer()), align=width // 8)
             return context.get_dummy_value()
+
         return types.none(addr, val), codegen
+
     return load, store
 
 
@@ -221,10 +297,14 @@ def _make_bit_op(op, width):
             else:
                 old = builder.atomic_rmw("and", ptr, builder.not_(m), "seq_cst")
             return builder.icmp_unsigned("!=", builder.and_(old, m), ir.Constant(ity, 0))
+
         return types.boolean(addr, bit), codegen
+
     what = "set" if op == "s" else "clear"
-    bitop.__doc__ = (f"{name}(addr, bit) -> bool: seq_cst test_and_{what} of a bit of the "
-                     f"u{width} at addr (x86: lock bt{op})")
+    bitop.__doc__ = (
+        f"{name}(addr, bit) -> bool: seq_cst test_and_{what} of a bit of the "
+        f"u{width} at addr (x86: lock bt{op})"
+    )
     return bitop
 
 
@@ -243,13 +323,16 @@ _pload_u64, _pstore_u64 = _make_plain(64)
 @intrinsic
 def _scratch64(typingctx):
     """Address of 64 uint64 on the calling function's stack (its entry block)."""
+
     def codegen(context, builder, sig, args):
         buf = cgutils.alloca_once(builder, ir.IntType(64), size=64, name="scratch")
         return builder.ptrtoint(buf, ir.IntType(64))
+
     return types.int64(), codegen
 
 
 # --- W-bit words (xen_ulong_t: 64, or 32 in the compat layout), carried as uint64 ----------------
+
 
 @njit(cache=True)
 def _wload(addr, wb):
@@ -312,6 +395,7 @@ def _test(tb, d, base, idx, bit):
 # --- addresses (the DomainLayout accessors of layout.py, absolute) -------------------------------
 # Internal kernels take the domain table as its address `tb` (and only integers otherwise):
 # passing an array between jitted functions costs two atomic reference-count updates per call.
+
 
 @njit(cache=True)
 def _T(tb, d, col):
@@ -386,12 +470,13 @@ def _fifo_word(tb, d, port):
 
 # --- upcall and kick (vcpu_mark_events_pending) --------------------------------------------------
 
+
 @njit(inline="always", cache=True)
 def _mark_upcall_pending(tb, d, v):
     if _bts8(_vcpu_info(tb, d, v) + VI_UPCALL_PENDING, 0):
         return
     x = _xen_vcpu(tb, d, v)
-    if load_u32(x + X_BLOCKED) != 0:                 # kick only a vCPU blocked in wait()
+    if load_u32(x + X_BLOCKED) != 0:  # kick only a vCPU blocked in wait()
         fetch_add_u32(x + X_KICK, 1)
         futex_wake(x + X_KICK, FUTEX_WAKE_ALL)
 
@@ -413,13 +498,13 @@ def _check_pollers(tb, d, port):
     with poll(), which counts itself in, fences, then tests PENDING. No fence here: this runs
     on every new edge."""
     pollers = _T(tb, d, C_BASE) + H_POLLERS
-    if load_u32(pollers) == 0:                         # bitmap_empty(d->poll_mask): usual case
+    if load_u32(pollers) == 0:  # bitmap_empty(d->poll_mask): usual case
         return
     for v in range(_T(tb, d, C_VCPUS)):
         x = _xen_vcpu(tb, d, v)
         if load_u32(x + X_POLL) != POLL_ACTIVE:
             continue
-        pe = np.int64(load_u32(x + X_POLL_EVTCHN))     # an i32: -1 (several ports) reads big
+        pe = np.int64(load_u32(x + X_POLL_EVTCHN))  # an i32: -1 (several ports) reads big
         if 0 < pe < 0x80000000 and pe != port:
             continue
         if cas_u32(x + X_POLL, POLL_ACTIVE, POLL_WOKEN | port) == POLL_ACTIVE:
@@ -432,13 +517,14 @@ def _check_pollers(tb, d, port):
 
 # --- hypervisor side: 2l / 3l -------------------------------------------------------------------
 
+
 @njit(inline="always", cache=True)
 def _raise_selectors(tb, d, v, port):
     """Selector bit(s) of the notify vCPU, then the upcall flag (event_2l.c order)."""
     w = _T(tb, d, C_WB)
     ws = _T(tb, d, C_WSHIFT)
     sel = _vcpu_info(tb, d, v) + _T(tb, d, C_SEL)
-    if _T(tb, d, C_ABI) == ABI_3L:                        # L2 bit port/W covers L3 word port/W
+    if _T(tb, d, C_ABI) == ABI_3L:  # L2 bit port/W covers L3 word port/W
         l2 = port >> ws
         if _test_and_set(tb, d, _T(tb, d, C_L2SEL) + _T(tb, d, C_L2B) * v, l2 >> ws, l2 & (w - 1)):
             return
@@ -454,7 +540,7 @@ def _bitmap_set_pending(tb, d, v, port):
     w = _T(tb, d, C_WB)
     ws = _T(tb, d, C_WSHIFT)
     if _test_and_set(tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1)):
-        return np.int64(0)                             # coalesced: no pollers check
+        return np.int64(0)  # coalesced: no pollers check
     if not _test(tb, d, _T(tb, d, C_MASK), port >> ws, port & (w - 1)):
         _raise_selectors(tb, d, v, port)
     _check_pollers(tb, d, port)
@@ -462,6 +548,7 @@ def _bitmap_set_pending(tb, d, v, port):
 
 
 # --- hypervisor side: FIFO -----------------------------------------------------------------------
+
 
 @njit(cache=True)
 def _fifo_set_link(tb, d, tail_port, port):
@@ -476,7 +563,7 @@ def _fifo_set_link(tb, d, tail_port, port):
     old = cas_u32(tw, w, (w & ~(BUSY | link_mask)) | port)
     if old == w:
         return True
-    fetch_or_u32(tw, BUSY)                             # the guest cannot clear MASKED now
+    fetch_or_u32(tw, BUSY)  # the guest cannot clear MASKED now
     w = load_u32(tw)
     for _ in range(LINK_RETRIES):
         if not w & LINKED:
@@ -484,9 +571,9 @@ def _fifo_set_link(tb, d, tail_port, port):
             return False
         old = cas_u32(tw, w, (w & ~(BUSY | link_mask)) | port)
         if old == w:
-            return True                                # the new value has BUSY clear
+            return True  # the new value has BUSY clear
         w = old
-    fetch_and_u32(tw, ~BUSY)                           # misbehaving guest: "not linked"
+    fetch_and_u32(tw, ~BUSY)  # misbehaving guest: "not linked"
     return True
 
 
@@ -518,7 +605,7 @@ def _fifo_link_tail(tb, d, v, prio, q, port):
     t = load_u32(tail)
     if t != 0:
         linked = _fifo_set_link(tb, d, np.int64(t), port)
-    if not linked:                                     # the queue was empty: new HEAD
+    if not linked:  # the queue was empty: new HEAD
         _store_rel_u32(_control_block(tb, d, v) + CB_HEAD + 4 * prio, port)
     _store_rel_u32(tail, port)
     return linked
@@ -571,7 +658,7 @@ def _fifo_queue_event(tb, d, v, port, pid, inject):
     q = np.int64(0)
     oq = np.int64(0)
     locked = False
-    for _ in range(LOCK_TRIES):                        # lock the (new, old) queue pair
+    for _ in range(LOCK_TRIES):  # lock the (new, old) queue pair
         lastq = np.int64(load_u32(pe + P_LASTQ))
         prio = np.int64(load_u8(pe + P_PRIORITY))
         q = _queue(tb, d, v, prio)
@@ -584,14 +671,14 @@ def _fifo_queue_event(tb, d, v, port, pid, inject):
             lock_release(oq + Q_LOCK)
         lock_release(q + Q_LOCK)
     if not locked:
-        return np.int64(0)                             # "too many queue changes": nothing set
+        return np.int64(0)  # "too many queue changes": nothing set
     first = not _bts32(wa, PENDING_BIT)
     linked = True
     did_link = False
     if not (load_u32(wa) & MASKED) and not _bts32(wa, LINKED_BIT):
         did_link = True
         if inject != INJ_OLD_TAIL_KEPT and load_u32(oq + Q_TAIL) == port:
-            _store_rel_u32(oq + Q_TAIL, 0)             # an old tail: that queue is now empty
+            _store_rel_u32(oq + Q_TAIL, 0)  # an old tail: that queue is now empty
         if oq != q:
             _store_rel_u32(pe + P_LASTQ, (v << 16) | prio)
             lock_release(oq + Q_LOCK)
@@ -653,7 +740,7 @@ def _fifo_set_pending_r9(tb, d, v, port, pid):
         _pause_ns(R9_PAUSE_SET_NS)
     if load_u32(wa) & (MASKED | LINKED):
         return np.int64(first)
-    prio = np.int64(load_u8(pe + P_PRIORITY))         # no lock: may race a priority change
+    prio = np.int64(load_u8(pe + P_PRIORITY))  # no lock: may race a priority change
     q = _queue(tb, d, v, prio)
     oq = _fifo_lock_old_queue(tb, d, pe, pid)
     if oq == 0:
@@ -665,7 +752,7 @@ def _fifo_set_pending_r9(tb, d, v, port, pid):
         _pause_ns(R9_PAUSE_LINK_NS)
     if _load_rlx_u32(oq + Q_TAIL) == port:
         _store_rlx_u32(oq + Q_TAIL, 0)
-    if oq != q:                                        # moved: switch to the new queue's lock
+    if oq != q:  # moved: switch to the new queue's lock
         _store_rel_u32(pe + P_LASTQ, (v << 16) | prio)
         lock_release(oq + Q_LOCK)
         _lock(q + Q_LOCK, pid)
@@ -678,7 +765,7 @@ def _fifo_set_pending_r9(tb, d, v, port, pid):
 
 @njit(inline="always", cache=True)
 def _set_pending(tb, d, v, port, pid):
-    if _state(tb, d, port) <= ECS_RESERVED:           # evtchn_usable()
+    if _state(tb, d, port) <= ECS_RESERVED:  # evtchn_usable()
         return np.int64(0)
     if _T(tb, d, C_ABI) == ABI_FIFO:
         return _fifo_set_pending(tb, d, v, port, pid)
@@ -708,18 +795,20 @@ def _hyp_unmask_locked(tb, d, port, pid):
         if wa == 0:
             return np.int64(0)
         fetch_and_u32(wa, ~MASKED)
-        if load_u32(wa) & PENDING:                     # relink if pending
+        if load_u32(wa) & PENDING:  # relink if pending
             return _fifo_set_pending(tb, d, v, port, pid)
         return np.int64(0)
     w = _T(tb, d, C_WB)
     ws = _T(tb, d, C_WSHIFT)
-    if (_test_and_clear(tb, d, _T(tb, d, C_MASK), port >> ws, port & (w - 1))
-            and _test(tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1))):
+    if _test_and_clear(tb, d, _T(tb, d, C_MASK), port >> ws, port & (w - 1)) and _test(
+        tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1)
+    ):
         _raise_selectors(tb, d, v, port)
     return np.int64(0)
 
 
 # --- entry kernels: hypervisor side --------------------------------------------------------------
+
 
 @njit(cache=True)
 def _clear_pending(tb, d, port):
@@ -774,8 +863,8 @@ def _expand_array(tb, d, pid):
     base = _T(tb, d, C_EA) + 4 * first
     for i in range(WORDS_PER_PAGE):
         store_u32(base + 4 * i, MASKED)
-    store_u32(_T(tb, d, C_BASE) + H_ARRAY_PAGES, pages + 1)   # publish after the words
-    fence()                                            # pairs with set_pending's re-check
+    store_u32(_T(tb, d, C_BASE) + H_ARRAY_PAGES, pages + 1)  # publish after the words
+    fence()  # pairs with set_pending's re-check
     valid = _hdr(tb, d, H_VALID)
     for port in range(first, min(first + WORDS_PER_PAGE, valid)):
         if load_u8(_port(tb, d, port) + P_PENDING):
@@ -796,13 +885,13 @@ def _send(tb, nrows, d, port, pid):
         rd = np.int64(load_u16(pe + P_REMOTE_DOM))
         rport = np.int64(load_u32(pe + P_REMOTE_PORT))
         if rd >= nrows or _T(tb, rd, C_BASE) == 0:
-            r = np.int64(-ESRCH)                       # a peer this table does not map
+            r = np.int64(-ESRCH)  # a peer this table does not map
         else:
             r = _set_pending(tb, rd, _notify_vcpu(tb, rd, rport), rport, pid)
     elif state == ECS_IPI:
         r = _set_pending(tb, d, _notify_vcpu(tb, d, port), port, pid)
     elif state == ECS_UNBOUND:
-        r = np.int64(0)                                # dropped silently, as Xen does
+        r = np.int64(0)  # dropped silently, as Xen does
     else:
         r = np.int64(-EINVAL)
     lock_release(pe + P_LOCK)
@@ -832,8 +921,12 @@ def _channel_read_trylock(lk, me):
 def _raise_virq(tb, d, virq, v, pid):
     """send_guest_vcpu_virq / send_guest_domain_virq under a *try* of the channel lock
     (evtchn_read_trylock): dropped when a writer (close, bind) holds it, as in Xen."""
-    per_vcpu = (virq == VIRQ_PER_VCPU_0 or virq == VIRQ_PER_VCPU_1 or
-                virq == VIRQ_PER_VCPU_2 or virq == VIRQ_PER_VCPU_3)
+    per_vcpu = (
+        virq == VIRQ_PER_VCPU_0
+        or virq == VIRQ_PER_VCPU_1
+        or virq == VIRQ_PER_VCPU_2
+        or virq == VIRQ_PER_VCPU_3
+    )
     port = np.int64(load_u32(_xen_vcpu(tb, d, v if per_vcpu else 0) + X_VIRQ + 4 * virq))
     if port == 0:
         return np.int64(0)
@@ -853,6 +946,7 @@ def _raise_virq(tb, d, virq, v, pid):
 
 # --- entry kernels: guest mask / unmask ----------------------------------------------------------
 
+
 @njit(cache=True)
 def _guest_mask(tb, d, port):
     if _T(tb, d, C_ABI) == ABI_FIFO:
@@ -869,7 +963,7 @@ def _guest_mask(tb, d, port):
 def _guest_unmask(tb, d, port, pid):
     """Linux: clear the mask locally; a pending port is unmasked by Xen (EVTCHNOP_unmask),
     which re-raises it (evtchn_2l_unmask HVM path; events_fifo clear_masked_cond)."""
-    fence()                                            # XSA-332: earlier writes first
+    fence()  # XSA-332: earlier writes first
     if _T(tb, d, C_ABI) == ABI_FIFO:
         wa = _fifo_word(tb, d, port)
         if wa == 0:
@@ -880,7 +974,7 @@ def _guest_unmask(tb, d, port, pid):
                 return np.int64(0)
             if w & PENDING:
                 return _hyp_unmask(tb, d, port, pid)
-            expected = w & ~BUSY                       # fails while Xen holds BUSY: spin
+            expected = w & ~BUSY  # fails while Xen holds BUSY: spin
             old = cas_u32(wa, expected, expected & ~MASKED)
             if old == expected:
                 return np.int64(0)
@@ -889,7 +983,7 @@ def _guest_unmask(tb, d, port, pid):
     w = _T(tb, d, C_WB)
     ws = _T(tb, d, C_WSHIFT)
     mask = _T(tb, d, C_MASK)
-    if _hdr(tb, d, H_INJECT) == INJ_UNMASK_TEST_FIRST:    # R2: pending tested too early
+    if _hdr(tb, d, H_INJECT) == INJ_UNMASK_TEST_FIRST:  # R2: pending tested too early
         pending = _test(tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1))
         _test_and_clear(tb, d, mask, port >> ws, port & (w - 1))
     else:
@@ -904,6 +998,7 @@ def _guest_unmask(tb, d, port, pid):
 # --- guest side: the upcall handler --------------------------------------------------------------
 # `out` is the caller's uint32 buffer (address, capacity); `pw` a scratch bitmap of W-bit words
 # (address): bit k set = pending-array word k still to scan (2l: one word; 3l: W words).
+
 
 @njit(cache=True)
 def _active(tb, d, v, word):
@@ -994,8 +1089,11 @@ def _bitmap_handle(tb, d, v, out, cap, n, pw, npw, taken):
     w = _T(tb, d, C_WB)
     ws = _T(tb, d, C_WSHIFT)
     timer = np.int64(load_u32(_xen_vcpu(tb, d, v) + X_VIRQ + 4 * VIRQ_TIMER))
-    if timer != 0 and n < cap and ((_active(tb, d, v, timer >> ws) >> np.uint64(timer & (w - 1)))
-                                   & _U64_ONE) != _U64_ZERO:
+    if (
+        timer != 0
+        and n < cap
+        and ((_active(tb, d, v, timer >> ws) >> np.uint64(timer & (w - 1))) & _U64_ONE) != _U64_ZERO
+    ):
         n = _deliver(tb, d, timer, out, n)
     if not taken:
         _take_selectors(tb, d, v, pw, npw)
@@ -1007,7 +1105,7 @@ def _bitmap_handle(tb, d, v, out, cap, n, pw, npw, taken):
     i = 0
     while _any(pw, npw):
         nxt = _find_from(pw, npw, w, word)
-        if nxt < 0:                                    # wrap around
+        if nxt < 0:  # wrap around
             word = 0
             i += 1
             continue
@@ -1018,7 +1116,7 @@ def _bitmap_handle(tb, d, v, out, cap, n, pw, npw, taken):
             cand = bits & (_U64_ALL << np.uint64(bit))
             if cand == _U64_ZERO:
                 break
-            if n == cap:                               # out is full: give the rest back
+            if n == cap:  # out is full: give the rest back
                 _put_back(tb, d, v, pw, npw)
                 return n, True
             bit = np.int64(trailing_zeros(cand))
@@ -1028,7 +1126,7 @@ def _bitmap_handle(tb, d, v, out, cap, n, pw, npw, taken):
             _store_rlx_u32(g + G_RESUME_WORD, word if bit != 0 else (word + 1) & (nwords - 1))
             if bit == 0:
                 break
-        if word != start_word or i != 0:               # the start word is scanned twice
+        if word != start_word or i != 0:  # the start word is scanned twice
             at = pw + 8 * (word >> ws)
             _pstore_u64(at, _pload_u64(at) & ~_bit(word & (w - 1)))
         word = (word + 1) & (nwords - 1)
@@ -1045,7 +1143,7 @@ def _fifo_consume_one(tb, d, v, q, ready, out, n):
     if port == 0:
         port = np.int64(load_u32(_control_block(tb, d, v) + CB_HEAD + 4 * q))
     wa = _fifo_word(tb, d, port) if port != 0 else np.int64(0)
-    if wa == 0:                                        # no valid HEAD: nothing to take
+    if wa == 0:  # no valid HEAD: nothing to take
         return ready & ~np.uint32(1 << q), n
     link_mask = _T(tb, d, C_LINKMASK)
     w = load_u32(wa)
@@ -1058,7 +1156,7 @@ def _fifo_consume_one(tb, d, v, q, ready, out, n):
     if nxt == 0:
         ready &= ~np.uint32(1 << q)
     w = load_u32(wa)
-    if (w & PENDING) and not (w & MASKED):             # masked: dropped, stays PENDING
+    if (w & PENDING) and not (w & MASKED):  # masked: dropped, stays PENDING
         if _btr32(wa, PENDING_BIT):
             _pstore_u32(out + 4 * n, port)
             n += 1
@@ -1101,12 +1199,12 @@ def _consume(tb, d, v, out, cap, pid):
         if abi == ABI_FIFO:
             store_u8(flag, 0)
             n, full = _fifo_handle(tb, d, v, out, cap, n)
-        elif r1:                                       # R1: the selector swapped first
+        elif r1:  # R1: the selector swapped first
             _take_selectors(tb, d, v, pw, npw)
             store_u8(flag, 0)
             n, full = _bitmap_handle(tb, d, v, out, cap, n, pw, npw, True)
         else:
-            store_u8(flag, 0)                          # the master flag, then the selector
+            store_u8(flag, 0)  # the master flag, then the selector
             n, full = _bitmap_handle(tb, d, v, out, cap, n, pw, npw, False)
         if full or not (load_u8(flag) & 1):
             break
@@ -1151,6 +1249,7 @@ def _upcall_pending(tb, d, v):
 # by the one that enters the poll, so a signal raised between two calls cannot leave the caller
 # unsure whether it has a poll to leave.
 
+
 @njit(cache=True)
 def _poll_begin(tb, d, v, ports, nports, st):
     """do_poll up to the sleep: count the vCPU blocked, count it in the pollers and set its
@@ -1159,24 +1258,24 @@ def _poll_begin(tb, d, v, ports, nports, st):
     (POLL_AGAIN, 0) when the caller is to sleep."""
     x = _xen_vcpu(tb, d, v)
     pollers = _T(tb, d, C_BASE) + H_POLLERS
-    fetch_add_u32(x + X_BLOCKED, 1)                    # before the kick snapshot: kicks count
+    fetch_add_u32(x + X_BLOCKED, 1)  # before the kick snapshot: kicks count
     _pstore_u64(st + 8, load_u32(x + X_KICK))
     if xchg_u32(x + X_POLL, POLL_IDLE) == POLL_ACTIVE:
-        fetch_sub_u32(pollers, 1)                      # left by a poller of this vCPU that died
+        fetch_sub_u32(pollers, 1)  # left by a poller of this vCPU that died
     # Count in before setting the bit: a pollers check that sees the bit must also see the
     # count (else it could claim us and take another poller's count to 0).
     fetch_add_u32(pollers, 1)
-    _store_rel_u32(x + X_POLL_EVTCHN, 0xFFFFFFFF)      # -1: several ports, until tested
+    _store_rel_u32(x + X_POLL_EVTCHN, 0xFFFFFFFF)  # -1: several ports, until tested
     xchg_u32(x + X_POLL, POLL_ACTIVE)
-    fence()                                            # Dekker with _check_pollers: set, test
+    fence()  # Dekker with _check_pollers: set, test
     _pstore_u64(st, 1)
     vi = _vcpu_info(tb, d, v)
     if load_u8(vi + VI_UPCALL_PENDING) & 1 and not load_u8(vi + VI_UPCALL_MASK) & 1:
-        return np.int64(POLL_UPCALL), np.int64(0)     # local_events_need_delivery()
-    for i in range(nports):                            # evtchn_port_poll, in the guest's order
+        return np.int64(POLL_UPCALL), np.int64(0)  # local_events_need_delivery()
+    for i in range(nports):  # evtchn_port_poll, in the guest's order
         port = np.int64(_pload_u32(ports + 4 * i))
         if port >= _hdr(tb, d, H_VALID) or _state(tb, d, port) <= ECS_RESERVED:
-            return np.int64(-EINVAL), port            # invalid, or not in use (d4bfa0c78f)
+            return np.int64(-EINVAL), port  # invalid, or not in use (d4bfa0c78f)
         if _is_pending(tb, d, port):
             return np.int64(POLL_PENDING), port
     if nports == 1:
@@ -1196,7 +1295,7 @@ def _poll_sleep(tb, d, v, st, deadline):
         seen = load_u32(x + X_KICK)
         fence()
         state = np.int64(load_u32(x + X_POLL))
-        if state != POLL_ACTIVE:                       # a pollers check woke us
+        if state != POLL_ACTIVE:  # a pollers check woke us
             return np.int64(POLL_EVENT), state & ~np.int64(POLL_WOKEN)
         if seen == _pload_u64(st + 8):
             break
@@ -1231,6 +1330,7 @@ def _poll_end(tb, d, v):
 
 
 # --- entry kernels: the domain table as an array, called once per Python call --------------------
+
 
 @njit(cache=True)
 def _tb(dt):
@@ -1295,8 +1395,16 @@ def _send_many(tb, nrows, d, ports, nports, edges, nedges, pid):
 
 @njit(nogil=True, cache=True)
 def k_send_many(dt, d, ports, edges, pid):
-    return _send_many(_tb(dt), dt.shape[0], d, np.int64(ports.ctypes.data), ports.shape[0],
-                      np.int64(edges.ctypes.data), edges.shape[0], pid)
+    return _send_many(
+        _tb(dt),
+        dt.shape[0],
+        d,
+        np.int64(ports.ctypes.data),
+        ports.shape[0],
+        np.int64(edges.ctypes.data),
+        edges.shape[0],
+        pid,
+    )
 
 
 @njit(nogil=True, cache=True)
@@ -1331,8 +1439,9 @@ def k_upcall_pending(dt, d, v):
 
 @njit(cache=True)
 def k_poll_begin(dt, d, v, ports, st):
-    return _poll_begin(_tb(dt), d, v, np.int64(ports.ctypes.data), ports.shape[0],
-                       np.int64(st.ctypes.data))
+    return _poll_begin(
+        _tb(dt), d, v, np.int64(ports.ctypes.data), ports.shape[0], np.int64(st.ctypes.data)
+    )
 
 
 @njit(nogil=True, cache=True)
@@ -1346,6 +1455,7 @@ def k_poll_end(dt, d, v):
 
 
 # --- locks and guest bitops at raw addresses (the control plane's primitives) --------------------
+
 
 @njit(nogil=True, cache=True)
 def k_lock(addr, pid):
@@ -1374,6 +1484,7 @@ def k_clear_bit(addr, bit, wb):
 
 # --- the domain table ----------------------------------------------------------------------------
 
+
 def table_row(dm) -> np.ndarray:
     """The domain-table row of one mapped domain (evtchn.memory.DomainMemory)."""
     lay, base = dm.layout, dm.seg.address
@@ -1382,10 +1493,19 @@ def table_row(dm) -> np.ndarray:
     row[C_BASE] = base
     row[C_ABI], row[C_WB], row[C_LB] = dm.abi, dm.word_bits, dm.link_bits
     row[C_VCPUS], row[C_MAXP], row[C_SIZE] = dm.vcpus, dm.max_ports, dm.seg.size
-    for col, name in ((C_SI, "shared_info"), (C_VIEXT, "vcpu_info_ext"), (C_CTRL, "control"),
-                      (C_L3P, "l3_pending"), (C_L3M, "l3_mask"), (C_L2SEL, "l2_selector"),
-                      (C_PORTS, "ports"), (C_XV, "xen_vcpu"), (C_GV, "guest_vcpu"),
-                      (C_CPUMASK, "cpumask"), (C_EA, "event_array")):
+    for col, name in (
+        (C_SI, "shared_info"),
+        (C_VIEXT, "vcpu_info_ext"),
+        (C_CTRL, "control"),
+        (C_L3P, "l3_pending"),
+        (C_L3M, "l3_mask"),
+        (C_L2SEL, "l2_selector"),
+        (C_PORTS, "ports"),
+        (C_XV, "xen_vcpu"),
+        (C_GV, "guest_vcpu"),
+        (C_CPUMASK, "cpumask"),
+        (C_EA, "event_array"),
+    ):
         row[col] = base + off[name]
     row[C_CPUB] = lay.cpumask_bytes
     if dm.abi == L.ABI_3L:
@@ -1420,13 +1540,13 @@ class NumbaKernels:
     multiprocess = True
 
     def __init__(self):
-        self.doms = {}                       # keeps every mapped segment alive
+        self.doms = {}  # keeps every mapped segment alive
         self.table = np.zeros((4, NCOLS), np.int64)
-        self._poll_ready = False             # poll's kernels compiled (see poll)
+        self._poll_ready = False  # poll's kernels compiled (see poll)
 
     def map_domain(self, dm) -> None:
         rows = self.table.shape[0]
-        if dm.domid >= rows:                 # grow; earlier tables stay valid for their rows
+        if dm.domid >= rows:  # grow; earlier tables stay valid for their rows
             new = np.zeros((max(2 * rows, dm.domid + 1), NCOLS), np.int64)
             new[:rows] = self.table
             self.table = new
@@ -1483,23 +1603,37 @@ class NumbaKernels:
         t, i = self.table, 0
         u32, u8, st = np.zeros(1, np.uint32), np.zeros(1, np.uint8), np.zeros(2, np.int64)
         for kernel, args in (
-                (k_set_pending, (t, i, i, i, i)), (k_clear_pending, (t, i, i)),
-                (k_hyp_unmask, (t, i, i, i)), (k_is_pending, (t, i, i)),
-                (k_is_masked, (t, i, i)), (k_is_linked, (t, i, i)),
-                (k_expand_array, (t, i, i)), (k_send, (t, i, i, i)),
-                (k_send_many, (t, i, u32, u8, i)), (k_raise_virq, (t, i, i, i, i)),
-                (k_guest_mask, (t, i, i)), (k_guest_unmask, (t, i, i, i)),
-                (k_consume, (t, i, i, u32, i)), (k_wait, (t, i, i, i)),
-                (k_upcall_pending, (t, i, i)), (k_poll_begin, (t, i, i, u32, st)),
-                (k_poll_sleep, (t, i, i, st, i)), (k_poll_end, (t, i, i)),
-                (k_lock, (i, i)), (k_trylock, (i, i)), (k_unlock, (i,)),
-                (k_set_bit, (i, i, i)), (k_clear_bit, (i, i, i))):
+            (k_set_pending, (t, i, i, i, i)),
+            (k_clear_pending, (t, i, i)),
+            (k_hyp_unmask, (t, i, i, i)),
+            (k_is_pending, (t, i, i)),
+            (k_is_masked, (t, i, i)),
+            (k_is_linked, (t, i, i)),
+            (k_expand_array, (t, i, i)),
+            (k_send, (t, i, i, i)),
+            (k_send_many, (t, i, u32, u8, i)),
+            (k_raise_virq, (t, i, i, i, i)),
+            (k_guest_mask, (t, i, i)),
+            (k_guest_unmask, (t, i, i, i)),
+            (k_consume, (t, i, i, u32, i)),
+            (k_wait, (t, i, i, i)),
+            (k_upcall_pending, (t, i, i)),
+            (k_poll_begin, (t, i, i, u32, st)),
+            (k_poll_sleep, (t, i, i, st, i)),
+            (k_poll_end, (t, i, i)),
+            (k_lock, (i, i)),
+            (k_trylock, (i, i)),
+            (k_unlock, (i,)),
+            (k_set_bit, (i, i, i)),
+            (k_clear_bit, (i, i, i)),
+        ):
             kernel.compile(tuple(typeof(a) for a in args))
         self._poll_ready = True
 
     def send_many(self, domid: int, ports, edges=None) -> tuple[int, int]:
-        n, err = k_send_many(self.table, domid, ports, _NO_EDGES if edges is None else edges,
-                             os.getpid())
+        n, err = k_send_many(
+            self.table, domid, ports, _NO_EDGES if edges is None else edges, os.getpid()
+        )
         return int(n), int(err)
 
     def raise_virq(self, domid: int, virq: int, vcpu: int) -> int:
@@ -1540,16 +1674,15 @@ class NumbaKernels:
         ports = _u32_vector(ports)
         if ports.shape[0] > L.SCHED_POLL_MAX_PORTS:
             return -EINVAL, 0
-        deadline = -1                        # CLOCK_MONOTONIC ns, as the kernels' monotonic_ns
-        if timeout is not None and float(timeout) < 1e9:     # longer: as good as forever
+        deadline = -1  # CLOCK_MONOTONIC ns, as the kernels' monotonic_ns
+        if timeout is not None and float(timeout) < 1e9:  # longer: as good as forever
             deadline = time.monotonic_ns() + int(max(0.0, float(timeout)) * 1e9)
-        st = np.zeros(2, np.int64)           # entered, kick count: see _poll_begin
+        st = np.zeros(2, np.int64)  # entered, kick count: see _poll_begin
         reason, port, state = POLL_AGAIN, 0, POLL_IDLE
         if not self._poll_ready:
             # Compile (or load) the sleep and the clean-up before entering: done lazily in
             # the finally clause, Ctrl-C could interrupt it and leave the vCPU counted in.
-            k_poll_sleep.compile(tuple(typeof(a) for a in (self.table, domid, vcpu, st,
-                                                           deadline)))
+            k_poll_sleep.compile(tuple(typeof(a) for a in (self.table, domid, vcpu, st, deadline)))
             k_poll_end.compile(tuple(typeof(a) for a in (self.table, domid, vcpu)))
             self._poll_ready = True
         try:
@@ -1576,8 +1709,11 @@ def refresh_cache_guard(namespace: dict, stamp_name: str, deps=CACHE_DEPS) -> bo
     """Numba invalidates a cached function only when its own file changes. Drop the cache of
     every dispatcher in `namespace` when one of `deps` (baked-in constants, inlined callees)
     changed since the stamp beside that cache was written. Returns True if it flushed."""
-    dispatchers = [obj for obj in namespace.values()
-                   if hasattr(obj, "py_func") and hasattr(getattr(obj, "_cache", None), "flush")]
+    dispatchers = [
+        obj
+        for obj in namespace.values()
+        if hasattr(obj, "py_func") and hasattr(getattr(obj, "_cache", None), "flush")
+    ]
     cache_path = next((getattr(d._cache, "cache_path", None) for d in dispatchers), None)
     if not cache_path:
         return False
@@ -1594,7 +1730,7 @@ def refresh_cache_guard(namespace: dict, stamp_name: str, deps=CACHE_DEPS) -> bo
             return False
     except OSError:
         pass
-    try:                                   # where numba cannot write, it caches nothing either
+    try:  # where numba cannot write, it caches nothing either
         stamp.parent.mkdir(parents=True, exist_ok=True)
         tmp = stamp.with_name(f"{stamp_name}.{os.getpid()}.tmp")
         tmp.write_text(want)

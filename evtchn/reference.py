@@ -7,12 +7,12 @@ Return conventions shared by all backends:
   set_pending / send / raise_virq -> 1 if PENDING went 0 -> 1 (a new edge), else 0; send
   returns -errno on a refused port. consume fills `out` and returns the count.
 """
+
 from __future__ import annotations
 
 import time
 
 from . import layout as L
-
 
 INJ_SELECTOR_FIRST = L.INJECTIONS["2l-selector-before-upcall-clear"]
 INJ_UNMASK_TEST_FIRST = L.INJECTIONS["2l-unmask-test-before-clear"]
@@ -81,8 +81,7 @@ class ReferenceKernels:
         """(pending, mask) base indices into d.words: shared_info for 2l, the L3 arrays for 3l."""
         wbytes = d.word_bits // 8
         if d.abi == L.ABI_3L:
-            return (d.layout.offsets["l3_pending"] // wbytes,
-                    d.layout.offsets["l3_mask"] // wbytes)
+            return (d.layout.offsets["l3_pending"] // wbytes, d.layout.offsets["l3_mask"] // wbytes)
         si = d.layout.offsets["shared_info"]
         return (si + L.SI_PENDING) // wbytes, (si + L.si_mask(d.word_bits)) // wbytes
 
@@ -110,7 +109,7 @@ class ReferenceKernels:
     # -- hypervisor side: evtchn_port_set_pending and friends ---------------------------------
     def set_pending(self, domid: int, vcpu: int, port: int) -> int:
         d = self.doms[domid]
-        if d.state(port) <= L.ECS_RESERVED:            # evtchn_usable()
+        if d.state(port) <= L.ECS_RESERVED:  # evtchn_usable()
             return 0
         if d.abi == L.ABI_FIFO:
             return self._fifo_set_pending(d, vcpu, port)
@@ -122,7 +121,7 @@ class ReferenceKernels:
         w = d.word_bits
         pend, mask = self._bitmaps(d)
         if self._test_and_set(d.words, pend + port // w, port % w):
-            return 0                                    # coalesced: no pollers check
+            return 0  # coalesced: no pollers check
         if not d.words[mask + port // w] >> (port % w) & 1:
             self._raise_selectors(d, vcpu, port)
         self._check_pollers(d, port)
@@ -137,7 +136,7 @@ class ReferenceKernels:
             if d.xen_vcpu_u32(v, L.X_POLL) != L.POLL_ACTIVE:
                 continue
             pe = d.xen_vcpu_u32(v, L.X_POLL_EVTCHN)
-            if pe >= 0x80000000:                        # an i32: -1 polls several ports
+            if pe >= 0x80000000:  # an i32: -1 polls several ports
                 pe -= 1 << 32
             if pe > 0 and pe != port:
                 continue
@@ -147,7 +146,7 @@ class ReferenceKernels:
 
     def _raise_selectors(self, d, vcpu: int, port: int) -> None:
         w = d.word_bits
-        if d.abi == L.ABI_3L:                           # L2 bit covers L3 word port/W
+        if d.abi == L.ABI_3L:  # L2 bit covers L3 word port/W
             l2 = port // w
             if self._test_and_set(d.words, self._l2_index(d, vcpu) + l2 // w, l2 % w):
                 return
@@ -174,7 +173,7 @@ class ReferenceKernels:
         """The body of evtchn_fifo_set_pending (after 71ac522909)."""
         wi = self._fifo_word(d, port)
         if wi is None:
-            d.set_port_u8(port, L.P_PENDING, 1)          # replayed when the page is added
+            d.set_port_u8(port, L.P_PENDING, 1)  # replayed when the page is added
             return 0
         u32 = d.u32
         q_prio = d.port_u8(port, L.P_PRIORITY)
@@ -191,14 +190,14 @@ class ReferenceKernels:
             did_link = True
             old_tail = d.queue_tail_off(old_vcpu, old_prio) // 4
             if u32[old_tail] == port and inject != INJ_OLD_TAIL_KEPT:
-                u32[old_tail] = 0                       # an old tail: that queue is now empty
+                u32[old_tail] = 0  # an old tail: that queue is now empty
             if (old_vcpu, old_prio) != (vcpu, q_prio):
                 d.set_port_u32(port, L.P_LASTQ, L.lastq_pack(vcpu, q_prio))
             tail = d.queue_tail_off(vcpu, q_prio) // 4
             linked = False
             if u32[tail]:
                 linked = self._fifo_set_link(d, int(u32[tail]), port)
-            if not linked:                              # queue was empty: new HEAD
+            if not linked:  # queue was empty: new HEAD
                 u32[(d.layout.control_block(vcpu) + L.CB_HEAD) // 4 + q_prio] = port
             u32[tail] = port
         if not linked or (did_link and inject == INJ_READY_EVERY_LINK):
@@ -214,7 +213,7 @@ class ReferenceKernels:
         wi = self._fifo_word(d, tail_port)
         w = int(d.u32[wi])
         if not w & L.FIFO_LINKED:
-            return False                                # tail already consumed: write HEAD
+            return False  # tail already consumed: write HEAD
         link_mask = (1 << d.link_bits) - 1
         d.u32[wi] = (w & ~(L.FIFO_BUSY | link_mask)) | port
         return True
@@ -230,8 +229,7 @@ class ReferenceKernels:
             d.u32[wi] = int(d.u32[wi]) & ~L.FIFO_PENDING
             return was
         pend, _ = self._bitmaps(d)
-        return int(self._test_and_clear(d.words, pend + port // d.word_bits,
-                                        port % d.word_bits))
+        return int(self._test_and_clear(d.words, pend + port // d.word_bits, port % d.word_bits))
 
     def hyp_unmask(self, domid: int, port: int) -> int:
         """EVTCHNOP_unmask body: the caller checked the port is valid. Returns 1 if it set
@@ -250,8 +248,10 @@ class ReferenceKernels:
             return 0
         w = d.word_bits
         pend, mask = self._bitmaps(d)
-        if (self._test_and_clear(d.words, mask + port // w, port % w)
-                and d.words[pend + port // w] >> (port % w) & 1):
+        if (
+            self._test_and_clear(d.words, mask + port // w, port % w)
+            and d.words[pend + port // w] >> (port % w) & 1
+        ):
             self._raise_selectors(d, vcpu, port)
         return 0
 
@@ -289,7 +289,7 @@ class ReferenceKernels:
         if first >= 1 << d.link_bits:
             return -28
         base = d.layout.event_word(first) // 4
-        d.u32[base:base + L.FIFO_WORDS_PER_PAGE] = L.FIFO_MASKED
+        d.u32[base : base + L.FIFO_WORDS_PER_PAGE] = L.FIFO_MASKED
         d.set_hdr(L.H_ARRAY_PAGES, pages + 1)
         valid = d.hdr(L.H_VALID)
         for port in range(first, min(first + L.FIFO_WORDS_PER_PAGE, valid)):
@@ -310,7 +310,7 @@ class ReferenceKernels:
         if state == L.ECS_IPI:
             return self.set_pending(domid, d.notify_vcpu(port), port)
         if state == L.ECS_UNBOUND:
-            return 0                                    # dropped silently, as Xen does
+            return 0  # dropped silently, as Xen does
         return -22
 
     def send_many(self, domid: int, ports, edges=None) -> tuple[int, int]:
@@ -358,11 +358,11 @@ class ReferenceKernels:
                 return 0
             if w & L.FIFO_PENDING:
                 return self.hyp_unmask(domid, port)
-            d.u32[wi] = w & ~L.FIFO_MASKED              # BUSY is never set with one process
+            d.u32[wi] = w & ~L.FIFO_MASKED  # BUSY is never set with one process
             return 0
         w = d.word_bits
         pend, mask = self._bitmaps(d)
-        if d.hdr(L.H_INJECT) == INJ_UNMASK_TEST_FIRST:     # R2: pending tested too early
+        if d.hdr(L.H_INJECT) == INJ_UNMASK_TEST_FIRST:  # R2: pending tested too early
             pending = d.words[pend + port // w] >> (port % w) & 1
             self._test_and_clear(d.words, mask + port // w, port % w)
         else:
@@ -385,12 +385,12 @@ class ReferenceKernels:
             if d.abi == L.ABI_FIFO:
                 d.u8[vi] = 0
                 n, full = self._fifo_handle(d, vcpu, out, n)
-            elif r1:                                    # R1: selector swapped first
+            elif r1:  # R1: selector swapped first
                 words = self._take_selectors(d, vcpu)
                 d.u8[vi] = 0
                 n, full = self._bitmap_handle(d, vcpu, out, n, words)
             else:
-                d.u8[vi] = 0                            # the master flag, then the selector
+                d.u8[vi] = 0  # the master flag, then the selector
                 n, full = self._bitmap_handle(d, vcpu, out, n)
             if full or not d.u8[vi] & 1:
                 return n
@@ -413,7 +413,7 @@ class ReferenceKernels:
     def _bitmap_handle(self, d, vcpu: int, out, n: int, pending_words=None):
         """events_2l.c evtchn_2l_handle_events, generalised to 3l (one more selector level)."""
         w, cap = d.word_bits, len(out)
-        timer = d.virq_port(vcpu, L.VIRQ_TIMER)         # the timer is served first
+        timer = d.virq_port(vcpu, L.VIRQ_TIMER)  # the timer is served first
         if timer and n < cap and self._active(d, vcpu, timer // w) >> (timer % w) & 1:
             n = self._deliver(d, vcpu, timer, out, n)
         if pending_words is None:
@@ -424,7 +424,7 @@ class ReferenceKernels:
         word, i = start_word, 0
         while pending_words:
             cand = pending_words & ~((1 << word) - 1)
-            if cand == 0:                               # wrap around
+            if cand == 0:  # wrap around
                 word, i = 0, i + 1
                 continue
             word = (cand & -cand).bit_length() - 1
@@ -434,7 +434,7 @@ class ReferenceKernels:
                 cand_bits = bits & ~((1 << bit) - 1)
                 if not cand_bits:
                     break
-                if n == cap:                            # out is full: give the rest back
+                if n == cap:  # out is full: give the rest back
                     self._put_back(d, vcpu, pending_words)
                     return n, True
                 bit = (cand_bits & -cand_bits).bit_length() - 1
@@ -444,7 +444,7 @@ class ReferenceKernels:
                 d.set_guest_u32(vcpu, L.G_RESUME_WORD, word if bit else (word + 1) % nwords)
                 if bit == 0:
                     break
-            if word != start_word or i != 0:            # the start word is scanned twice
+            if word != start_word or i != 0:  # the start word is scanned twice
                 pending_words &= ~(1 << word)
             word, i = (word + 1) % nwords, i + 1
         return n, False
@@ -504,16 +504,16 @@ class ReferenceKernels:
         if port == 0:
             port = int(d.u32[(d.layout.control_block(vcpu) + L.CB_HEAD) // 4 + q])
         wi = self._fifo_word(d, port) if port else None
-        if wi is None:                                  # no valid HEAD: nothing to take
+        if wi is None:  # no valid HEAD: nothing to take
             return ready & ~(1 << q), n
-        w = int(d.u32[wi])                              # clear_linked
+        w = int(d.u32[wi])  # clear_linked
         link_mask = (1 << d.link_bits) - 1
         d.u32[wi] = w & ~(L.FIFO_LINKED | link_mask)
         nxt = w & link_mask
         if nxt == 0:
             ready &= ~(1 << q)
         w = int(d.u32[wi])
-        if w & L.FIFO_PENDING and not w & L.FIFO_MASKED:   # masked: dropped, stays PENDING
+        if w & L.FIFO_PENDING and not w & L.FIFO_MASKED:  # masked: dropped, stays PENDING
             d.u32[wi] = w & ~L.FIFO_PENDING
             out[n] = port
             n += 1
@@ -540,10 +540,10 @@ class ReferenceKernels:
     def _poll_body(self, d, vcpu: int, ports: list, timeout) -> tuple[int, int]:
         vi = d.layout.vcpu_info(vcpu)
         if d.u8[vi + L.VI_UPCALL_PENDING] & 1 and not d.u8[vi + L.VI_UPCALL_MASK] & 1:
-            return L.POLL_UPCALL, 0                     # local_events_need_delivery()
+            return L.POLL_UPCALL, 0  # local_events_need_delivery()
         for port in ports:
             if port >= d.hdr(L.H_VALID) or d.state(port) <= L.ECS_RESERVED:
-                return -22, port                        # EINVAL: invalid or not in use
+                return -22, port  # EINVAL: invalid or not in use
             if self.is_pending(d.domid, port):
                 return L.POLL_PENDING, port
         if len(ports) == 1:

@@ -20,6 +20,7 @@ had it queued, R5: Linux needed its per-IRQ is_active flag for that); such overl
 (moved_port_overlaps), and every edge is still delivered exactly once (the drained check).
 Then a deterministic ordered phase and the duels (stress.duels).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,7 +33,7 @@ from . import duels as DU
 from . import shm as S
 from . import workers as W
 
-MAX_PER_KIND = 8          # violations listed per kind and check; the rest are counted
+MAX_PER_KIND = 8  # violations listed per kind and check; the rest are counted
 
 KINDS = {
     "lost": "an event was never delivered",
@@ -126,8 +127,9 @@ class Snapshot:
         self.dm, lay = dm, dm.layout
         self.abi, self.vcpus, self.nports = dm.abi, dm.vcpus, nports
         self.wb = dm.word_bits
-        self.upcall = np.array([dm.u8[lay.vcpu_info(v) + L.VI_UPCALL_PENDING] & 1
-                                for v in range(dm.vcpus)], bool)
+        self.upcall = np.array(
+            [dm.u8[lay.vcpu_info(v) + L.VI_UPCALL_PENDING] & 1 for v in range(dm.vcpus)], bool
+        )
         if dm.abi == L.ABI_FIFO:
             self._fifo(dm, lay)
         else:
@@ -136,8 +138,8 @@ class Snapshot:
     def _fifo(self, dm, lay) -> None:
         n = min(dm.array_pages() * L.FIFO_WORDS_PER_PAGE, self.nports)
         base = lay.offsets["event_array"] // 4
-        words = np.full(self.nports, L.FIFO_MASKED, np.uint32)   # no word: reads as masked
-        words[:n] = dm.u32[base:base + n]
+        words = np.full(self.nports, L.FIFO_MASKED, np.uint32)  # no word: reads as masked
+        words[:n] = dm.u32[base : base + n]
         self.words = words
         self.pending = (words & L.FIFO_PENDING) != 0
         self.masked = (words & L.FIFO_MASKED) != 0
@@ -152,10 +154,10 @@ class Snapshot:
         for v in range(V):
             cb = lay.control_block(v) // 4
             self.ready[v] = dm.u32[cb + L.CB_READY // 4]
-            self.heads[v] = dm.u32[cb + L.CB_HEAD // 4: cb + L.CB_HEAD // 4 + Q]
+            self.heads[v] = dm.u32[cb + L.CB_HEAD // 4 : cb + L.CB_HEAD // 4 + Q]
             self.local_ready[v] = dm.guest_u32(v, L.G_LOCAL_READY)
             g = (lay.guest_vcpu(v) + L.G_LOCAL_HEAD) // 4
-            self.local_heads[v] = dm.u32[g:g + Q]
+            self.local_heads[v] = dm.u32[g : g + Q]
             for q in range(Q):
                 self.tails[v, q] = dm.u32[dm.queue_tail_off(v, q) // 4]
 
@@ -172,10 +174,14 @@ class Snapshot:
             si = lay.offsets["shared_info"]
             pend0 = (si + L.SI_PENDING) // wbytes
             mask0 = (si + L.si_mask(w)) // wbytes
-        bits = lambda a: np.unpackbits(np.ascontiguousarray(a).view(np.uint8),
-                                       bitorder="little").astype(bool)
-        self.pending = bits(words[pend0:pend0 + nwords])[:self.nports]
-        self.masked = bits(words[mask0:mask0 + nwords])[:self.nports]
+
+        def bits(a):
+            return np.unpackbits(np.ascontiguousarray(a).view(np.uint8), bitorder="little").astype(
+                bool
+            )
+
+        self.pending = bits(words[pend0 : pend0 + nwords])[: self.nports]
+        self.masked = bits(words[mask0 : mask0 + nwords])[: self.nports]
         self.linked = np.zeros(self.nports, bool)
         V = dm.vcpus
         cm_words = lay.cpumask_bytes // wbytes
@@ -184,12 +190,12 @@ class Snapshot:
         self.l2 = np.zeros((V, w * w), bool) if dm.abi == L.ABI_3L else None
         for v in range(V):
             c0 = lay.cpumask(v) // wbytes
-            self.cpumask[v] = bits(words[c0:c0 + cm_words])[:self.nports]
+            self.cpumask[v] = bits(words[c0 : c0 + cm_words])[: self.nports]
             si_ = (lay.vcpu_info(v) + L.vi_pending_sel(w)) // wbytes
-            self.sel[v] = bits(words[si_:si_ + 1])
+            self.sel[v] = bits(words[si_ : si_ + 1])
             if self.l2 is not None:
                 l2 = lay.l2_selector(v) // wbytes
-                self.l2[v] = bits(words[l2:l2 + w])
+                self.l2[v] = bits(words[l2 : l2 + w])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,10 +218,16 @@ def _fifo_held(s: Snapshot, phase: str) -> list[Violation]:
         if ready_any and not s.upcall[v]:
             q0 = (ready_any & -ready_any).bit_length() - 1
             head = int(s.local_heads[v, q0]) or int(s.heads[v, q0])
-            out.append(Violation("ready-no-upcall", head or None, v,
-                                 f"READY {int(s.ready[v]):#x} (local {int(s.local_ready[v]):#x})"
-                                 f" but no upcall pending: those queues are never consumed",
-                                 phase))
+            out.append(
+                Violation(
+                    "ready-no-upcall",
+                    head or None,
+                    v,
+                    f"READY {int(s.ready[v]):#x} (local {int(s.local_ready[v]):#x})"
+                    f" but no upcall pending: those queues are never consumed",
+                    phase,
+                )
+            )
         for q in range(L.FIFO_MAX_QUEUES):
             tail = int(s.tails[v, q])
             lh, hd = int(s.local_heads[v, q]), int(s.heads[v, q])
@@ -228,8 +240,11 @@ def _fifo_held(s: Snapshot, phase: str) -> list[Violation]:
                     break
                 if port in owner:
                     ov, oq = owner[port]
-                    bad = (f"port {port} is reached twice (cycle)" if (ov, oq) == (v, q) else
-                           f"port {port} is also on queue vcpu {ov} prio {oq}")
+                    bad = (
+                        f"port {port} is reached twice (cycle)"
+                        if (ov, oq) == (v, q)
+                        else f"port {port} is also on queue vcpu {ov} prio {oq}"
+                    )
                     break
                 if not lk[port]:
                     bad = f"port {port} is on the queue but not LINKED"
@@ -243,33 +258,72 @@ def _fifo_held(s: Snapshot, phase: str) -> list[Violation]:
                 continue
             if chain:
                 if not tail_linked:
-                    out.append(Violation("queue-malformed", chain[-1], v,
-                                         f"{where}: {len(chain)} LINKED events but Xen's tail "
-                                         f"{tail} is not LINKED (Xen thinks it empty)", phase))
+                    out.append(
+                        Violation(
+                            "queue-malformed",
+                            chain[-1],
+                            v,
+                            f"{where}: {len(chain)} LINKED events but Xen's tail "
+                            f"{tail} is not LINKED (Xen thinks it empty)",
+                            phase,
+                        )
+                    )
                 elif chain[-1] != tail:
-                    out.append(Violation("queue-malformed", chain[-1], v,
-                                         f"{where}: the chain ends at {chain[-1]}, not at "
-                                         f"Xen's tail {tail}", phase))
+                    out.append(
+                        Violation(
+                            "queue-malformed",
+                            chain[-1],
+                            v,
+                            f"{where}: the chain ends at {chain[-1]}, not at Xen's tail {tail}",
+                            phase,
+                        )
+                    )
                 if not (ready_any >> q) & 1:
-                    out.append(Violation("not-ready", chain[0], v,
-                                         f"{where}: {len(chain)} events queued but READY bit "
-                                         f"{q} is clear: never consumed", phase))
+                    out.append(
+                        Violation(
+                            "not-ready",
+                            chain[0],
+                            v,
+                            f"{where}: {len(chain)} events queued but READY bit "
+                            f"{q} is clear: never consumed",
+                            phase,
+                        )
+                    )
             elif tail_linked:
-                out.append(Violation("queue-malformed", tail, v,
-                                     f"{where}: Xen's tail is LINKED but the queue is empty "
-                                     f"from the guest's side", phase))
+                out.append(
+                    Violation(
+                        "queue-malformed",
+                        tail,
+                        v,
+                        f"{where}: Xen's tail is LINKED but the queue is empty "
+                        f"from the guest's side",
+                        phase,
+                    )
+                )
     orphans = np.flatnonzero(linked)
     if len(owner) != len(orphans):
         lost = [int(p) for p in orphans if int(p) not in owner]
         for p in lost[:MAX_PER_KIND]:
-            out.append(Violation("orphan-linked", p, None,
-                                 f"LINKED (LINK {link[p]}) but on no queue of any vCPU "
-                                 f"({len(lost)} such ports)", phase))
+            out.append(
+                Violation(
+                    "orphan-linked",
+                    p,
+                    None,
+                    f"LINKED (LINK {link[p]}) but on no queue of any vCPU ({len(lost)} such ports)",
+                    phase,
+                )
+            )
     unq = np.flatnonzero(s.pending & ~s.masked & ~linked)
     for p in unq[:MAX_PER_KIND]:
-        out.append(Violation("stuck-pending", int(p), None,
-                             f"pending and unmasked but on no queue ({len(unq)} such ports)",
-                             phase))
+        out.append(
+            Violation(
+                "stuck-pending",
+                int(p),
+                None,
+                f"pending and unmasked but on no queue ({len(unq)} such ports)",
+                phase,
+            )
+        )
     return out
 
 
@@ -284,25 +338,50 @@ def _bitmap_held(s: Snapshot, phase: str) -> list[Violation]:
         else:
             raised = s.l2[v][mine // w] & s.sel[v][mine // (w * w)]
         for p in mine[~raised][:MAX_PER_KIND]:
-            out.append(Violation("stuck-pending", int(p), v,
-                                 f"pending and unmasked, bound to vcpu {v}, but its selector "
-                                 f"bit is clear: the scan will never reach it "
-                                 f"({int((~raised).sum())} such ports)", phase))
+            out.append(
+                Violation(
+                    "stuck-pending",
+                    int(p),
+                    v,
+                    f"pending and unmasked, bound to vcpu {v}, but its selector "
+                    f"bit is clear: the scan will never reach it "
+                    f"({int((~raised).sum())} such ports)",
+                    phase,
+                )
+            )
         if s.sel[v].any() and not s.upcall[v]:
             bits_ = np.flatnonzero(s.sel[v])
             span = w if s.l2 is None else w * w
-            waiting = [int(p) for j in bits_ for p in
-                       np.flatnonzero(active[j * span:(j + 1) * span] &
-                                      s.cpumask[v][j * span:(j + 1) * span]) + j * span]
-            out.append(Violation("selector-no-upcall", waiting[0] if waiting else None, v,
-                                 f"selector bits {bits_[:8].tolist()} set but no upcall "
-                                 f"pending: {len(waiting)} pending port(s) in those words "
-                                 f"wait for an unrelated event", phase))
+            waiting = [
+                int(p)
+                for j in bits_
+                for p in np.flatnonzero(
+                    active[j * span : (j + 1) * span] & s.cpumask[v][j * span : (j + 1) * span]
+                )
+                + j * span
+            ]
+            out.append(
+                Violation(
+                    "selector-no-upcall",
+                    waiting[0] if waiting else None,
+                    v,
+                    f"selector bits {bits_[:8].tolist()} set but no upcall "
+                    f"pending: {len(waiting)} pending port(s) in those words "
+                    f"wait for an unrelated event",
+                    phase,
+                )
+            )
     return out
 
 
-def drained_checks(snap: Snapshot, stats: S.Stats, phase: str, final: bool,
-                   perma: np.ndarray, held_masked: set | None = None) -> list[Violation]:
+def drained_checks(
+    snap: Snapshot,
+    stats: S.Stats,
+    phase: str,
+    final: bool,
+    perma: np.ndarray,
+    held_masked: set | None = None,
+) -> list[Violation]:
     """After the drain: exact per-port accounting and an empty event state."""
     out: list[Violation] = []
     E = stats.edges.sum(axis=0, dtype=np.int64) + stats.extra.sum(axis=0, dtype=np.int64)
@@ -314,53 +393,106 @@ def drained_checks(snap: Snapshot, stats: S.Stats, phase: str, final: bool,
     phantom = np.flatnonzero(outstanding + M < 0)
     for p in phantom[:MAX_PER_KIND]:
         extra = f", {M[p]} unmasks that may have re-raised it" if M[p] else ""
-        out.append(Violation("phantom", int(p), _vcpu_of(snap, p),
-                             f"delivered {D[p]} times for {E[p]} new events ({X[p]} destroyed "
-                             f"by close{extra}) ({len(phantom)} such ports)", phase))
+        out.append(
+            Violation(
+                "phantom",
+                int(p),
+                _vcpu_of(snap, p),
+                f"delivered {D[p]} times for {E[p]} new events ({X[p]} destroyed "
+                f"by close{extra}) ({len(phantom)} such ports)",
+                phase,
+            )
+        )
     lost = np.flatnonzero(outstanding > pend)
     for p in lost[:MAX_PER_KIND]:
-        out.append(Violation("lost", int(p), _vcpu_of(snap, p),
-                             f"{E[p]} new events, {D[p]} delivered, {X[p]} destroyed by close, "
-                             f"{'pending' if pend[p] else 'not pending'} "
-                             f"({len(lost)} ports lost {int((outstanding - pend)[lost].sum())} "
-                             f"events)", phase))
+        out.append(
+            Violation(
+                "lost",
+                int(p),
+                _vcpu_of(snap, p),
+                f"{E[p]} new events, {D[p]} delivered, {X[p]} destroyed by close, "
+                f"{'pending' if pend[p] else 'not pending'} "
+                f"({len(lost)} ports lost {int((outstanding - pend)[lost].sum())} "
+                f"events)",
+                phase,
+            )
+        )
     stuck = np.flatnonzero(snap.pending & ~snap.masked)
     for p in stuck[:MAX_PER_KIND]:
-        out.append(Violation("stuck-pending", int(p), _vcpu_of(snap, p),
-                             f"still pending and unmasked after the drain "
-                             f"({len(stuck)} such ports){_where(snap, int(p))}", phase))
+        out.append(
+            Violation(
+                "stuck-pending",
+                int(p),
+                _vcpu_of(snap, p),
+                f"still pending and unmasked after the drain "
+                f"({len(stuck)} such ports){_where(snap, int(p))}",
+                phase,
+            )
+        )
     linked = np.flatnonzero(snap.linked)
     for p in linked[:MAX_PER_KIND]:
-        out.append(Violation("still-linked", int(p), _vcpu_of(snap, p),
-                             f"LINKED after the drain ({len(linked)} such ports)", phase))
+        out.append(
+            Violation(
+                "still-linked",
+                int(p),
+                _vcpu_of(snap, p),
+                f"LINKED after the drain ({len(linked)} such ports)",
+                phase,
+            )
+        )
     if snap.abi == L.ABI_FIFO:
         for v in np.flatnonzero((snap.ready | snap.local_ready) != 0)[:MAX_PER_KIND]:
-            out.append(Violation("ready-no-upcall", None, int(v),
-                                 f"READY {int(snap.ready[v]):#x} left after the drain with no "
-                                 f"upcall pending", phase))
+            out.append(
+                Violation(
+                    "ready-no-upcall",
+                    None,
+                    int(v),
+                    f"READY {int(snap.ready[v]):#x} left after the drain with no upcall pending",
+                    phase,
+                )
+            )
     else:
         w = snap.wb
         for v in range(snap.vcpus):
             sel = np.flatnonzero(snap.sel[v])
             if not len(sel):
                 continue
-            below = [int(j) for j in sel
-                     if snap.pending[j * w * (w if snap.l2 is not None else 1):
-                                     (j + 1) * w * (w if snap.l2 is not None else 1)].any()]
+            below = [
+                int(j)
+                for j in sel
+                if snap.pending[
+                    j * w * (w if snap.l2 is not None else 1) : (j + 1)
+                    * w
+                    * (w if snap.l2 is not None else 1)
+                ].any()
+            ]
             kind = "selector-no-upcall" if below else "stale-selector"
-            out.append(Violation(kind, None, v,
-                                 f"selector bits {sel[:8].tolist()} left after the drain "
-                                 f"(words with a pending port: {below[:8]})", phase))
+            out.append(
+                Violation(
+                    kind,
+                    None,
+                    v,
+                    f"selector bits {sel[:8].tolist()} left after the drain "
+                    f"(words with a pending port: {below[:8]})",
+                    phase,
+                )
+            )
     if final:
-        odd = np.flatnonzero(snap.masked[:len(perma)] & ~perma)
+        odd = np.flatnonzero(snap.masked[: len(perma)] & ~perma)
         if held_masked:
             odd = np.array([p for p in odd if int(p) not in held_masked], np.int64)
-        live = stats.port_class[:len(perma)] & S.CL_LIVE
+        live = stats.port_class[: len(perma)] & S.CL_LIVE
         odd = np.array([p for p in odd if live[p]], np.int64)
         for p in odd[:MAX_PER_KIND]:
-            out.append(Violation("left-masked", int(p), _vcpu_of(snap, p),
-                                 f"masked at the end but no one holds it masked "
-                                 f"({len(odd)} such ports)", phase))
+            out.append(
+                Violation(
+                    "left-masked",
+                    int(p),
+                    _vcpu_of(snap, p),
+                    f"masked at the end but no one holds it masked ({len(odd)} such ports)",
+                    phase,
+                )
+            )
     return out
 
 
@@ -372,8 +504,10 @@ def _where(snap: Snapshot, p: int) -> str:
     w = snap.wb
     owners = np.flatnonzero(snap.cpumask[:, p]).tolist()
     sel = [bool(snap.sel[v][p // w if snap.l2 is None else p // (w * w)]) for v in owners]
-    return (f"; bound (cpu_evtchn_mask) on vcpus {owners[:4]}, their selector bit "
-            f"{sel[:4]}, upcall {[bool(snap.upcall[v]) for v in owners[:4]]}")
+    return (
+        f"; bound (cpu_evtchn_mask) on vcpus {owners[:4]}, their selector bit "
+        f"{sel[:4]}, upcall {[bool(snap.upcall[v]) for v in owners[:4]]}"
+    )
 
 
 def _vcpu_of(snap: Snapshot, port) -> int | None:
@@ -400,28 +534,46 @@ def worker_violations(stats: S.Stats, names: list[str]) -> list[Violation]:
                 "dead-delivered": f"delivered on vcpu {vcpu} but it is closed or unbound",
             }.get(name, f"a={a} b={b}")
             if kind == DU.V_DUEL_ORDER:
-                detail = (f"duel {DU.NAMES.get(a, a)}, iteration {b}: events of a lower-"
-                          f"priority queue were served before a ready higher-priority one "
-                          f"(the guest followed a stale HEAD into another queue, R6)")
+                detail = (
+                    f"duel {DU.NAMES.get(a, a)}, iteration {b}: events of a lower-"
+                    f"priority queue were served before a ready higher-priority one "
+                    f"(the guest followed a stale HEAD into another queue, R6)"
+                )
             if kind == DU.V_DUEL_EARLY_WAKE:
-                detail = (f"duel {DU.NAMES.get(a, a)}, iteration {b}: SCHEDOP_poll returned "
-                          f"because the port's PENDING went 0 -> 1, but the event was on no "
-                          f"queue of the vCPU: the sender woke the poller before the event "
-                          f"was queued (R9)")
+                detail = (
+                    f"duel {DU.NAMES.get(a, a)}, iteration {b}: SCHEDOP_poll returned "
+                    f"because the port's PENDING went 0 -> 1, but the event was on no "
+                    f"queue of the vCPU: the sender woke the poller before the event "
+                    f"was queued (R9)"
+                )
             if kind in (DU.V_DUEL_SELECTOR_NO_UPCALL, DU.V_DUEL_STUCK):
-                detail = (f"duel {DU.NAMES.get(a, a)}, iteration {b}: pending and unmasked "
-                          + ("with its selector bit set but no upcall pending"
-                             if kind == DU.V_DUEL_SELECTOR_NO_UPCALL else
-                             "with no selector bit: no scan will reach it"))
+                detail = f"duel {DU.NAMES.get(a, a)}, iteration {b}: pending and unmasked " + (
+                    "with its selector bit set but no upcall pending"
+                    if kind == DU.V_DUEL_SELECTOR_NO_UPCALL
+                    else "with no selector bit: no scan will reach it"
+                )
             phase = "duel" if kind >= DU.V_DUEL_SELECTOR_NO_UPCALL else "race"
-            out.append(Violation(name, port if name != "engine-error" else None,
-                                 vcpu if name not in ("engine-error",) else None,
-                                 f"{detail} (seen by {names[slot]})", phase))
+            out.append(
+                Violation(
+                    name,
+                    port if name != "engine-error" else None,
+                    vcpu if name not in ("engine-error",) else None,
+                    f"{detail} (seen by {names[slot]})",
+                    phase,
+                )
+            )
         if n > S.VIOL_SLOTS:
             last = out[-1].kind
-            out.append(Violation(last, None, None,
-                                 f"{names[slot]} recorded {n - S.VIOL_SLOTS} more violations "
-                                 f"than it could store", "race"))
+            out.append(
+                Violation(
+                    last,
+                    None,
+                    None,
+                    f"{names[slot]} recorded {n - S.VIOL_SLOTS} more violations "
+                    f"than it could store",
+                    "race",
+                )
+            )
     return out
 
 
@@ -437,8 +589,15 @@ def ordered_phase(env, rng: np.random.Generator, plain_channels: np.ndarray) -> 
     chans = rng.choice(plain_channels, size=k, replace=False)
     dports = st.ch_dport[chans].astype(np.int64)
     if any(dom0.is_pending(int(p)) for p in dports):
-        return [Violation("lost", None, None, "ordered phase: a plain port is still pending "
-                          "after the drain", "ordered")]
+        return [
+            Violation(
+                "lost",
+                None,
+                None,
+                "ordered phase: a plain port is still pending after the drain",
+                "ordered",
+            )
+        ]
     saved_v = st.ch_vcpu[chans].copy()
     saved_p = st.ch_prio[chans].copy()
     for p in dports:
@@ -492,18 +651,29 @@ def _fifo_order(env, rng, chans, dports) -> list[Violation]:
     rank = {int(dports[i]): (int(prios[i]), n) for n, i in enumerate(order)}
     want = sorted(rank, key=rank.get)
     if got != want:
-        i = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got),
-                                                                               len(want)))
+        i = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
         port = got[i] if i < len(got) else None
         prev = got[i - 1] if 0 < i <= len(got) else None
         kind = "order"
-        if port is not None and prev is not None and port in rank and prev in rank \
-                and rank[port][0] != rank[prev][0]:
+        if (
+            port is not None
+            and prev is not None
+            and port in rank
+            and prev in rank
+            and rank[port][0] != rank[prev][0]
+        ):
             kind = "priority"
-        out.append(Violation(kind, port, 0,
-                             f"ordered phase: delivered {got[:12]}... expected {want[:12]}... "
-                             f"(first difference at position {i}; priorities "
-                             f"{[rank.get(p, (None,))[0] for p in got[:12]]})", "ordered"))
+        out.append(
+            Violation(
+                kind,
+                port,
+                0,
+                f"ordered phase: delivered {got[:12]}... expected {want[:12]}... "
+                f"(first difference at position {i}; priorities "
+                f"{[rank.get(p, (None,))[0] for p in got[:12]]})",
+                "ordered",
+            )
+        )
     # 2. a higher priority arriving while a lower queue is being served preempts it
     low = [i for i in range(len(chans)) if prios[i] == 12][:6]
     high = [i for i in range(len(chans)) if prios[i] == 2][:2]
@@ -520,10 +690,17 @@ def _fifo_order(env, rng, chans, dports) -> list[Violation]:
         _note_delivered(env, rest)
         want = [int(dports[i]) for i in high] + [int(dports[i]) for i in low[1:]]
         if first != [int(dports[low[0]])] or rest != want:
-            out.append(Violation("priority", rest[0] if rest else None, 0,
-                                 f"ordered phase: after {first} (prio 12) the vCPU served "
-                                 f"{rest}, expected the prio-2 events {want[:len(high)]} "
-                                 f"before the rest {want[len(high):]}", "ordered"))
+            out.append(
+                Violation(
+                    "priority",
+                    rest[0] if rest else None,
+                    0,
+                    f"ordered phase: after {first} (prio 12) the vCPU served "
+                    f"{rest}, expected the prio-2 events {want[: len(high)]} "
+                    f"before the rest {want[len(high) :]}",
+                    "ordered",
+                )
+            )
     return out
 
 
@@ -543,7 +720,14 @@ def _scan_order(env, rng, chans, dports) -> list[Violation]:
     limit = dm.max_ports
     want = sorted((int(p) for p in dports), key=lambda p: (p - start) % limit)
     if got != want:
-        return [Violation("scan-order", got[0] if got else None, 0,
-                          f"ordered phase: from resume position {start} the scan delivered "
-                          f"{got[:12]}..., expected {want[:12]}...", "ordered")]
+        return [
+            Violation(
+                "scan-order",
+                got[0] if got else None,
+                0,
+                f"ordered phase: from resume position {start} the scan delivered "
+                f"{got[:12]}..., expected {want[:12]}...",
+                "ordered",
+            )
+        ]
     return []

@@ -3,6 +3,7 @@
 Exit codes: 0 every check passed, 1 a violation was found, 2 bad arguments, 3 a worker died
 or hung, 130 interrupted (Ctrl-C or SIGTERM; the partial figures are still printed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ example: python -m stress --abi fifo --ports 131072 --vcpus 64"""
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):           # one clear line, not usage + traceback
+    def error(self, message):  # one clear line, not usage + traceback
         raise CF.ConfigError(message)
 
 
@@ -49,10 +50,11 @@ def _positive_int(what):
         try:
             v = int(text, 0)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be an integer, not {text!r}")
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, not {text!r}") from None
         if v < 1:
             raise argparse.ArgumentTypeError(f"{what} must be at least 1, not {v}")
         return v
+
     return conv
 
 
@@ -61,10 +63,11 @@ def _positive_float(what):
         try:
             v = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a number, not {text!r}")
+            raise argparse.ArgumentTypeError(f"{what} must be a number, not {text!r}") from None
         if not v > 0 or v == float("inf"):
             raise argparse.ArgumentTypeError(f"{what} must be a positive number, not {text}")
         return v
+
     return conv
 
 
@@ -72,68 +75,151 @@ def _seed(text):
     try:
         v = int(text, 0)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--seed must be an integer, not {text!r}")
+        raise argparse.ArgumentTypeError(f"--seed must be an integer, not {text!r}") from None
     if not 0 <= v < 2**63:
         raise argparse.ArgumentTypeError(f"--seed must be from 0 to 2**63-1, not {v}")
     return v
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m stress", description=DESCRIPTION, epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--abi", choices=CF.ABIS + ("all",), default=None,
-                   help="event channel ABI of dom0, or 'all' to run each on the same workload "
-                        "(default fifo, or the ABI of --inject)")
-    p.add_argument("--ports", type=_positive_int("--ports"), default=None,
-                   help="interdomain channels to bind (default 8192, or fewer if the ABI "
-                        "addresses fewer; at most the ABI's limit: "
-                        f"fifo {CF.abi_limit('fifo')}, 2l {CF.abi_limit('2l')}, "
-                        f"3l {CF.abi_limit('3l')}; port 0 is reserved)")
-    p.add_argument("--vcpus", type=_positive_int("--vcpus"), default=64,
-                   help="dom0 vCPUs, one process each (default 64)")
-    p.add_argument("--senders", type=_positive_int("--senders"), default=None,
-                   help=f"sender domains, one process each (default {CF.default_senders()} "
-                        f"on this machine)")
-    p.add_argument("--workload", choices=CF.WORKLOADS, default="uniform",
-                   help="uniform: random ports; hotspot: a few ports take 90%% of the sends; "
-                        "bursts: all senders burst 20 ms in every 100 ms; storm: one sender "
-                        "floods while the others trickle (default uniform)")
-    p.add_argument("--chaos", default="moderate", metavar="LEVEL",
-                   help="none, low, moderate (default), high, a rate in ops/s for every "
-                        "kind, or masks=N,moves=N,closes=N")
+    p = _Parser(
+        prog="python -m stress",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--abi",
+        choices=CF.ABIS + ("all",),
+        default=None,
+        help="event channel ABI of dom0, or 'all' to run each on the same workload "
+        "(default fifo, or the ABI of --inject)",
+    )
+    p.add_argument(
+        "--ports",
+        type=_positive_int("--ports"),
+        default=None,
+        help="interdomain channels to bind (default 8192, or fewer if the ABI "
+        "addresses fewer; at most the ABI's limit: "
+        f"fifo {CF.abi_limit('fifo')}, 2l {CF.abi_limit('2l')}, "
+        f"3l {CF.abi_limit('3l')}; port 0 is reserved)",
+    )
+    p.add_argument(
+        "--vcpus",
+        type=_positive_int("--vcpus"),
+        default=64,
+        help="dom0 vCPUs, one process each (default 64)",
+    )
+    p.add_argument(
+        "--senders",
+        type=_positive_int("--senders"),
+        default=None,
+        help=f"sender domains, one process each (default {CF.default_senders()} on this machine)",
+    )
+    p.add_argument(
+        "--workload",
+        choices=CF.WORKLOADS,
+        default="uniform",
+        help="uniform: random ports; hotspot: a few ports take 90%% of the sends; "
+        "bursts: all senders burst 20 ms in every 100 ms; storm: one sender "
+        "floods while the others trickle (default uniform)",
+    )
+    p.add_argument(
+        "--chaos",
+        default="moderate",
+        metavar="LEVEL",
+        help="none, low, moderate (default), high, a rate in ops/s for every "
+        "kind, or masks=N,moves=N,closes=N",
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--duration", type=_positive_float("--duration"), default=None,
-                   metavar="SECONDS", help="seconds of racing (default 10)")
-    g.add_argument("--events", type=_positive_int("--events"), default=None,
-                   help="race until this many events were delivered")
-    p.add_argument("--seed", type=_seed, default=None,
-                   help="makes every choice reproducible (default: a random one, printed)")
-    p.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="evtchn kernels (default $EVTCHN_BACKEND or cython); cython runs the "
-                        "actors as processes, reference interleaves them in one process")
-    p.add_argument("--inject", choices=sorted(L.INJECTIONS), default=None,
-                   help="run the engine with a known historical bug put back: "
-                        + ", ".join(sorted(L.INJECTIONS)))
-    p.add_argument("--json", dest="json_path", metavar="PATH", default=None,
-                   help="also write the results, machine and versions as JSON")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (it is shown only when stderr is a terminal)")
-    p.add_argument("--batch", type=_positive_int("--batch"), default=2048,
-                   help="ports per send_many call (default 2048)")
-    p.add_argument("--check-interval", type=_positive_float("--check-interval"), default=2.0,
-                   metavar="SECONDS", help="seconds of racing between quiescent checks "
-                                           "(default 2)")
-    p.add_argument("--nap", type=float, default=8.0, metavar="MS",
-                   help="interrupt moderation: after draining, a vCPU lets events gather this "
-                        "many milliseconds before it looks again (default 8; 0 = none)")
-    p.add_argument("--duel", type=float, default=1.0, metavar="SECONDS",
-                   help="each targeted race of the final phase (consume-vs-send and "
-                        "unmask-vs-send for 2l/3l, drain-vs-link for fifo) runs this long "
-                        "(default 1; 0 = none)")
-    p.add_argument("--start-method", choices=("forkserver", "spawn"), default="forkserver",
-                   help="how worker processes start (default forkserver)")
-    p.add_argument("--hang-timeout", type=_positive_float("--hang-timeout"), default=30.0,
-                   metavar="SECONDS", help="a worker silent this long has hung (default 30)")
+    g.add_argument(
+        "--duration",
+        type=_positive_float("--duration"),
+        default=None,
+        metavar="SECONDS",
+        help="seconds of racing (default 10)",
+    )
+    g.add_argument(
+        "--events",
+        type=_positive_int("--events"),
+        default=None,
+        help="race until this many events were delivered",
+    )
+    p.add_argument(
+        "--seed",
+        type=_seed,
+        default=None,
+        help="makes every choice reproducible (default: a random one, printed)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="evtchn kernels (default $EVTCHN_BACKEND or cython); cython runs the "
+        "actors as processes, reference interleaves them in one process",
+    )
+    p.add_argument(
+        "--inject",
+        choices=sorted(L.INJECTIONS),
+        default=None,
+        help="run the engine with a known historical bug put back: "
+        + ", ".join(sorted(L.INJECTIONS)),
+    )
+    p.add_argument(
+        "--json",
+        dest="json_path",
+        metavar="PATH",
+        default=None,
+        help="also write the results, machine and versions as JSON",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (it is shown only when stderr is a terminal)",
+    )
+    p.add_argument(
+        "--batch",
+        type=_positive_int("--batch"),
+        default=2048,
+        help="ports per send_many call (default 2048)",
+    )
+    p.add_argument(
+        "--check-interval",
+        type=_positive_float("--check-interval"),
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds of racing between quiescent checks (default 2)",
+    )
+    p.add_argument(
+        "--nap",
+        type=float,
+        default=8.0,
+        metavar="MS",
+        help="interrupt moderation: after draining, a vCPU lets events gather this "
+        "many milliseconds before it looks again (default 8; 0 = none)",
+    )
+    p.add_argument(
+        "--duel",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="each targeted race of the final phase (consume-vs-send and "
+        "unmask-vs-send for 2l/3l, drain-vs-link for fifo) runs this long "
+        "(default 1; 0 = none)",
+    )
+    p.add_argument(
+        "--start-method",
+        choices=("forkserver", "spawn"),
+        default="forkserver",
+        help="how worker processes start (default forkserver)",
+    )
+    p.add_argument(
+        "--hang-timeout",
+        type=_positive_float("--hang-timeout"),
+        default=30.0,
+        metavar="SECONDS",
+        help="a worker silent this long has hung (default 30)",
+    )
     return p
 
 
@@ -145,8 +231,10 @@ def parse(argv: list[str]) -> tuple[list[CF.Config], argparse.Namespace]:
         if abi is None:
             abi = bug_abi
         elif abi != bug_abi:
-            raise CF.ConfigError(f"--inject {args.inject} is a {bug_abi} bug: use --abi "
-                                 f"{bug_abi} (or leave --abi out)")
+            raise CF.ConfigError(
+                f"--inject {args.inject} is a {bug_abi} bug: use --abi "
+                f"{bug_abi} (or leave --abi out)"
+            )
     abi = abi or "fifo"
     abis = list(CF.ABIS) if abi == "all" else [abi]
     explicit = args.ports is not None
@@ -154,8 +242,7 @@ def parse(argv: list[str]) -> tuple[list[CF.Config], argparse.Namespace]:
     if abi != "all" and explicit:
         limit = CF.abi_limit(abi)
         if args.ports > limit:
-            raise CF.ConfigError(f"--ports {args.ports} is above the {abi} limit of {limit} "
-                                 f"ports")
+            raise CF.ConfigError(f"--ports {args.ports} is above the {abi} limit of {limit} ports")
     if not 0 <= args.duel <= 3600:
         raise CF.ConfigError(f"--duel must be from 0 to 3600 seconds, not {args.duel:g}")
     if not 0 <= args.nap <= 1000:
@@ -169,14 +256,26 @@ def parse(argv: list[str]) -> tuple[list[CF.Config], argparse.Namespace]:
     _check_backend(backend)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     base = CF.Config(
-        ports=ports, vcpus=args.vcpus,
-        senders=args.senders or CF.default_senders(), workload=args.workload,
-        chaos=chaos, chaos_text=args.chaos, duration=args.duration, events=args.events,
-        seed=seed, backend=backend, inject=args.inject, batch=args.batch,
-        check_interval=args.check_interval, nap=args.nap / 1000.0, duel_seconds=args.duel,
+        ports=ports,
+        vcpus=args.vcpus,
+        senders=args.senders or CF.default_senders(),
+        workload=args.workload,
+        chaos=chaos,
+        chaos_text=args.chaos,
+        duration=args.duration,
+        events=args.events,
+        seed=seed,
+        backend=backend,
+        inject=args.inject,
+        batch=args.batch,
+        check_interval=args.check_interval,
+        nap=args.nap / 1000.0,
+        duel_seconds=args.duel,
         start_method=args.start_method,
-        hang_timeout=args.hang_timeout, progress=not args.no_progress,
-        json_path=args.json_path)
+        hang_timeout=args.hang_timeout,
+        progress=not args.no_progress,
+        json_path=args.json_path,
+    )
     cfgs = []
     for a in abis:
         cfg = base.for_abi(a)
@@ -192,15 +291,31 @@ def _check_backend(backend: str) -> None:
         elif backend == "numba":
             import evtchn.numba_kernels  # noqa: F401
     except ImportError as exc:
-        raise CF.ConfigError(f"backend {backend} is not available ({exc}); build it with "
-                             f"`pip install -e . --no-build-isolation` or use --backend "
-                             f"reference") from None
+        raise CF.ConfigError(
+            f"backend {backend} is not available ({exc}); build it with "
+            f"`pip install -e . --no-build-isolation` or use --backend "
+            f"reference"
+        ) from None
 
 
 def replay_command(cfg: CF.Config) -> str:
-    parts = ["python", "-m", "stress", "--abi", cfg.abi, "--ports", str(cfg.ports),
-             "--vcpus", str(cfg.vcpus), "--senders", str(cfg.senders),
-             "--workload", cfg.workload, "--chaos", cfg.chaos_text]
+    parts = [
+        "python",
+        "-m",
+        "stress",
+        "--abi",
+        cfg.abi,
+        "--ports",
+        str(cfg.ports),
+        "--vcpus",
+        str(cfg.vcpus),
+        "--senders",
+        str(cfg.senders),
+        "--workload",
+        cfg.workload,
+        "--chaos",
+        cfg.chaos_text,
+    ]
     if cfg.events is not None:
         parts += ["--events", str(cfg.events)]
     else:
@@ -225,6 +340,7 @@ class _Progress:
 
     def __init__(self, cfg, delivered_now):
         from tqdm import tqdm
+
         self.read = delivered_now
         self.last, self.t = 0, 0.0
         try:
@@ -233,10 +349,18 @@ class _Progress:
             size = os.terminal_size((0, 0))
         sized = size.columns > 0 and size.lines > 0
         # a terminal that reports no size (a bare pty) would get an invisible bar
-        self.bar = tqdm(total=cfg.events, unit="ev", unit_scale=True, file=sys.stderr,
-                        desc=f"{cfg.abi} delivered", dynamic_ncols=sized,
-                        ncols=None if sized else 100, nrows=None if sized else 24,
-                        leave=False, smoothing=0.3)
+        self.bar = tqdm(
+            total=cfg.events,
+            unit="ev",
+            unit_scale=True,
+            file=sys.stderr,
+            desc=f"{cfg.abi} delivered",
+            dynamic_ncols=sized,
+            ncols=None if sized else 100,
+            nrows=None if sized else 24,
+            leave=False,
+            smoothing=0.3,
+        )
 
     def update(self) -> None:
         now = time.monotonic()
@@ -264,6 +388,7 @@ def _progress_factory(enabled: bool):
 
 def _on_sigterm(signum, frame):
     from .run import Interrupted
+
     raise Interrupted("SIGTERM")
 
 
@@ -278,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from . import report
     from . import run as R
+
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     results = []
     try:
@@ -285,10 +411,13 @@ def main(argv: list[str] | None = None) -> int:
         for cfg in cfgs:
             if cfg.cap_note:
                 print(f"note: {cfg.cap_note}")
-            print(f"{cfg.abi}: {cfg.channels} channels, {cfg.vcpus} vcpus, {cfg.senders} "
-                  f"senders, workload {cfg.workload}, chaos {cfg.chaos_text}, backend "
-                  f"{cfg.backend}{', inject ' + cfg.inject if cfg.inject else ''}, "
-                  f"seed {cfg.seed}", flush=True)
+            print(
+                f"{cfg.abi}: {cfg.channels} channels, {cfg.vcpus} vcpus, {cfg.senders} "
+                f"senders, workload {cfg.workload}, chaos {cfg.chaos_text}, backend "
+                f"{cfg.backend}{', inject ' + cfg.inject if cfg.inject else ''}, "
+                f"seed {cfg.seed}",
+                flush=True,
+            )
             res = R.run(cfg, factory)
             results.append(res)
             if res.error or res.interrupted:
@@ -337,12 +466,13 @@ def _verdict(code: int, results, cfgs) -> str:
 
 def cleanup(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: python -m stress cleanup\n\nRemove /dev/shm/evtchn-* segments whose "
-              "creating process is gone (left by a killed run).")
+        print(
+            "usage: python -m stress cleanup\n\nRemove /dev/shm/evtchn-* segments whose "
+            "creating process is gone (left by a killed run)."
+        )
         return 0
     if argv:
-        print(f"python -m stress cleanup: error: unexpected argument {argv[0]!r}",
-              file=sys.stderr)
+        print(f"python -m stress cleanup: error: unexpected argument {argv[0]!r}", file=sys.stderr)
         return EXIT_USAGE
     gone = S.leftovers()
     for name, pid in gone:

@@ -2,6 +2,7 @@
 
 A Config is pickled to every worker process; it carries no handles, only numbers and names.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +38,7 @@ SPARE_EVERY = 256
 def spare_ports(limit: int) -> int:
     return limit // SPARE_EVERY
 
+
 # Which ABI each historical bug lives in; --inject picks that ABI when --abi is not given.
 INJECT_ABI = {name: ("2l" if name.startswith("2l-") else "fifo") for name in L.INJECTIONS}
 
@@ -58,32 +60,32 @@ class ConfigError(ValueError):
 @dataclasses.dataclass
 class Config:
     abi: str = "fifo"
-    ports: int = 8192                 # channels requested (capped at the ABI's limit - 1)
+    ports: int = 8192  # channels requested (capped at the ABI's limit - 1)
     vcpus: int = 64
     senders: int = dataclasses.field(default_factory=default_senders)
     workload: str = "uniform"
     chaos: dict = dataclasses.field(default_factory=lambda: dict(CHAOS_PRESETS["moderate"]))
     chaos_text: str = "moderate"
-    duration: float | None = None     # seconds of racing; default 10 when --events is absent
-    events: int | None = None         # stop once this many events were delivered
+    duration: float | None = None  # seconds of racing; default 10 when --events is absent
+    events: int | None = None  # stop once this many events were delivered
     seed: int = 0
     backend: str = "cython"
     inject: str | None = None
-    batch: int = 2048                 # ports per send_many
-    consume_batch: int = 4096         # ports per consume call
-    check_interval: float = 2.0       # seconds between quiescent checks during the race
-    nap: float = 0.008                # a vCPU that drained lets events gather this long
-    duel_seconds: float = 1.0         # each duel of stress.duels runs this long
+    batch: int = 2048  # ports per send_many
+    consume_batch: int = 4096  # ports per consume call
+    check_interval: float = 2.0  # seconds between quiescent checks during the race
+    nap: float = 0.008  # a vCPU that drained lets events gather this long
+    duel_seconds: float = 1.0  # each duel of stress.duels runs this long
     start_method: str = "forkserver"
-    hang_timeout: float = 30.0        # a worker whose heartbeat stalls this long has hung
+    hang_timeout: float = 30.0  # a worker whose heartbeat stalls this long has hung
     progress: bool = True
     json_path: str | None = None
-    argv_replay: str = ""             # the command line that replays this run
+    argv_replay: str = ""  # the command line that replays this run
     # filled in by the setup
-    channels: int = 0                 # channels actually bound
-    nports: int = 0                   # dom0's port space (per-port arrays)
+    channels: int = 0  # channels actually bound
+    nports: int = 0  # dom0's port space (per-port arrays)
     cap_note: str = ""
-    shape: object = None              # stress.shm.Shape of the stats segment
+    shape: object = None  # stress.shm.Shape of the stats segment
 
     @property
     def masks(self) -> float:
@@ -103,20 +105,22 @@ class Config:
         part of the senders, which own their channels)."""
         return int(self.masks > 0) + int(self.moves > 0)
 
-    def for_abi(self, abi: str) -> "Config":
+    def for_abi(self, abi: str) -> Config:
         """This configuration for one ABI, ports capped at its limit (and a note saying so).
         With closers on, one port in SPARE_EVERY stays free (see spare_ports)."""
         cfg = dataclasses.replace(self, abi=abi, chaos=dict(self.chaos))
         limit = abi_limit(abi)
         spare = spare_ports(limit) if self.closes > 0 else 0
         cfg.nports = limit
-        cfg.channels = min(self.ports, limit - 1 - spare)       # port 0 is reserved
+        cfg.channels = min(self.ports, limit - 1 - spare)  # port 0 is reserved
         if cfg.channels < self.ports:
             why = "port 0 is reserved"
             if spare:
                 why += f" and {spare} ports stay free for the closers' rebinds"
-            cfg.cap_note = (f"{abi}: {self.ports} ports requested, {cfg.channels} bound (the "
-                            f"ABI addresses {limit} ports; {why})")
+            cfg.cap_note = (
+                f"{abi}: {self.ports} ports requested, {cfg.channels} bound (the "
+                f"ABI addresses {limit} ports; {why})"
+            )
         else:
             cfg.cap_note = ""
         return cfg
@@ -141,8 +145,10 @@ def parse_chaos(text: str) -> dict:
         key, sep, val = part.partition("=")
         key = key.strip()
         if not sep or key not in CHAOS_KINDS:
-            raise ConfigError(f"--chaos takes none, low, moderate, high, a rate, or "
-                              f"masks=N,moves=N,closes=N; not {text!r}")
+            raise ConfigError(
+                f"--chaos takes none, low, moderate, high, a rate, or "
+                f"masks=N,moves=N,closes=N; not {text!r}"
+            )
         try:
             rate = float(val)
         except ValueError:

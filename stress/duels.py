@@ -21,6 +21,7 @@ events in their usual tallies, so the exact accounting still holds after a duel.
 The kernels are called directly (``host._k``) rather than through ``Domain``: the Python
 wrappers add a microsecond of jitter that would swamp a window of a few nanoseconds.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,39 +38,43 @@ D_KIND = 0
 D_A_SLOT = 1
 D_B_SLOT = 2
 D_VCPU = 3
-D_PORT_A = 4        # dom0 port raced on
-D_PORT_B = 5        # a second dom0 port in the same word (consume-vs-send)
-D_LPORT_A = 6       # the sender's local ports for them
+D_PORT_A = 4  # dom0 port raced on
+D_PORT_B = 5  # a second dom0 port in the same word (consume-vs-send)
+D_LPORT_A = 6  # the sender's local ports for them
 D_LPORT_B = 7
-D_END_NS = 8        # B stops starting iterations after this monotonic time
-D_BFLAG = 9         # B: ready for iteration k
-D_AFLAG = 10        # A: released for iteration k
-D_ADONE = 11        # A: done with iteration k
-D_DONE = 12         # B: no more iterations
-D_ITERS = 13        # iterations run
-D_HITS = 14         # violations seen
-D_JITTER = 15       # spin loop iterations of random delay, at most
+D_END_NS = 8  # B stops starting iterations after this monotonic time
+D_BFLAG = 9  # B: ready for iteration k
+D_AFLAG = 10  # A: released for iteration k
+D_ADONE = 11  # A: done with iteration k
+D_DONE = 12  # B: no more iterations
+D_ITERS = 13  # iterations run
+D_HITS = 14  # violations seen
+D_JITTER = 15  # spin loop iterations of random delay, at most
 N_DUEL = 48
 
 DUEL_CONSUME_SEND = 1
 DUEL_UNMASK_SEND = 2
 DUEL_DRAIN_LINK = 3
 DUEL_POLL_RELINK = 4
-NAMES = {DUEL_CONSUME_SEND: "consume-vs-send", DUEL_UNMASK_SEND: "unmask-vs-send",
-         DUEL_DRAIN_LINK: "drain-vs-link", DUEL_POLL_RELINK: "poll-vs-relink"}
+NAMES = {
+    DUEL_CONSUME_SEND: "consume-vs-send",
+    DUEL_UNMASK_SEND: "unmask-vs-send",
+    DUEL_DRAIN_LINK: "drain-vs-link",
+    DUEL_POLL_RELINK: "poll-vs-relink",
+}
 
 # drain-vs-link: ports (x, y, w, h, z) in the duel block after the common words
-D_PORTS = 16        # 5 dom0 ports, then their 5 local ports
-D_SENT = 26         # sends B made on the sender's domain (set-up of drain-vs-link)
+D_PORTS = 16  # 5 dom0 ports, then their 5 local ports
+D_SENT = 26  # sends B made on the sender's domain (set-up of drain-vs-link)
 D_HARD_END_NS = 27  # ... and after this one even if fewer than D_MIN_ITERS ran
 D_MIN_ITERS = 28
 PRIO_Q, PRIO_Q3, PRIO_Q2 = 4, 8, 12
 
 # poll-vs-relink: its two ports are D_PORTS, D_PORTS + 1 (local ports at D_PORTS + 5, + 6)
-D_C_SLOT = 29       # side C's worker slot (0: no side C)
-D_CFLAG = 30        # C: done with iteration k (no unmask in flight)
-D_CEDGES = 31       # C: PENDING 0 -> 1 edges its unmasks made in this iteration (B adds them)
-D_CHECKED = 32      # B: iterations whose poll the port's event ended (the check applied)
+D_C_SLOT = 29  # side C's worker slot (0: no side C)
+D_CFLAG = 30  # C: done with iteration k (no unmask in flight)
+D_CEDGES = 31  # C: PENDING 0 -> 1 edges its unmasks made in this iteration (B adds them)
+D_CHECKED = 32  # B: iterations whose poll the port's event ended (the check applied)
 PRIO_POLL = 7
 POLL_TIMEOUT_S = 0.5
 
@@ -78,11 +83,15 @@ V_DUEL_SELECTOR_NO_UPCALL = 20
 V_DUEL_STUCK = 21
 V_DUEL_ORDER = 22
 V_DUEL_EARLY_WAKE = 23
-RECORDED = 4        # violations B records one by one; the rest are counted (D_HITS)
-KIND_OF = {DUEL_CONSUME_SEND: "selector-no-upcall", DUEL_UNMASK_SEND: "stuck-pending",
-           DUEL_DRAIN_LINK: "priority", DUEL_POLL_RELINK: "early-wake"}
+RECORDED = 4  # violations B records one by one; the rest are counted (D_HITS)
+KIND_OF = {
+    DUEL_CONSUME_SEND: "selector-no-upcall",
+    DUEL_UNMASK_SEND: "stuck-pending",
+    DUEL_DRAIN_LINK: "priority",
+    DUEL_POLL_RELINK: "early-wake",
+}
 
-SPIN_LIMIT_NS = 2_000_000_000     # a side that waits this long for the other gives up
+SPIN_LIMIT_NS = 2_000_000_000  # a side that waits this long for the other gives up
 
 
 def _delays(rng, jitter: int) -> list:
@@ -150,7 +159,7 @@ def _a_ports(duel, kind: int, k: int) -> tuple[int, int]:
     """(dom0 port, sender's local port) that side A raises in iteration k."""
     if kind == DUEL_POLL_RELINK:
         return _poll_port(duel, k)
-    if kind == DUEL_DRAIN_LINK:                        # y
+    if kind == DUEL_DRAIN_LINK:  # y
         return int(duel[D_PORTS + 1]), int(duel[D_PORTS + 5 + 1])
     if kind == DUEL_CONSUME_SEND:
         return int(duel[D_PORT_B]), int(duel[D_LPORT_B])
@@ -258,7 +267,7 @@ def run_b(vcpu, duel) -> None:
                 if hits <= RECORDED:
                     code = V_DUEL_SELECTOR_NO_UPCALL if have else V_DUEL_STUCK
                     st.record(vcpu.slot, code, port, v, kind, k, time.monotonic_ns())
-                if not have:                       # repair: let Xen raise it again
+                if not have:  # repair: let Xen raise it again
                     dom0.mask(port)
                     dom0.unmask(port)
         if not drain():
@@ -287,7 +296,7 @@ def _run_b_fifo(vcpu, duel) -> None:
     v = vcpu.v
     x, y, w, h, z = (int(duel[D_PORTS + i]) for i in range(5))
     lx, ly, lw, lh, lz = (int(duel[D_PORTS + 5 + i]) for i in range(5))
-    sdom = int(duel[D_LPORT_A])                       # the sender domain's domid
+    sdom = int(duel[D_LPORT_A])  # the sender domain's domid
     edges = st.edges[int(duel[D_A_SLOT])]
     delays = _delays(np.random.default_rng(int(duel[D_END_NS]) ^ v), int(duel[D_JITTER]))
     buf = vcpu.buf
@@ -307,13 +316,13 @@ def _run_b_fifo(vcpu, duel) -> None:
         dom0.set_priority(h, PRIO_Q)
         send(lh, h)
         send(lx, x)
-        n = k_.consume(0, v, one)                     # takes h; the local head is now x
+        n = k_.consume(0, v, one)  # takes h; the local head is now x
         if n:
             vcpu.account(one[:n])
         dom0.set_priority(h, PRIO_Q2)
-        send(lh, h)                                   # h -> Q2 (new HEAD there)
-        send(lz, z)                                   # h -> z
-        send(lw, w)                                   # w on Q3
+        send(lh, h)  # h -> Q2 (new HEAD there)
+        send(lz, z)  # h -> z
+        send(lw, w)  # w on Q3
         duel[D_BFLAG] = k
         if not _spin(duel, D_AFLAG, k):
             break
@@ -330,8 +339,7 @@ def _run_b_fifo(vcpu, duel) -> None:
             hits += 1
             if hits <= RECORDED:
                 bad = next((a for a, b in zip(seen, want) if a != b), x)
-                st.record(vcpu.slot, V_DUEL_ORDER, bad, v, DUEL_DRAIN_LINK, k,
-                          time.monotonic_ns())
+                st.record(vcpu.slot, V_DUEL_ORDER, bad, v, DUEL_DRAIN_LINK, k, time.monotonic_ns())
         _drain(vcpu)
     duel[D_ITERS] = k
     duel[D_HITS] = hits
@@ -422,8 +430,9 @@ def run_poller(vcpu, duel) -> None:
         if woken and not k_.is_masked(0, dport) and not reachable(dm, v, PRIO_POLL, dport):
             hits += 1
             if hits <= RECORDED:
-                st.record(vcpu.slot, V_DUEL_EARLY_WAKE, dport, v, DUEL_POLL_RELINK, k,
-                          time.monotonic_ns())
+                st.record(
+                    vcpu.slot, V_DUEL_EARLY_WAKE, dport, v, DUEL_POLL_RELINK, k, time.monotonic_ns()
+                )
         if not (_spin(duel, D_ADONE, k) and _spin(duel, D_CFLAG, k)):
             break
         if duel[D_CEDGES]:
@@ -451,18 +460,37 @@ def plan(env, abi: str, plain_channels: np.ndarray, sender: int = 0) -> list[dic
         if counts[v] < 5:
             return []
         five = mine[vcs == v][:5]
-        plans = [dict(kind=DUEL_DRAIN_LINK, vcpu=v, sender=sender,
-                      ports=[int(p) for p in st.ch_dport[five]],
-                      lports=[int(p) for p in st.ch_lport[five]], channels=five.tolist(),
-                      pa=int(st.ch_dport[five[1]]), pb=0, la=0, lb=0)]
-        if env.cfg.vcpus >= 2:                     # side C is another vCPU's worker
+        plans = [
+            dict(
+                kind=DUEL_DRAIN_LINK,
+                vcpu=v,
+                sender=sender,
+                ports=[int(p) for p in st.ch_dport[five]],
+                lports=[int(p) for p in st.ch_lport[five]],
+                channels=five.tolist(),
+                pa=int(st.ch_dport[five[1]]),
+                pb=0,
+                la=0,
+                lb=0,
+            )
+        ]
+        if env.cfg.vcpus >= 2:  # side C is another vCPU's worker
             two = five[:2]
-            plans.append(dict(kind=DUEL_POLL_RELINK, vcpu=v, sender=sender,
-                              c_vcpu=(v + 1) % env.cfg.vcpus,
-                              ports=[int(p) for p in st.ch_dport[two]],
-                              lports=[int(p) for p in st.ch_lport[two]],
-                              channels=two.tolist(), pa=int(st.ch_dport[two[0]]), pb=0,
-                              la=0, lb=0))
+            plans.append(
+                dict(
+                    kind=DUEL_POLL_RELINK,
+                    vcpu=v,
+                    sender=sender,
+                    c_vcpu=(v + 1) % env.cfg.vcpus,
+                    ports=[int(p) for p in st.ch_dport[two]],
+                    lports=[int(p) for p in st.ch_lport[two]],
+                    channels=two.tolist(),
+                    pa=int(st.ch_dport[two[0]]),
+                    pb=0,
+                    la=0,
+                    lb=0,
+                )
+            )
         return plans
     mine = plain_channels[st.ch_sender[plain_channels] == sender]
     if len(mine) < 2:
@@ -474,8 +502,13 @@ def plan(env, abi: str, plain_channels: np.ndarray, sender: int = 0) -> list[dic
     for i in range(len(order) - 1):
         a, b = order[i], order[i + 1]
         if vcs[a] == vcs[b] and dports[a] // w == dports[b] // w:
-            base = dict(vcpu=int(vcs[a]), pa=int(dports[a]), pb=int(dports[b]),
-                        la=int(st.ch_lport[mine[a]]), lb=int(st.ch_lport[mine[b]]),
-                        sender=sender)
+            base = dict(
+                vcpu=int(vcs[a]),
+                pa=int(dports[a]),
+                pb=int(dports[b]),
+                la=int(st.ch_lport[mine[a]]),
+                lb=int(st.ch_lport[mine[b]]),
+                sender=sender,
+            )
             return [dict(base, kind=DUEL_CONSUME_SEND), dict(base, kind=DUEL_UNMASK_SEND)]
     return []

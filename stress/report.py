@@ -1,4 +1,5 @@
 """The run's table (one column per ABI, side by side), its violations, and the JSON file."""
+
 from __future__ import annotations
 
 import json
@@ -37,17 +38,35 @@ ROWS = [
     ("latency p99", lambda r: _us(r.get("latency_ns", {}).get("p99"))),
     ("latency p99.9", lambda r: _us(r.get("latency_ns", {}).get("p99.9"))),
     ("latency max", lambda r: _us(r.get("latency_ns", {}).get("max"))),
-    ("fairness (Jain)", lambda r: "-" if r.get("fairness_jain") is None
-     else f"{r['fairness_jain']:.3f}"),
-    ("worst wait", lambda r: _us(r.get("worst_wait_ns")) +
-     (f" (port {r['worst_wait_port']})" if r.get("worst_wait_port") is not None else "")),
+    (
+        "fairness (Jain)",
+        lambda r: "-" if r.get("fairness_jain") is None else f"{r['fairness_jain']:.3f}",
+    ),
+    (
+        "worst wait",
+        lambda r: (
+            _us(r.get("worst_wait_ns"))
+            + (f" (port {r['worst_wait_port']})" if r.get("worst_wait_port") is not None else "")
+        ),
+    ),
     ("mapped pages", lambda r: _n(r.get("mapped_pages"))),
-    ("chaos ops", lambda r: "-" if not r.get("chaos_ops") else
-     "{masks} mask, {moves} move, {priority_changes} prio, {closes} close".format(
-         **r["chaos_ops"])),
+    (
+        "chaos ops",
+        lambda r: (
+            "-"
+            if not r.get("chaos_ops")
+            else "{masks} mask, {moves} move, {priority_changes} prio, {closes} close".format(
+                **r["chaos_ops"]
+            )
+        ),
+    ),
     ("quiescent checks", lambda r: _n(r.get("epochs"))),
-    ("setup / race / wall", lambda r: f"{r.get('setup_s', 0):.1f} / {r.get('race_s', 0):.1f}"
-     f" / {r.get('wall_s', 0):.1f} s"),
+    (
+        "setup / race / wall",
+        lambda r: (
+            f"{r.get('setup_s', 0):.1f} / {r.get('race_s', 0):.1f} / {r.get('wall_s', 0):.1f} s"
+        ),
+    ),
     ("violations", lambda r: _n(sum(r.get("violation_counts", {}).values()))),
     ("verdict", lambda r: r.get("verdict", "-").upper()),
 ]
@@ -77,17 +96,21 @@ def violations_text(records: list[dict], replay: dict) -> str:
             out.append(f"[{r['abi']}] worker failure: {r['error']}")
         if vs:
             total = sum(counts.values())
-            out.append(f"[{r['abi']}] {total} violation(s) "
-                       f"({', '.join(f'{k} {n}' for k, n in sorted(counts.items()))}), "
-                       f"seed {r['seed']}:")
+            out.append(
+                f"[{r['abi']}] {total} violation(s) "
+                f"({', '.join(f'{k} {n}' for k, n in sorted(counts.items()))}), "
+                f"seed {r['seed']}:"
+            )
             for v in vs:
                 where = []
                 if v.get("port") is not None:
                     where.append(f"port {v['port']}")
                 if v.get("vcpu") is not None:
                     where.append(f"vcpu {v['vcpu']}")
-                out.append(f"  {v['kind']}: {', '.join(where) or '-'}, seed {r['seed']}: "
-                           f"{v['detail']} [{v['phase']}]")
+                out.append(
+                    f"  {v['kind']}: {', '.join(where) or '-'}, seed {r['seed']}: "
+                    f"{v['detail']} [{v['phase']}]"
+                )
             shown = len(vs)
             if total > shown:
                 out.append(f"  ... and {total - shown} more")
@@ -95,8 +118,9 @@ def violations_text(records: list[dict], replay: dict) -> str:
     return "\n".join(out)
 
 
-def write_json(path: str, records: list[dict], machine: dict, versions: dict,
-               argv: list[str], exit_code: int) -> None:
+def write_json(
+    path: str, records: list[dict], machine: dict, versions: dict, argv: list[str], exit_code: int
+) -> None:
     doc = {
         "tool": "evtchn stress",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -116,6 +140,7 @@ def write_json(path: str, records: list[dict], machine: dict, versions: dict,
 def _jsonable(x):
     try:
         import numpy as np
+
         if isinstance(x, np.integer):
             return int(x)
         if isinstance(x, np.floating):

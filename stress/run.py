@@ -14,6 +14,7 @@ Phases of a run (the parent drives them through the control words of stress.shm)
 Backends whose kernels work across processes (cython) run every actor in its own process;
 the others (reference) run the same actors interleaved in this process.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,8 +51,8 @@ class Interrupted(BaseException):
 class Setup:
     env: W.Env
     names: list
-    perma: np.ndarray          # bool per dom0 port
-    plain: np.ndarray          # channels in no chaos class (for the ordered phase)
+    perma: np.ndarray  # bool per dom0 port
+    plain: np.ndarray  # channels in no chaos class (for the ordered phase)
     seconds: float
 
 
@@ -79,23 +80,25 @@ def setup(cfg, host: Host) -> Setup:
         cls = np.zeros(n, np.uint8)
         order = rng.permutation(n)
         at = 0
-        for flag, frac, on in ((S.CL_PERMA, CF.FRACTION_PERMA, n >= 16),
-                               (S.CL_MASK, CF.FRACTION_MASK, cfg.masks > 0),
-                               (S.CL_MOVE, CF.FRACTION_MOVE, cfg.moves > 0),
-                               (S.CL_CLOSE, CF.FRACTION_CLOSE, cfg.closes > 0)):
+        for flag, frac, on in (
+            (S.CL_PERMA, CF.FRACTION_PERMA, n >= 16),
+            (S.CL_MASK, CF.FRACTION_MASK, cfg.masks > 0),
+            (S.CL_MOVE, CF.FRACTION_MOVE, cfg.moves > 0),
+            (S.CL_CLOSE, CF.FRACTION_CLOSE, cfg.closes > 0),
+        ):
             if on:
                 k = max(1, int(round(n * frac)))
-                cls[order[at:at + k]] = flag
+                cls[order[at : at + k]] = flag
                 at += k
         prios = rng.integers(0, L.FIFO_MAX_QUEUES, n)
         nwords = (n + 1 + 63) // 64
         ch_dport, ch_lport = stats.ch_dport, stats.ch_lport
         ch_sender, ch_vcpu, ch_prio = stats.ch_sender, stats.ch_vcpu, stats.ch_prio
         fifo = cfg.abi == "fifo"
-        spare, nxt = [], 1          # allocation is sequential here: nxt is the next port
+        spare, nxt = [], 1  # allocation is sequential here: nxt is the next port
         for c in range(n):
             if cfg.closes > 0 and nxt % CF.SPARE_EVERY == CF.SPARE_EVERY - 1:
-                spare.append(dom0.alloc_unbound(L.DOMID_SELF))    # freed after the setup
+                spare.append(dom0.alloc_unbound(L.DOMID_SELF))  # freed after the setup
                 nxt = spare[-1] + 1
             s = c % cfg.senders
             sd = sdoms[s]
@@ -111,7 +114,7 @@ def setup(cfg, host: Host) -> Setup:
             ch_dport[c], ch_lport[c], ch_sender[c], ch_vcpu[c], ch_prio[c] = p, lp, s, v, pr
         for p in spare:
             dom0.close(p)
-        for sd in sdoms:           # the bind edges landed on the senders' own ports: drop them
+        for sd in sdoms:  # the bind edges landed on the senders' own ports: drop them
             sd.consume(0)
         stats.ch_class[:] = cls
         ports = ch_dport[:n].astype(np.int64)
@@ -129,11 +132,12 @@ def setup(cfg, host: Host) -> Setup:
             dom0.mask(int(p))
         perma = np.zeros(cfg.nports, bool)
         perma[ports[(cls & S.CL_PERMA) != 0]] = True
-        names = ([f"sender-{i}" for i in range(cfg.senders)] +
-                 [f"vcpu-{v}" for v in range(cfg.vcpus)] +
-                 [f"{a.role}-{i}" for i, a in enumerate(_chaos_roles(cfg))])
-        return Setup(env, names, perma, np.flatnonzero(cls == 0),
-                     time.perf_counter() - t0)
+        names = (
+            [f"sender-{i}" for i in range(cfg.senders)]
+            + [f"vcpu-{v}" for v in range(cfg.vcpus)]
+            + [f"{a.role}-{i}" for i, a in enumerate(_chaos_roles(cfg))]
+        )
+        return Setup(env, names, perma, np.flatnonzero(cls == 0), time.perf_counter() - t0)
     except BaseException:
         stats.close()
         raise
@@ -185,17 +189,23 @@ class ProcessCrew:
         ctx = multiprocessing.get_context(cfg.start_method)
         if cfg.start_method == "forkserver":
             ctx.set_forkserver_preload(["numpy", "evtchn", "stress.workers"])
-        jobs = ([("sender", i) for i in range(cfg.senders)] +
-                [("vcpu", v) for v in range(cfg.vcpus)] +
-                [(r.role, i) for i, r in enumerate(_chaos_roles(cfg))])
+        jobs = (
+            [("sender", i) for i in range(cfg.senders)]
+            + [("vcpu", v) for v in range(cfg.vcpus)]
+            + [(r.role, i) for i, r in enumerate(_chaos_roles(cfg))]
+        )
         args = (cfg, self.env.host.name, self.st.name, os.getpid())
         for slot, (role, i) in enumerate(jobs):
-            p = ctx.Process(target=W.worker_main, args=(role, i) + args,
-                            name=self.names[slot], daemon=True)
+            p = ctx.Process(
+                target=W.worker_main, args=(role, i) + args, name=self.names[slot], daemon=True
+            )
             p.start()
             self.procs.append((slot, self.names[slot], p))
-        self.wait_for(lambda: (self.st.hdr[:, S.H_STATE] >= S.S_READY).all(),
-                      max(60.0, 1.0 * len(jobs)), "workers starting")
+        self.wait_for(
+            lambda: (self.st.hdr[:, S.H_STATE] >= S.S_READY).all(),
+            max(60.0, 1.0 * len(jobs)),
+            "workers starting",
+        )
 
     def stop(self) -> None:
         """Tell every worker to leave; kill the ones that do not within a few seconds."""
@@ -219,7 +229,7 @@ class ProcessCrew:
     def poll(self) -> None:
         if self.stopping:
             return
-        for slot, name, p in self.procs:
+        for _slot, name, p in self.procs:
             code = p.exitcode
             if code is not None:
                 raise WorkerError(f"worker {name} (pid {p.pid}) {_describe_exit(code)}")
@@ -232,9 +242,11 @@ class ProcessCrew:
         if len(stale) and self.beat_t.min() > 0:
             slot = int(stale[0])
             state = S.STATE_NAMES[min(int(self.st.hdr[slot, S.H_STATE]), 7)]
-            raise WorkerError(f"worker {self.names[slot]} (pid "
-                              f"{int(self.st.hdr[slot, S.H_PID])}) hung: no heartbeat for "
-                              f"{self.cfg.hang_timeout:.0f} s (state {state})")
+            raise WorkerError(
+                f"worker {self.names[slot]} (pid "
+                f"{int(self.st.hdr[slot, S.H_PID])}) hung: no heartbeat for "
+                f"{self.cfg.hang_timeout:.0f} s (state {state})"
+            )
 
     def wait_for(self, pred, timeout: float, what: str) -> None:
         deadline = monotonic() + timeout
@@ -242,14 +254,14 @@ class ProcessCrew:
         while not pred():
             self.poll()
             if monotonic() > deadline:
-                raise WorkerError(f"{what}: not done after {timeout:.0f} s; "
-                                  f"{self._laggards()}")
+                raise WorkerError(f"{what}: not done after {timeout:.0f} s; {self._laggards()}")
             time.sleep(self.POLL)
 
     def _laggards(self) -> str:
         states = self.st.hdr[:, S.H_STATE]
-        parts = [f"{self.names[i]}={S.STATE_NAMES[min(int(s), 7)]}"
-                 for i, s in enumerate(states)][:8]
+        parts = [f"{self.names[i]}={S.STATE_NAMES[min(int(s), 7)]}" for i, s in enumerate(states)][
+            :8
+        ]
         return "worker states: " + ", ".join(parts)
 
     # -- phases ------------------------------------------------------------------------------
@@ -284,10 +296,14 @@ class ProcessCrew:
         self.st.ctrl[S.C_PAUSE] = g
         hdr = self.st.hdr
         senders, chaos = self._slots("senders"), self._slots("chaos")
-        self.wait_for(lambda: all(hdr[i, S.H_ACK] == g for i in senders) and
-                      all(hdr[i, S.H_ACK] == g or hdr[i, S.H_STATE] == S.S_FINISHED
-                          for i in chaos),
-                      self.cfg.hang_timeout, "pausing the senders")
+        self.wait_for(
+            lambda: (
+                all(hdr[i, S.H_ACK] == g for i in senders)
+                and all(hdr[i, S.H_ACK] == g or hdr[i, S.H_STATE] == S.S_FINISHED for i in chaos)
+            ),
+            self.cfg.hang_timeout,
+            "pausing the senders",
+        )
 
     def resume(self) -> None:
         self.st.ctrl[S.C_PAUSE] = 0
@@ -297,8 +313,11 @@ class ProcessCrew:
         self.st.ctrl[S.C_HOLD] = g
         hdr = self.st.hdr
         vc = self._slots("vcpus")
-        self.wait_for(lambda: all(hdr[i, S.H_ACK] == g for i in vc),
-                      self.cfg.hang_timeout, "holding the vCPUs")
+        self.wait_for(
+            lambda: all(hdr[i, S.H_ACK] == g for i in vc),
+            self.cfg.hang_timeout,
+            "holding the vCPUs",
+        )
 
     def release(self) -> None:
         self.st.ctrl[S.C_HOLD] = 0
@@ -308,8 +327,11 @@ class ProcessCrew:
         self.st.ctrl[S.C_FINISH] = g
         hdr = self.st.hdr
         ch = self._slots("chaos")
-        self.wait_for(lambda: all(hdr[i, S.H_ACK] == g for i in ch),
-                      self.cfg.hang_timeout, "undoing the chaos")
+        self.wait_for(
+            lambda: all(hdr[i, S.H_ACK] == g for i in ch),
+            self.cfg.hang_timeout,
+            "undoing the chaos",
+        )
 
     def duel(self, d: dict, seconds: float) -> dict:
         """Run one duel (stress.duels) between a sender and a vCPU worker; every other
@@ -329,36 +351,49 @@ class ProcessCrew:
         if d["kind"] in (DU.DUEL_DRAIN_LINK, DU.DUEL_POLL_RELINK):
             dom0 = self.env.dom0
             n = len(d["ports"])
-            block[DU.D_PORTS:DU.D_PORTS + n] = d["ports"]
-            block[DU.D_PORTS + 5:DU.D_PORTS + 5 + n] = d["lports"]
+            block[DU.D_PORTS : DU.D_PORTS + n] = d["ports"]
+            block[DU.D_PORTS + 5 : DU.D_PORTS + 5 + n] = d["lports"]
             block[DU.D_LPORT_A] = self.env.sdoms[d["sender"]].domid
-            prios = ((DU.PRIO_Q, DU.PRIO_Q, DU.PRIO_Q3, DU.PRIO_Q, DU.PRIO_Q2)
-                     if n == 5 else (DU.PRIO_POLL,) * n)
+            prios = (
+                (DU.PRIO_Q, DU.PRIO_Q, DU.PRIO_Q3, DU.PRIO_Q, DU.PRIO_Q2)
+                if n == 5
+                else (DU.PRIO_POLL,) * n
+            )
             for p, c, pr in zip(d["ports"], d["channels"], prios):
                 saved.append((p, int(st.ch_prio[c])))
                 dom0.set_priority(p, pr)
         parties = [int(block[DU.D_A_SLOT]), int(block[DU.D_B_SLOT])]
         if d["kind"] == DU.DUEL_POLL_RELINK:
             block[DU.D_C_SLOT] = st.vcpu_slot(d["c_vcpu"])
-            block[DU.D_MIN_ITERS] = int(200 * seconds)   # an iteration sleeps in a poll
+            block[DU.D_MIN_ITERS] = int(200 * seconds)  # an iteration sleeps in a poll
             parties.append(int(block[DU.D_C_SLOT]))
         block[DU.D_END_NS] = time.monotonic_ns() + int(seconds * 1e9)
         block[DU.D_HARD_END_NS] = time.monotonic_ns() + int(4 * seconds * 1e9)
         g = self._next()
         st.ctrl[S.C_DUEL] = g
         try:
-            self.wait_for(lambda: all(st.hdr[i, S.H_DUEL_ACK] == g for i in parties),
-                          4 * seconds + self.cfg.hang_timeout, f"duel {DU.NAMES[d['kind']]}")
+            self.wait_for(
+                lambda: all(st.hdr[i, S.H_DUEL_ACK] == g for i in parties),
+                4 * seconds + self.cfg.hang_timeout,
+                f"duel {DU.NAMES[d['kind']]}",
+            )
         finally:
             st.ctrl[S.C_DUEL] = 0
             for p, pr in saved:
                 self.env.dom0.set_priority(p, pr)
         self.env.extra_sent += int(block[DU.D_SENT])
-        return {"duel": DU.NAMES[d["kind"]], "vcpu": d["vcpu"],
-                "port": d["pb"] if d["kind"] == DU.DUEL_CONSUME_SEND else d["pa"],
-                "iterations": int(block[DU.D_ITERS]), "violations": int(block[DU.D_HITS]),
-                **({"woken_by_event": int(block[DU.D_CHECKED])}
-                   if d["kind"] == DU.DUEL_POLL_RELINK else {})}
+        return {
+            "duel": DU.NAMES[d["kind"]],
+            "vcpu": d["vcpu"],
+            "port": d["pb"] if d["kind"] == DU.DUEL_CONSUME_SEND else d["pa"],
+            "iterations": int(block[DU.D_ITERS]),
+            "violations": int(block[DU.D_HITS]),
+            **(
+                {"woken_by_event": int(block[DU.D_CHECKED])}
+                if d["kind"] == DU.DUEL_POLL_RELINK
+                else {}
+            ),
+        }
 
     def drain(self) -> None:
         """Release the vCPUs and wait until each ran a full loop and has no upcall pending
@@ -373,10 +408,13 @@ class ProcessCrew:
         def drained():
             if not (hdr[vc, S.H_LOOPS] >= base + 2).all():
                 return False
-            quiet = (not any(dom0.upcall_pending(v) for v in range(self.cfg.vcpus)) and
-                     not (hdr[vc, S.H_SEQ] & 1).any())
+            quiet = (
+                not any(dom0.upcall_pending(v) for v in range(self.cfg.vcpus))
+                and not (hdr[vc, S.H_SEQ] & 1).any()
+            )
             calm[0] = calm[0] + 1 if quiet else 0
             return calm[0] >= 3
+
         self.wait_for(drained, self.cfg.hang_timeout, "draining the vCPUs")
 
 
@@ -398,8 +436,9 @@ class InlineCrew:
         self.progress = progress
         env = su.env
         _, snd_seeds, chaos_seeds = W.seeds_for(cfg.seed, cfg.senders, cfg.n_chaos)
-        self.senders = [W.Sender(env, i, np.random.default_rng(snd_seeds[i]))
-                        for i in range(cfg.senders)]
+        self.senders = [
+            W.Sender(env, i, np.random.default_rng(snd_seeds[i])) for i in range(cfg.senders)
+        ]
         for s in self.senders:
             s.pace = lambda s=s: (s.batch if s.workload != "storm" or s.storming else 64, 0.0)
         self.vcpus = [W.VCPU(env, v, inline=True) for v in range(cfg.vcpus)]
@@ -480,10 +519,18 @@ class Result:
 def run(cfg, progress_factory=None) -> Result:
     """One ABI's run; never raises for worker trouble (the result says so)."""
     col = C.Collector()
-    rec: dict = {"abi": cfg.abi, "ports": cfg.channels, "ports_requested": cfg.ports,
-                 "vcpus": cfg.vcpus, "senders": cfg.senders, "workload": cfg.workload,
-                 "chaos": dict(cfg.chaos), "backend": cfg.backend, "inject": cfg.inject,
-                 "seed": cfg.seed}
+    rec: dict = {
+        "abi": cfg.abi,
+        "ports": cfg.channels,
+        "ports_requested": cfg.ports,
+        "vcpus": cfg.vcpus,
+        "senders": cfg.senders,
+        "workload": cfg.workload,
+        "chaos": dict(cfg.chaos),
+        "backend": cfg.backend,
+        "inject": cfg.inject,
+        "seed": cfg.seed,
+    }
     if cfg.cap_note:
         rec["note"] = cfg.cap_note
     host = su = crew = None
@@ -497,8 +544,10 @@ def run(cfg, progress_factory=None) -> Result:
         su = setup(cfg, host)
         rec["setup_s"] = round(su.seconds, 3)
         st = su.env.stats
-        delivered_now = lambda: int(st.hdr[cfg.senders:cfg.senders + cfg.vcpus,
-                                           S.H_DELIVERED].sum())
+
+        def delivered_now():
+            return int(st.hdr[cfg.senders : cfg.senders + cfg.vcpus, S.H_DELIVERED].sum())
+
         if progress_factory is not None:
             bar = progress_factory(cfg, delivered_now)
         multiproc = getattr(host._k, "multiprocess", False)
@@ -526,7 +575,7 @@ def run(cfg, progress_factory=None) -> Result:
         finally:
             try:
                 if su is not None:
-                    _metrics(cfg, su, rec, timing, col)      # partial figures too
+                    _metrics(cfg, su, rec, timing, col)  # partial figures too
                     su.env.stats.close()
             finally:
                 if host is not None:
@@ -547,8 +596,7 @@ def run(cfg, progress_factory=None) -> Result:
 
 
 def _race(cfg, su, crew, col, timing, delivered_now) -> None:
-    duration = cfg.duration if cfg.duration is not None else (
-        None if cfg.events else 10.0)
+    duration = cfg.duration if cfg.duration is not None else (None if cfg.events else 10.0)
     target = cfg.events
 
     def reached():
@@ -564,29 +612,33 @@ def _race(cfg, su, crew, col, timing, delivered_now) -> None:
         d0, t0 = delivered_now(), time.perf_counter()
         try:
             crew.run_for(span, until=reached if target else None)
-        finally:               # partial figures survive a dead worker or Ctrl-C
+        finally:  # partial figures survive a dead worker or Ctrl-C
             timing["race_s"] += time.perf_counter() - t0
             timing["race_delivered"] += delivered_now() - d0
         left = None if duration is None else duration - timing["race_s"]
         if (left is not None and left <= 0.05) or reached():
             break
         timing["epochs"] += 1
-        _quiescent_check(cfg, su, crew, col, f"epoch {timing['epochs']} "
-                         f"(t={timing['race_s']:.1f}s)", final=False)
+        _quiescent_check(
+            cfg, su, crew, col, f"epoch {timing['epochs']} (t={timing['race_s']:.1f}s)", final=False
+        )
         crew.resume()
 
 
 def _quiescent_check(cfg, su, crew, col, phase: str, final: bool) -> None:
     env = su.env
     crew.hold()
-    crew.run_for(0.02)                 # senders keep linking onto held queues
+    crew.run_for(0.02)  # senders keep linking onto held queues
     crew.pause()
     col.extend(C.held_checks(C.Snapshot(env.host, cfg.nports), f"held, {phase}"))
     if final:
         crew.finish_chaos()
     crew.drain()
-    col.extend(C.drained_checks(C.Snapshot(env.host, cfg.nports), env.stats,
-                                f"drained, {phase}", final, su.perma))
+    col.extend(
+        C.drained_checks(
+            C.Snapshot(env.host, cfg.nports), env.stats, f"drained, {phase}", final, su.perma
+        )
+    )
 
 
 def _final(cfg, su, crew, col, timing) -> None:
@@ -597,23 +649,44 @@ def _final(cfg, su, crew, col, timing) -> None:
     rng = np.random.default_rng(cfg.seed + 1)
     col.extend(C.ordered_phase(env, rng, su.plain))
     crew.drain()
-    col.extend(C.drained_checks(C.Snapshot(env.host, cfg.nports), env.stats,
-                                "drained, after the ordered phase", True, su.perma))
+    col.extend(
+        C.drained_checks(
+            C.Snapshot(env.host, cfg.nports),
+            env.stats,
+            "drained, after the ordered phase",
+            True,
+            su.perma,
+        )
+    )
     if cfg.duel_seconds > 0 and hasattr(crew, "duel"):
         plans = DU.plan(env, cfg.abi, su.plain)
         for d in plans:
             crew.hold()
             res = crew.duel(d, cfg.duel_seconds)
             timing.setdefault("duels", []).append(res)
-            if res["violations"] > DU.RECORDED:       # the first ones are listed one by one
-                col.add(C.Violation(DU.KIND_OF[d["kind"]], res["port"], d["vcpu"],
-                                    f"{res['violations'] - DU.RECORDED} more of the "
-                                    f"{res['iterations']} iterations of duel {res['duel']} "
-                                    f"failed the same way", "duel"))
+            if res["violations"] > DU.RECORDED:  # the first ones are listed one by one
+                col.add(
+                    C.Violation(
+                        DU.KIND_OF[d["kind"]],
+                        res["port"],
+                        d["vcpu"],
+                        f"{res['violations'] - DU.RECORDED} more of the "
+                        f"{res['iterations']} iterations of duel {res['duel']} "
+                        f"failed the same way",
+                        "duel",
+                    )
+                )
         if plans:
             crew.drain()
-            col.extend(C.drained_checks(C.Snapshot(env.host, cfg.nports), env.stats,
-                                        "drained, after the duels", True, su.perma))
+            col.extend(
+                C.drained_checks(
+                    C.Snapshot(env.host, cfg.nports),
+                    env.stats,
+                    "drained, after the duels",
+                    True,
+                    su.perma,
+                )
+            )
     col.extend(C.worker_violations(env.stats, su.names))
 
 
@@ -627,37 +700,48 @@ def _metrics(cfg, su, rec, timing, col) -> None:
     sent = int(hdr[snd, S.H_SENT].sum())
     edges = int(st.edges.sum(dtype=np.int64))
     delivered = int(st.delivered.sum(dtype=np.int64))
-    sent_total = sent + su.env.extra_sent        # + the ordered phase's and the duels' own
+    sent_total = sent + su.env.extra_sent  # + the ordered phase's and the duels' own
     race_s = timing["race_s"]
-    rec.update({
-        "sent": sent_total,
-        "edges": edges,
-        "delivered": delivered,
-        "coalesced": sent_total - edges,
-        "destroyed_by_close": int(st.destroyed.sum(dtype=np.int64)),
-        "raised_by_unmask": int(st.extra.sum(dtype=np.int64)),
-        "race_s": round(race_s, 3),
-        "delivered_per_s": round(timing["race_delivered"] / race_s, 1) if race_s else 0.0,
-        "sent_per_s": round(sent / race_s, 1) if race_s else 0.0,
-        "chaos_ops": {"masks": int(hdr[ch, S.H_MASKS].sum()),
-                      "moves": int(hdr[ch, S.H_MOVES].sum()),
-                      "priority_changes": int(hdr[ch, S.H_PRIOS].sum()),
-                      "closes": int(hdr[snd, S.H_CLOSES].sum())},
-        "vcpu_wakeups": int(hdr[vc, S.H_WAKEUPS].sum()),
-        "consume_calls": int(hdr[vc, S.H_BATCHES].sum()),
-        "moved_port_overlaps": int(hdr[vc, S.H_OVERLAPS].sum()),
-        "cpu_s": {"senders": round(float(hdr[snd, S.H_CPU_NS].sum()) / 1e9, 3),
-                  "vcpus": round(float(hdr[vc, S.H_CPU_NS].sum()) / 1e9, 3),
-                  "chaos": round(float(hdr[ch, S.H_CPU_NS].sum()) / 1e9, 3)},
-    })
+    rec.update(
+        {
+            "sent": sent_total,
+            "edges": edges,
+            "delivered": delivered,
+            "coalesced": sent_total - edges,
+            "destroyed_by_close": int(st.destroyed.sum(dtype=np.int64)),
+            "raised_by_unmask": int(st.extra.sum(dtype=np.int64)),
+            "race_s": round(race_s, 3),
+            "delivered_per_s": round(timing["race_delivered"] / race_s, 1) if race_s else 0.0,
+            "sent_per_s": round(sent / race_s, 1) if race_s else 0.0,
+            "chaos_ops": {
+                "masks": int(hdr[ch, S.H_MASKS].sum()),
+                "moves": int(hdr[ch, S.H_MOVES].sum()),
+                "priority_changes": int(hdr[ch, S.H_PRIOS].sum()),
+                "closes": int(hdr[snd, S.H_CLOSES].sum()),
+            },
+            "vcpu_wakeups": int(hdr[vc, S.H_WAKEUPS].sum()),
+            "consume_calls": int(hdr[vc, S.H_BATCHES].sum()),
+            "moved_port_overlaps": int(hdr[vc, S.H_OVERLAPS].sum()),
+            "cpu_s": {
+                "senders": round(float(hdr[snd, S.H_CPU_NS].sum()) / 1e9, 3),
+                "vcpus": round(float(hdr[vc, S.H_CPU_NS].sum()) / 1e9, 3),
+                "chaos": round(float(hdr[ch, S.H_CPU_NS].sum()) / 1e9, 3),
+            },
+        }
+    )
     hist = st.hist.sum(axis=0)
     n = int(hist.sum())
     frac = int(st.ctrl[S.C_SAMPLE_MASK]) + 1
     which = "every port" if frac == 1 else f"1 port in {frac} (chosen at random)"
-    lat = {"samples": n, "method": (f"every event of {which}: from the port's first send "
-                                   f"after its previous handling to the start of the handler "
-                                   f"that delivers it (log buckets, ~6% resolution; max "
-                                   f"exact)")}
+    lat = {
+        "samples": n,
+        "method": (
+            f"every event of {which}: from the port's first send "
+            f"after its previous handling to the start of the handler "
+            f"that delivers it (log buckets, ~6% resolution; max "
+            f"exact)"
+        ),
+    }
     if n:
         cum = np.cumsum(hist)
         vals = W.hist_value(np.arange(S.HIST_BUCKETS))
@@ -670,8 +754,7 @@ def _metrics(cfg, su, rec, timing, col) -> None:
     have = cnt > 0
     if have.any():
         mean = ssum[have] / cnt[have]
-        rec["fairness_jain"] = round(float(mean.sum() ** 2 / (len(mean) * (mean ** 2).sum())),
-                                     4)
+        rec["fairness_jain"] = round(float(mean.sum() ** 2 / (len(mean) * (mean**2).sum())), 4)
         rec["fairness_method"] = "Jain's index over the ports' mean latency"
         j = int(np.argmax(hdr[vc, S.H_LAT_MAX]))
         rec["worst_wait_ns"] = int(hdr[sh.senders + j, S.H_LAT_MAX])
@@ -681,22 +764,29 @@ def _metrics(cfg, su, rec, timing, col) -> None:
         rec["worst_wait_ns"] = None
     try:
         rec["mapped_pages"] = su.env.dom0.mapped_pages()
-    except Exception:     # the host may be gone after an error
+    except Exception:  # the host may be gone after an error
         rec["mapped_pages"] = None
 
 
 def versions() -> dict:
     import platform
     import sys
-    out = {"python": sys.version.split()[0], "numpy": np.__version__,
-           "evtchn": evtchn.__version__, "platform": platform.platform()}
+
+    out = {
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "evtchn": evtchn.__version__,
+        "platform": platform.platform(),
+    }
     try:
         import tqdm
+
         out["tqdm"] = tqdm.__version__
     except ImportError:
         pass
     try:
         import Cython
+
         out["cython"] = Cython.__version__
     except ImportError:
         pass
@@ -705,6 +795,7 @@ def versions() -> dict:
 
 def machine() -> dict:
     import platform
+
     info = {"cpus": os.cpu_count(), "machine": platform.machine(), "node": platform.node()}
     try:
         with open("/proc/meminfo") as f:

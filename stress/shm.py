@@ -9,6 +9,7 @@ only once the writers have acknowledged a pause, or as a monotonic progress figu
 Per-port tallies are indexed by dom0 port number, which is stable while a channel lives: a
 closer retires a port only after its last event was delivered or counted as destroyed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,63 +23,63 @@ SHM_DIR = "/dev/shm"
 PREFIX = "evtchn-"
 
 # --- control words (u64, written by the parent) -------------------------------------------------
-C_STOP = 0          # 1: every worker leaves its loop
-C_PAUSE = 1         # 1: senders and chaos workers finish their batch and wait
-C_HOLD = 2          # 1: vCPUs stop consuming (their queues fill up)
-C_FINISH = 3        # 1: chaos workers undo what they hold (maskers unmask) and report FINISHED
-C_EPOCH = 4         # bumped at each quiescent check (informational)
-C_RELEASE = 5       # generation of the last vCPU release (vCPUs copy it to H_ACK)
-C_SAMPLE_MASK = 6   # latency is timed on 1 port in (mask + 1): those with port_sampled set
-C_DUEL = 7          # generation of the running duel (stress.duels), 0 = none
+C_STOP = 0  # 1: every worker leaves its loop
+C_PAUSE = 1  # 1: senders and chaos workers finish their batch and wait
+C_HOLD = 2  # 1: vCPUs stop consuming (their queues fill up)
+C_FINISH = 3  # 1: chaos workers undo what they hold (maskers unmask) and report FINISHED
+C_EPOCH = 4  # bumped at each quiescent check (informational)
+C_RELEASE = 5  # generation of the last vCPU release (vCPUs copy it to H_ACK)
+C_SAMPLE_MASK = 6  # latency is timed on 1 port in (mask + 1): those with port_sampled set
+C_DUEL = 7  # generation of the running duel (stress.duels), 0 = none
 N_CTRL = 16
 
 # --- per-worker header (u64 words) ----------------------------------------------------------------
 H_PID = 0
-H_STATE = 1         # S_* below
-H_LOOPS = 2         # heartbeat: bumped once per loop iteration
-H_SEQ = 3           # odd while a vCPU is inside consume + accounting (a seqcount)
-H_SENT = 4          # sends issued (senders)
-H_EDGES = 5         # sends that set PENDING 0 -> 1
-H_DELIVERED = 6     # ports delivered by consume (vCPUs)
-H_BATCHES = 7       # send_many / consume batches
-H_OPS = 8           # chaos operations (masks, moves, closes)
-H_DESTROYED = 9     # pending edges cleared by a close (senders' closers)
-H_CLOSES = 10       # close + rebind cycles done
-H_LAT_MAX = 11      # worst latency sample seen (ns)
+H_STATE = 1  # S_* below
+H_LOOPS = 2  # heartbeat: bumped once per loop iteration
+H_SEQ = 3  # odd while a vCPU is inside consume + accounting (a seqcount)
+H_SENT = 4  # sends issued (senders)
+H_EDGES = 5  # sends that set PENDING 0 -> 1
+H_DELIVERED = 6  # ports delivered by consume (vCPUs)
+H_BATCHES = 7  # send_many / consume batches
+H_OPS = 8  # chaos operations (masks, moves, closes)
+H_DESTROYED = 9  # pending edges cleared by a close (senders' closers)
+H_CLOSES = 10  # close + rebind cycles done
+H_LAT_MAX = 11  # worst latency sample seen (ns)
 H_LAT_MAX_PORT = 12
-H_NVIOL = 13        # violations recorded in this worker's ring
-H_OVERLAPS = 14     # a port seen in another vCPU's handler at the same time (moved ports)
-H_ACK = 15          # last release generation seen (vCPUs)
-H_WAKEUPS = 16      # wait() calls that returned with an upcall pending
-H_EMPTY = 17        # consume calls that delivered nothing
-H_BUSY_NS = 18      # time spent sending / consuming (ns)
-H_ERRNO = 19        # last unexpected errno
+H_NVIOL = 13  # violations recorded in this worker's ring
+H_OVERLAPS = 14  # a port seen in another vCPU's handler at the same time (moved ports)
+H_ACK = 15  # last release generation seen (vCPUs)
+H_WAKEUPS = 16  # wait() calls that returned with an upcall pending
+H_EMPTY = 17  # consume calls that delivered nothing
+H_BUSY_NS = 18  # time spent sending / consuming (ns)
+H_ERRNO = 19  # last unexpected errno
 H_MOVES = 20
 H_MASKS = 21
 H_PRIOS = 22
-H_TIMEOUTS = 23     # wait() calls that timed out
-H_CPU_NS = 24       # CPU time the worker process used (updated every ~64 loops)
-H_DUEL_ACK = 25     # generation of the last duel this worker took part in
+H_TIMEOUTS = 23  # wait() calls that timed out
+H_CPU_NS = 24  # CPU time the worker process used (updated every ~64 loops)
+H_DUEL_ACK = 25  # generation of the last duel this worker took part in
 N_HDR = 32
 
 S_STARTING, S_READY, S_RUNNING, S_PAUSED, S_HELD, S_FINISHED, S_DONE, S_FAILED = range(8)
 STATE_NAMES = ("starting", "ready", "running", "paused", "held", "finished", "done", "failed")
 
 # --- violations recorded by workers -----------------------------------------------------------
-VIOL_SLOTS = 32     # per worker; more are counted, not stored
-VIOL_WORDS = 6      # kind, port, vcpu, a, b, time_ns
+VIOL_SLOTS = 32  # per worker; more are counted, not stored
+VIOL_WORDS = 6  # kind, port, vcpu, a, b, time_ns
 
 # --- per-port classes (u8 bit flags) ------------------------------------------------------------
-CL_PERMA = 1        # masked for the whole run
-CL_MASK = 2         # maskers toggle it
-CL_MOVE = 4         # movers change its vCPU / priority
-CL_CLOSE = 8        # its sender closes and rebinds it
-CL_LIVE = 16        # a live channel's dom0 port (cleared when a closer retires it)
+CL_PERMA = 1  # masked for the whole run
+CL_MASK = 2  # maskers toggle it
+CL_MOVE = 4  # movers change its vCPU / priority
+CL_CLOSE = 8  # its sender closes and rebinds it
+CL_LIVE = 16  # a live channel's dom0 port (cleared when a closer retires it)
 
 # --- per-port delivery tags: the vCPU a port may be delivered on, or one of these -------------
-TAG_ANY = 0xFFFF    # moved ports: any vCPU
+TAG_ANY = 0xFFFF  # moved ports: any vCPU
 TAG_PERMA = 0xFFFE  # masked for the whole run: never
-TAG_DEAD = 0xFFFD   # not a live channel's port (closed, or never bound): never
+TAG_DEAD = 0xFFFD  # not a live channel's port (closed, or never bound): never
 
 # --- latency histogram: log2 buckets with 8 linear sub-buckets ----------------------------------
 HIST_SUB = 8
@@ -91,8 +92,8 @@ class Shape:
 
     senders: int
     vcpus: int
-    chaos: int          # chaos worker processes (maskers + movers)
-    nports: int         # dom0's max_ports: per-port arrays span 0 .. nports-1
+    chaos: int  # chaos worker processes (maskers + movers)
+    nports: int  # dom0's max_ports: per-port arrays span 0 .. nports-1
     channels: int
 
     @property
@@ -117,17 +118,17 @@ def _layout(shape: Shape):
         ("ch_class", np.uint8, (c,)),
         # per dom0 port
         ("port_class", np.uint8, (np_,)),
-        ("port_tag", np.uint16, (np_,)),        # where a delivery is allowed (TAG_* or a vCPU)
-        ("port_sampled", np.bool_, (np_,)),     # latency is timed on this port
-        ("active", np.uint16, (np_,)),          # vCPU+1 whose handler holds the port now
-        ("stamp", np.uint64, (np_,)),           # first send since the last handling (ns)
-        ("edges", np.uint32, (s, np_)),         # per sender
-        ("destroyed", np.uint32, (s, np_)),     # per sender (its closer)
-        ("extra", np.uint32, (max(1, shape.chaos), np_)),   # edges made by a chaos unmask
-        ("maybe", np.uint32, (max(1, shape.chaos), np_)),   # unmasks that may have made one
-        ("delivered", np.uint32, (v, np_)),     # per vCPU
-        ("lat_sum", np.uint64, (v, np_)),       # per vCPU
-        ("lat_cnt", np.uint32, (v, np_)),       # per vCPU
+        ("port_tag", np.uint16, (np_,)),  # where a delivery is allowed (TAG_* or a vCPU)
+        ("port_sampled", np.bool_, (np_,)),  # latency is timed on this port
+        ("active", np.uint16, (np_,)),  # vCPU+1 whose handler holds the port now
+        ("stamp", np.uint64, (np_,)),  # first send since the last handling (ns)
+        ("edges", np.uint32, (s, np_)),  # per sender
+        ("destroyed", np.uint32, (s, np_)),  # per sender (its closer)
+        ("extra", np.uint32, (max(1, shape.chaos), np_)),  # edges made by a chaos unmask
+        ("maybe", np.uint32, (max(1, shape.chaos), np_)),  # unmasks that may have made one
+        ("delivered", np.uint32, (v, np_)),  # per vCPU
+        ("lat_sum", np.uint64, (v, np_)),  # per vCPU
+        ("lat_cnt", np.uint32, (v, np_)),  # per vCPU
         ("hist", np.uint64, (v, HIST_BUCKETS)),  # per vCPU
     ]
 
@@ -154,26 +155,26 @@ class Stats:
         fd = os.open(path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, size)       # sparse: only touched pages use memory
+                os.ftruncate(fd, size)  # sparse: only touched pages use memory
             elif os.fstat(fd).st_size < size:
                 raise ValueError(f"stats segment {name!r} is smaller than its layout")
             self._mm = mmap.mmap(fd, size)
         finally:
             os.close(fd)
         self.size = size
-        raw = np.frombuffer(self._mm, np.uint8)      # frombuffer pins the mapping
+        raw = np.frombuffer(self._mm, np.uint8)  # frombuffer pins the mapping
         for key, (off, dtype, dims) in offsets.items():
             n = int(np.prod(dims))
-            arr = raw[off:off + n * np.dtype(dtype).itemsize].view(dtype).reshape(dims)
+            arr = raw[off : off + n * np.dtype(dtype).itemsize].view(dtype).reshape(dims)
             setattr(self, key, arr)
 
     @classmethod
-    def create(cls, shape: Shape) -> "Stats":
+    def create(cls, shape: Shape) -> Stats:
         name = f"{PREFIX}{os.getpid()}-stress-{secrets.token_hex(4)}"
         return cls(name, shape, True)
 
     @classmethod
-    def attach(cls, name: str, shape: Shape) -> "Stats":
+    def attach(cls, name: str, shape: Shape) -> Stats:
         return cls(name, shape, False)
 
     # -- worker index helpers ---------------------------------------------------------------
@@ -186,14 +187,21 @@ class Stats:
     def chaos_slot(self, i: int) -> int:
         return self.shape.senders + self.shape.vcpus + i
 
-    def record(self, slot: int, kind: int, port: int, vcpu: int, a: int = 0, b: int = 0,
-               t_ns: int = 0) -> None:
+    def record(
+        self, slot: int, kind: int, port: int, vcpu: int, a: int = 0, b: int = 0, t_ns: int = 0
+    ) -> None:
         """Store a violation found by worker `slot` (only that worker calls this)."""
         h = self.hdr[slot]
         n = int(h[H_NVIOL])
         if n < VIOL_SLOTS:
-            self.viol[slot, n] = (kind, port & (2**64 - 1), vcpu & (2**64 - 1),
-                                  a & (2**64 - 1), b & (2**64 - 1), t_ns)
+            self.viol[slot, n] = (
+                kind,
+                port & (2**64 - 1),
+                vcpu & (2**64 - 1),
+                a & (2**64 - 1),
+                b & (2**64 - 1),
+                t_ns,
+            )
         h[H_NVIOL] = n + 1
 
     def close(self) -> None:
@@ -225,7 +233,7 @@ def leftovers() -> list[tuple[str, int]]:
     for name in sorted(names):
         if not name.startswith(PREFIX):
             continue
-        pid_text = name[len(PREFIX):].split("-", 1)[0]
+        pid_text = name[len(PREFIX) :].split("-", 1)[0]
         if not pid_text.isdigit():
             continue
         pid = int(pid_text)

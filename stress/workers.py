@@ -9,6 +9,7 @@ so that spawned children can import them.
 Every counter an actor keeps lives in the stats segment (stress.shm) in rows only that actor
 writes, so the parent can add them up without atomics once the actor acknowledged a pause.
 """
+
 from __future__ import annotations
 
 import errno
@@ -38,7 +39,7 @@ V_ENGINE_ERROR = 5
 V_CLOSE_STUCK = 6
 V_DEAD_DELIVERED = 7
 
-WAIT_TIMEOUT = 0.05           # a blocked vCPU looks at the control words this often
+WAIT_TIMEOUT = 0.05  # a blocked vCPU looks at the control words this often
 PAUSE_SLEEP = 0.002
 DUEL_NAP = 0.02
 
@@ -51,7 +52,7 @@ class Env:
         self.dom0 = host.domain(0)
         self.sdoms = [host.domain(1 + i) for i in range(cfg.senders)]
         self.fifo = cfg.abi == "fifo"
-        self.extra_sent = 0        # sends the parent made itself (ordered phase, duel set-up)
+        self.extra_sent = 0  # sends the parent made itself (ordered phase, duel set-up)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ class Sender:
     def step(self) -> bool:
         if self.close_every is not None:
             now = time.monotonic()
-            if now >= self.next_close:         # no catching up after a pause
+            if now >= self.next_close:  # no catching up after a pause
                 self.next_close = now + self.close_every * (0.5 + self.rng.random())
                 self.close_and_rebind()
         if not self.n:
@@ -193,10 +194,9 @@ class Sender:
         dom0.close(p)
         self.dom.close(lp)
         self.stamp[p] = 0
-        if rng.random() < 0.75:                        # let the closed port leave its queue
+        if rng.random() < 0.75:  # let the closed port leave its queue
             deadline = time.monotonic() + 0.2
-            while dom0.is_linked(p) and time.monotonic() < deadline \
-                    and not st.ctrl[S.C_HOLD]:
+            while dom0.is_linked(p) and time.monotonic() < deadline and not st.ctrl[S.C_HOLD]:
                 time.sleep(0.001)
         deadline = time.monotonic() + 5.0
         while True:
@@ -269,7 +269,7 @@ class Sender:
 def hist_index(lat: np.ndarray) -> np.ndarray:
     """Log2 buckets with HIST_SUB linear sub-buckets (about 6% resolution) for ns values."""
     x = np.maximum(lat, 1).astype(np.float64)
-    m, e = np.frexp(x)                 # x = m * 2**e, m in [0.5, 1)
+    m, e = np.frexp(x)  # x = m * 2**e, m in [0.5, 1)
     sub = ((m * 2 - 1) * S.HIST_SUB).astype(np.int64)
     idx = (e.astype(np.int64) - 1) * S.HIST_SUB + sub
     return np.clip(idx, 0, S.HIST_BUCKETS - 1)
@@ -320,7 +320,7 @@ class VCPU:
             h[S.H_TIMEOUTS] += 1
             return False
         h[S.H_WAKEUPS] += 1
-        h[S.H_SEQ] += 1                               # odd: inside the handler
+        h[S.H_SEQ] += 1  # odd: inside the handler
         t0 = monotonic_ns()
         buf = self.buf
         while True:
@@ -333,7 +333,7 @@ class VCPU:
             if n < len(buf):
                 break
         h[S.H_BUSY_NS] += monotonic_ns() - t0
-        h[S.H_SEQ] += 1                               # even: out of it
+        h[S.H_SEQ] += 1  # even: out of it
         if self.nap:
             time.sleep(self.nap)
         return True
@@ -350,7 +350,7 @@ class VCPU:
         tag = self.port_tag[ports]
         odd = tag != self.v
         moved = None
-        if odd.any():                               # moved ports, or a violation
+        if odd.any():  # moved ports, or a violation
             t_odd = tag[odd]
             bad = t_odd != S.TAG_ANY
             if bad.any():
@@ -384,13 +384,12 @@ class VCPU:
             return
         sp = np.concatenate(self._lat_ports)
         st = np.concatenate(self._lat_stamps).astype(np.int64)
-        now = np.repeat(np.array(self._lat_now, np.int64),
-                        [len(a) for a in self._lat_ports])
+        now = np.repeat(np.array(self._lat_now, np.int64), [len(a) for a in self._lat_ports])
         self._lat_ports, self._lat_stamps, self._lat_now, self._lat_n = [], [], [], 0
         keep = st != 0
         lat = now[keep] - st[keep]
         pp = sp[keep]
-        ok = lat >= 0                      # a stamp written after `now`: not this event
+        ok = lat >= 0  # a stamp written after `now`: not this event
         if not ok.all():
             lat, pp = lat[ok], pp[ok]
         if not len(lat):
@@ -537,17 +536,18 @@ def seeds_for(seed: int, senders: int, chaos: int):
 
 
 # ---------------------------------------------------------------------------------------------
-def worker_main(role: str, index: int, cfg, host_name: str, stats_name: str,
-                parent_pid: int = 0) -> None:
+def worker_main(
+    role: str, index: int, cfg, host_name: str, stats_name: str, parent_pid: int = 0
+) -> None:
     """Process entry: attach, build the actor, obey the control words until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent handles Ctrl-C
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     stats = host = None
     slot = None
     try:
         stats = S.Stats.attach(stats_name, cfg.shape)
         host = Host.attach(host_name, cfg.backend)
-        host.warm_up()                         # numba: load the kernels before READY
+        host.warm_up()  # numba: load the kernels before READY
         env = Env(cfg, host, stats)
         _, snd_seeds, chaos_seeds = seeds_for(cfg.seed, cfg.senders, cfg.n_chaos)
         if role == "sender":
@@ -564,8 +564,9 @@ def worker_main(role: str, index: int, cfg, host_name: str, stats_name: str,
     except BaseException:
         if stats is not None and slot is not None:
             stats.hdr[slot][S.H_STATE] = S.S_FAILED
-        sys.stderr.write(f"stress worker {role}-{index} (pid {os.getpid()}) failed:\n"
-                         f"{traceback.format_exc()}")
+        sys.stderr.write(
+            f"stress worker {role}-{index} (pid {os.getpid()}) failed:\n{traceback.format_exc()}"
+        )
         sys.stderr.flush()
         os._exit(1)
     if host is not None:
@@ -595,7 +596,7 @@ def _serve(actor, env: Env, parent_pid: int) -> None:
         if loops & 63 == 0:
             h[S.H_CPU_NS] = time.process_time_ns()
             if not S.pid_alive(parent_pid):
-                return                                 # the parent is gone: leave quietly
+                return  # the parent is gone: leave quietly
         duel = int(ctrl[S.C_DUEL])
         if duel:
             if h[S.H_DUEL_ACK] != duel:
@@ -605,14 +606,14 @@ def _serve(actor, env: Env, parent_pid: int) -> None:
                 elif is_vcpu and actor.slot == int(d[DU.D_C_SLOT]) and d[DU.D_C_SLOT]:
                     DU.run_c(actor, d)
                 h[S.H_DUEL_ACK] = duel
-            else:                   # a bystander: wake up seldom, leave the CPUs to the duel
+            else:  # a bystander: wake up seldom, leave the CPUs to the duel
                 time.sleep(DUEL_NAP)
                 continue
         if is_vcpu:
             gen = int(ctrl[S.C_HOLD])
             if gen:
                 if h[S.H_ACK] != gen:
-                    actor.flush_latency()          # the parent may read the tallies now
+                    actor.flush_latency()  # the parent may read the tallies now
                 h[S.H_ACK] = gen
                 h[S.H_STATE] = S.S_HELD
                 time.sleep(PAUSE_SLEEP)

@@ -1,4 +1,5 @@
 """Shared fixtures: the backends under test, and a guard that no test leaks /dev/shm segments."""
+
 from __future__ import annotations
 
 import importlib
@@ -15,8 +16,10 @@ SHM = "/dev/shm"
 def _available(backend: str) -> bool:
     if backend == "reference":
         return True
-    module, cls = {"cython": ("evtchn._core", "CythonKernels"),
-                   "numba": ("evtchn.numba_kernels", "NumbaKernels")}[backend]
+    module, cls = {
+        "cython": ("evtchn._core", "CythonKernels"),
+        "numba": ("evtchn.numba_kernels", "NumbaKernels"),
+    }[backend]
     try:
         return hasattr(importlib.import_module(module), cls)
     except ImportError:

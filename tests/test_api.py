@@ -1,4 +1,5 @@
 """Hypercall and guest semantics, per ABI, on every available backend (single process)."""
+
 from __future__ import annotations
 
 import errno
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 import evtchn
-from evtchn import EvtchnError, layout as L
+from evtchn import EvtchnError
+from evtchn import layout as L
 
 ABIS = ["fifo", "2l", "3l"]
 
@@ -18,7 +20,7 @@ def pair(host, abi="fifo", vcpus=1, **kw):
     du = host.create_domain(abi, **kw)
     p0 = d0.alloc_unbound(du.domid)
     pu = du.bind_interdomain(d0.domid, p0)
-    du.consume(0)                      # the bind always sets the new local port pending
+    du.consume(0)  # the bind always sets the new local port pending
     return d0, du, p0, pu
 
 
@@ -59,7 +61,7 @@ def test_close_turns_peer_unbound_and_send_is_dropped(host, abi):
     d0.close(p0)
     s = du.status(pu)
     assert (s.state, s.remote_domid) == ("unbound", d0.domid)
-    du.send(pu)                                  # dropped silently
+    du.send(pu)  # dropped silently
     assert d0.consume(0).size == 0
     assert d0.status(p0).state == "closed"
     with raises(errno.EINVAL):
@@ -92,7 +94,7 @@ def test_send_consume_and_coalescing(host, abi):
     assert d0.upcall_pending(0) and d0.is_pending(p0)
     du.send(pu)
     du.send(pu)
-    assert d0.consume(0).tolist() == [p0]        # PENDING is a bit, not a counter
+    assert d0.consume(0).tolist() == [p0]  # PENDING is a bit, not a counter
     assert not d0.is_pending(p0)
     assert d0.consume(0).size == 0
 
@@ -108,7 +110,7 @@ def test_masked_send_and_unmask_reraises(host, abi):
     d0.unmask(p0)
     assert not d0.is_masked(p0) and d0.upcall_pending(0)
     assert d0.consume(0).tolist() == [p0]
-    d0.unmask(p0)                                # unmask of a non-pending port: nothing
+    d0.unmask(p0)  # unmask of a non-pending port: nothing
     assert not d0.upcall_pending(0)
 
 
@@ -126,7 +128,7 @@ def test_bind_vcpu_reraises_on_new_vcpu(host, abi):
 def test_bitmap_bind_vcpu_of_pending_port_moves_it(host, abi):
     d0, du, p0, pu = pair(host, abi, vcpus=2)
     du.send(pu)
-    d0.bind_vcpu(p0, 1)                          # Linux: mask, rebind, unmask re-raises
+    d0.bind_vcpu(p0, 1)  # Linux: mask, rebind, unmask re-raises
     assert d0.consume(0).size == 0
     assert d0.consume(1).tolist() == [p0]
 
@@ -138,10 +140,10 @@ def test_fifo_linked_event_stays_on_old_queue(host):
     d0.bind_vcpu(p0, 1)
     d0.set_priority(p0, 0)
     assert d0.consume(1).size == 0
-    assert d0.consume(0).tolist() == [p0]        # in flight: delivered from the old queue
+    assert d0.consume(0).tolist() == [p0]  # in flight: delivered from the old queue
     du.send(pu)
     assert d0.consume(0).size == 0
-    assert d0.consume(1).tolist() == [p0]        # the next link uses the new queue
+    assert d0.consume(1).tolist() == [p0]  # the next link uses the new queue
 
 
 def _fifo_ports(host, n, vcpus=1):
@@ -186,9 +188,9 @@ def test_fifo_set_priority_errors(host):
     with raises(errno.EINVAL):
         d0.set_priority(p0, -1)
     with raises(errno.EACCES):
-        d0.set_priority(10, 1)                   # valid but not bound
+        d0.set_priority(10, 1)  # valid but not bound
     with raises(errno.EINVAL):
-        d0.set_priority(10_000, 1)               # not a valid port
+        d0.set_priority(10_000, 1)  # not a valid port
     d2 = host.create_domain("2l")
     q = d2.alloc_unbound(0)
     with raises(errno.ENOSYS):
@@ -199,8 +201,10 @@ def test_fifo_set_priority_errors(host):
 def test_consume_max_events_resumes(host, abi):
     d0 = host.create_domain(abi)
     du = host.create_domain(abi)
-    pairs = [(p, du.bind_interdomain(d0.domid, p)) for p in
-             [d0.alloc_unbound(du.domid) for _ in range(10)]]
+    pairs = [
+        (p, du.bind_interdomain(d0.domid, p))
+        for p in [d0.alloc_unbound(du.domid) for _ in range(10)]
+    ]
     du.consume(0)
     du.send_many(np.array([u for _, u in pairs], np.uint32))
     got = []
@@ -221,7 +225,7 @@ def test_bitmap_scan_resumes_after_last_port(host, abi):
     du.consume(0)
     du.send_many(np.array(remote, np.uint32))
     assert d0.consume(0, max_events=2).tolist() == ports[:2]
-    du.send(remote[0])                           # a low port raised again
+    du.send(remote[0])  # a low port raised again
     assert d0.consume(0).tolist() == ports[2:] + ports[:1]
 
 
@@ -242,27 +246,27 @@ def test_virq_rules(host, abi):
     t1 = d0.bind_virq(L.VIRQ_TIMER, 1)
     with raises(errno.EEXIST):
         d0.bind_virq(L.VIRQ_TIMER, 1)
-    d0.bind_virq(L.VIRQ_TIMER, 0)                # per-vCPU: one per vCPU
+    d0.bind_virq(L.VIRQ_TIMER, 0)  # per-vCPU: one per vCPU
     with raises(errno.EINVAL):
-        d0.bind_virq(L.VIRQ_CONSOLE, 1)          # global VIRQs bind on vCPU 0 only
+        d0.bind_virq(L.VIRQ_CONSOLE, 1)  # global VIRQs bind on vCPU 0 only
     with raises(errno.EINVAL):
         d0.bind_virq(24)
     with raises(errno.ENOENT):
         d0.bind_virq(L.VIRQ_TIMER, 2)
     with raises(errno.EBUSY):
-        du.bind_virq(L.VIRQ_CONSOLE)             # global VIRQs belong to dom0
+        du.bind_virq(L.VIRQ_CONSOLE)  # global VIRQs belong to dom0
     c = d0.bind_virq(L.VIRQ_CONSOLE)
     with raises(errno.EINVAL):
-        d0.bind_vcpu(t1, 0)                      # per-vCPU VIRQ: fixed
-    d0.bind_vcpu(c, 1)                           # a global one can move
+        d0.bind_vcpu(t1, 0)  # per-vCPU VIRQ: fixed
+    d0.bind_vcpu(c, 1)  # a global one can move
     d0.raise_virq(L.VIRQ_CONSOLE)
     assert d0.consume(1).tolist() == [c]
     d0.raise_virq(L.VIRQ_TIMER, 1)
     assert d0.consume(1).tolist() == [t1]
     with raises(errno.EINVAL):
-        d0.send(t1)                              # VIRQ ports cannot be sent on
+        d0.send(t1)  # VIRQ ports cannot be sent on
     d0.close(t1)
-    assert d0.bind_virq(L.VIRQ_TIMER, 1) == t1   # unbinding freed the VIRQ
+    assert d0.bind_virq(L.VIRQ_TIMER, 1) == t1  # unbinding freed the VIRQ
 
 
 @pytest.mark.parametrize("abi", ABIS)
@@ -283,8 +287,8 @@ def test_fifo_closed_linked_port_not_reused_until_unlinked(host):
     d0.close(p0)
     assert not d0.is_pending(p0) and d0.is_linked(p0)
     q = d0.alloc_unbound(du.domid)
-    assert q != p0                               # busy: still LINKED (78e24c269b)
-    assert d0.consume(0).size == 0               # the guest drops it: not pending
+    assert q != p0  # busy: still LINKED (78e24c269b)
+    assert d0.consume(0).size == 0  # the guest drops it: not pending
     assert not d0.is_linked(p0)
     assert d0.alloc_unbound(du.domid) == p0
 
@@ -293,15 +297,15 @@ def test_fifo_send_before_array_page_is_replayed(host):
     d0 = host.create_domain("fifo", auto_expand=False)
     du = host.create_domain("fifo")
     d0.expand_array()
-    for _ in range(1030):                        # ports up to 1030: the second page is missing
+    for _ in range(1030):  # ports up to 1030: the second page is missing
         p0 = d0.alloc_unbound(du.domid)
     pu = du.bind_interdomain(d0.domid, p0)
     du.consume(0)
     assert p0 >= 1024
     du.send(pu)
-    assert not d0.is_pending(p0) and d0.is_masked(p0)    # no word yet
+    assert not d0.is_pending(p0) and d0.is_masked(p0)  # no word yet
     assert d0.consume(0).size == 0
-    d0.expand_array()                            # Linux fills the page MASKED; Xen replays
+    d0.expand_array()  # Linux fills the page MASKED; Xen replays
     assert d0.is_pending(p0)
     d0.unmask(p0)
     assert d0.consume(0).tolist() == [p0]
@@ -319,9 +323,15 @@ def test_fifo_expand_array_limit(host):
 
 
 # -- limits -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("abi,word_bits,link_bits,limit", [
-    ("2l", 64, 17, 4096), ("2l", 32, 17, 1024), ("fifo", 64, 10, 1024), ("fifo", 64, 12, 4096),
-])
+@pytest.mark.parametrize(
+    "abi,word_bits,link_bits,limit",
+    [
+        ("2l", 64, 17, 4096),
+        ("2l", 32, 17, 1024),
+        ("fifo", 64, 10, 1024),
+        ("fifo", 64, 12, 4096),
+    ],
+)
 def test_port_limits(host, abi, word_bits, link_bits, limit):
     d = host.create_domain(abi, word_bits=word_bits, link_bits=link_bits)
     assert d.max_ports == limit
@@ -340,10 +350,20 @@ def test_abi_limits_reported():
         assert h.create_domain("fifo", max_ports=1024).max_ports == 1024
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(abi="4l"), dict(vcpus=0), dict(vcpus=-1), dict(vcpus="2"), dict(word_bits=48),
-    dict(link_bits=29), dict(link_bits=9), dict(abi="2l", max_ports=4097), dict(max_ports=1),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(abi="4l"),
+        dict(vcpus=0),
+        dict(vcpus=-1),
+        dict(vcpus="2"),
+        dict(word_bits=48),
+        dict(link_bits=29),
+        dict(link_bits=9),
+        dict(abi="2l", max_ports=4097),
+        dict(max_ports=1),
+    ],
+)
 def test_bad_domain_parameters(kwargs):
     with evtchn.Host("reference") as h:
         with pytest.raises(ValueError):
@@ -366,9 +386,9 @@ def test_bad_ports_vcpus_domids(host):
     with raises(errno.EINVAL):
         d0.mask(1 << 17)
     with raises(errno.EINVAL):
-        d0.close(0)                              # reserved
+        d0.close(0)  # reserved
     with raises(errno.EINVAL):
-        d0.close(40)                             # valid but free
+        d0.close(40)  # valid but free
     with raises(errno.ENOENT):
         d0.consume(2)
     with raises(errno.ENOENT):
@@ -380,11 +400,11 @@ def test_bad_ports_vcpus_domids(host):
     with raises(errno.ESRCH):
         host.domain(99)
     with raises(errno.EINVAL):
-        du.bind_interdomain(d0.domid, p0)        # not unbound any more
+        du.bind_interdomain(d0.domid, p0)  # not unbound any more
     other = host.create_domain("fifo")
     q = d0.alloc_unbound(du.domid)
     with raises(errno.EINVAL):
-        other.bind_interdomain(d0.domid, q)      # reserved for du, not for `other`
+        other.bind_interdomain(d0.domid, q)  # reserved for du, not for `other`
     with pytest.raises(EvtchnError) as info:
         du.send_many(np.array([pu, pu, 12345], np.uint32))
     assert "index 2" in str(info.value) and d0.is_pending(p0)
@@ -409,7 +429,7 @@ def test_reset_closes_everything(host, abi):
         assert d0.status(p).state == "closed"
     assert du.status(pu).state == "unbound"
     assert d0.consume(0).size == 0 and d0.consume(1).size == 0
-    p = d0.bind_interdomain(du.domid, pu)         # usable again afterwards
+    p = d0.bind_interdomain(du.domid, pu)  # usable again afterwards
     d0.consume(0)
     du.send(pu)
     assert d0.consume(0).tolist() == [p]
@@ -437,12 +457,12 @@ def test_layout_regions_and_xen_offsets(host):
     assert size == 4096 and "vcpu_info_vcpu33" in lay and "vcpu_info_vcpu31" not in lay
     raw = np.memmap(f"/dev/shm/{seg}", np.uint8, mode="r")
     du.send(pu)
-    pending = raw[off + 2048: off + 2560].view(np.uint64)
+    pending = raw[off + 2048 : off + 2560].view(np.uint64)
     assert int(pending[p0 // 64]) >> (p0 % 64) & 1
-    assert raw[off + 0] == 1                     # vcpu_info[0].evtchn_upcall_pending
-    sel = raw[off + 8: off + 16].view(np.uint64)[0]
+    assert raw[off + 0] == 1  # vcpu_info[0].evtchn_upcall_pending
+    sel = raw[off + 8 : off + 16].view(np.uint64)[0]
     assert int(sel) >> (p0 // 64) & 1
-    mask = raw[off + 2560: off + 3072].view(np.uint64)
+    mask = raw[off + 2560 : off + 3072].view(np.uint64)
     assert not int(mask[p0 // 64]) >> (p0 % 64) & 1 and int(mask[99 // 64]) >> (99 % 64) & 1
     del raw
 
@@ -452,9 +472,9 @@ def test_layout_32bit_compat(host):
     seg, off, _ = d0.layout()["shared_info"]
     raw = np.memmap(f"/dev/shm/{seg}", np.uint8, mode="r")
     du.send(pu)
-    assert int(raw[off + 2048: off + 2176].view(np.uint32)[p0 // 32]) >> (p0 % 32) & 1
-    assert int(raw[off + 4: off + 8].view(np.uint32)[0]) >> (p0 // 32) & 1
-    assert int(raw[off + 2176: off + 2304].view(np.uint32)[0]) >> 20 & 1    # masked
+    assert int(raw[off + 2048 : off + 2176].view(np.uint32)[p0 // 32]) >> (p0 % 32) & 1
+    assert int(raw[off + 4 : off + 8].view(np.uint32)[0]) >> (p0 // 32) & 1
+    assert int(raw[off + 2176 : off + 2304].view(np.uint32)[0]) >> 20 & 1  # masked
     del raw
 
 
@@ -468,9 +488,9 @@ def test_layout_fifo_event_words_and_control_block(host):
     d0.set_priority(p0, 4)
     du.send(pu)
     raw = np.memmap(f"/dev/shm/{seg}", np.uint8, mode="r")
-    word = int(raw[ea + 4 * p0: ea + 4 * p0 + 4].view(np.uint32)[0])
+    word = int(raw[ea + 4 * p0 : ea + 4 * p0 + 4].view(np.uint32)[0])
     assert word & (1 << 31) and word & (1 << 29) and not word & (1 << 30)
-    ctl = raw[cb: cb + 72].view(np.uint32)
+    ctl = raw[cb : cb + 72].view(np.uint32)
     assert int(ctl[0]) == 1 << 4 and int(ctl[2 + 4]) == p0
     del raw
 
@@ -484,12 +504,13 @@ def test_3l_layout(host):
 
 def test_sparse_memory_for_huge_link_bits(host):
     import os
+
     d = host.create_domain("fifo", link_bits=28)
     for _ in range(10):
         d.alloc_unbound(0)
     seg = d.layout()["event_array"][0]
     st = os.stat(f"/dev/shm/{seg}")
-    assert st.st_blocks * 512 < 1 << 20          # kilobytes backed, not a GiB
+    assert st.st_blocks * 512 < 1 << 20  # kilobytes backed, not a GiB
     assert d.mapped_pages() == 2
 
 

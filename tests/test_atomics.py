@@ -4,6 +4,7 @@ Single-process tests pin down each helper's return value and effect; the multi-p
 one /dev/shm file into spawned processes, as the real backends do, and check that the lock, the
 atomic counters and the futexes work across address spaces.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,19 +26,20 @@ from hypothesis import strategies as st
 # EVTCHN_REQUIRE_COMPILED is what makes CI insist on them).
 at = pytest.importorskip("evtchn._atomics_test", reason="Cython extensions not built")
 
-CTX = multiprocessing.get_context("spawn")   # no inherited locks or threads, as in production
+CTX = multiprocessing.get_context("spawn")  # no inherited locks or threads, as in production
 DTYPES = [np.uint8, np.uint16, np.uint32, np.uint64]
-JOIN_TIMEOUT = 60.0                           # generous: spawn start-up plus a loaded CI box
+JOIN_TIMEOUT = 60.0  # generous: spawn start-up plus a loaded CI box
 
 # Segment layout, in element indices of the uint32 / uint64 views; one cache line apiece.
 SHM_SIZE = 4096
-LOCK = 0          # u32: lock word (owner pid)
-FUTEX = 16        # u32: futex word
-COUNTER = 16      # u64: counter
-RESULT = 24       # u64 [2]: values a child reports back
+LOCK = 0  # u32: lock word (owner pid)
+FUTEX = 16  # u32: futex word
+COUNTER = 16  # u64: counter
+RESULT = 24  # u64 [2]: values a child reports back
 
 
 # --- single process ---------------------------------------------------------------------------
+
 
 def _top(dtype) -> int:
     return int(np.iinfo(dtype).max)
@@ -52,7 +54,7 @@ def test_load_store(dtype):
     assert at.load(a, 1) == top and at.load_relaxed(a, 1) == top
     at.store_relaxed(a, 2, 5)
     assert a.tolist() == [0, top, 5]
-    at.store(a, 0, 2**64 - 2)                # truncated to the element's width, as in C
+    at.store(a, 0, 2**64 - 2)  # truncated to the element's width, as in C
     assert at.load(a, 0) == top - 1
 
 
@@ -65,23 +67,23 @@ def test_fetch_ops_return_old_value(dtype):
     assert at.fetch_add(a, 0, 3) == 4 and a[0] == 7
     assert at.fetch_sub(a, 0, 2) == 7 and a[0] == 5
     assert at.exchange(a, 0, top) == 5 and a[0] == top
-    assert at.fetch_add(a, 0, 1) == top and a[0] == 0          # wraps
+    assert at.fetch_add(a, 0, 1) == top and a[0] == 0  # wraps
     assert at.fetch_sub(a, 0, 1) == 0 and a[0] == top
-    assert a[1] == 7                                           # neighbour untouched
+    assert a[1] == 7  # neighbour untouched
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cas(dtype):
     a = np.array([5], dtype)
     assert at.cas(a, 0, 5, 7) == (1, 5) and a[0] == 7
-    assert at.cas(a, 0, 5, 9) == (0, 7) and a[0] == 7          # failure reports what it saw
+    assert at.cas(a, 0, 5, 9) == (0, 7) and a[0] == 7  # failure reports what it saw
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_test_and_set_clear_bit(dtype):
     nbits = np.dtype(dtype).itemsize * 8
     for bit in (0, 1, nbits - 1):
-        other = 1 << (bit ^ 1)               # a neighbouring bit, which must survive
+        other = 1 << (bit ^ 1)  # a neighbouring bit, which must survive
         a = np.array([other], dtype)
         assert at.test_and_set_bit(a, 0, bit) == 0 and a[0] == other | 1 << bit
         assert at.test_and_set_bit(a, 0, bit) == 1 and a[0] == other | 1 << bit
@@ -91,13 +93,19 @@ def test_test_and_set_clear_bit(dtype):
         at.test_and_set_bit(a, 0, nbits)
 
 
-_MODEL = {"fetch_or": operator.or_, "fetch_and": operator.and_, "fetch_add": operator.add,
-          "fetch_sub": operator.sub, "exchange": lambda old, v: v}
+_MODEL = {
+    "fetch_or": operator.or_,
+    "fetch_and": operator.and_,
+    "fetch_add": operator.add,
+    "fetch_sub": operator.sub,
+    "exchange": lambda old, v: v,
+}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@given(ops=st.lists(st.tuples(st.sampled_from(sorted(_MODEL)), st.integers(0, 2**64 - 1)),
-                    max_size=30))
+@given(
+    ops=st.lists(st.tuples(st.sampled_from(sorted(_MODEL)), st.integers(0, 2**64 - 1)), max_size=30)
+)
 def test_rmw_matches_model(dtype, ops):
     mask = _top(dtype)
     a = np.zeros(1, dtype)
@@ -116,7 +124,7 @@ def test_bounds_checked():
 def test_fence_relax_clock():
     at.fence()
     at.relax()
-    t0 = time.monotonic_ns()                 # also CLOCK_MONOTONIC on Linux
+    t0 = time.monotonic_ns()  # also CLOCK_MONOTONIC on Linux
     t = at.clock_ns()
     assert t0 <= t <= time.monotonic_ns()
 
@@ -125,10 +133,10 @@ def test_lock_try_release():
     w = np.zeros(1, np.uint32)
     me = os.getpid()
     assert at.lock_try(w, 0, me) == 1 and w[0] == me
-    assert at.lock_try(w, 0, me) == 0        # not re-entrant
+    assert at.lock_try(w, 0, me) == 0  # not re-entrant
     at.lock_release(w, 0)
     assert w[0] == 0
-    at.lock_acquire(w, 0, me)                # uncontended: immediate
+    at.lock_acquire(w, 0, me)  # uncontended: immediate
     assert w[0] == me
 
 
@@ -164,6 +172,7 @@ def test_futex_wake_without_waiters():
 
 # --- across processes -------------------------------------------------------------------------
 
+
 @pytest.fixture
 def shm():
     """(path, u32 view, u64 view) of a fresh zeroed /dev/shm file, unlinked afterwards."""
@@ -183,7 +192,7 @@ def shm():
 def _views(path):
     fd = os.open(path, os.O_RDWR)
     try:
-        mm = mmap.mmap(fd, SHM_SIZE)         # MAP_SHARED: every process sees the same pages
+        mm = mmap.mmap(fd, SHM_SIZE)  # MAP_SHARED: every process sees the same pages
     finally:
         os.close(fd)
     return np.frombuffer(mm, np.uint32), np.frombuffer(mm, np.uint64)
@@ -215,9 +224,10 @@ def _join(procs, timeout=JOIN_TIMEOUT):
 
 # Children: module-level so that spawn can import them.
 
+
 def _child_locked_increment(path, n, barrier):
     u32, u64 = _views(path)
-    barrier.wait(JOIN_TIMEOUT)               # start together, or they might never contend
+    barrier.wait(JOIN_TIMEOUT)  # start together, or they might never contend
     at.locked_increment(u32, LOCK, u64, COUNTER, n, os.getpid())
 
 
@@ -231,7 +241,7 @@ def _child_hold_lock(path, held):
     u32, _ = _views(path)
     at.lock_acquire(u32, LOCK, os.getpid())
     held.set()
-    time.sleep(3600)                         # until SIGKILLed
+    time.sleep(3600)  # until SIGKILLed
 
 
 def _child_acquire_timed(path, waiting):
@@ -279,7 +289,7 @@ def test_live_owner_keeps_lock(shm):
     waiting = CTX.Event()
     with _processes((_child_acquire_timed, (path, waiting))) as (waiter,):
         assert waiting.wait(JOIN_TIMEOUT)
-        time.sleep(0.3)                      # hundreds of liveness checks by the waiter
+        time.sleep(0.3)  # hundreds of liveness checks by the waiter
         assert waiter.is_alive() and u32[LOCK] == os.getpid()
         at.lock_release(u32, LOCK)
         _join([waiter])
@@ -294,9 +304,9 @@ def test_dead_owner_lock_is_stolen(shm):
         assert held.wait(JOIN_TIMEOUT)
         assert u32[LOCK] == owner.pid
         owner.kill()
-        owner.join(JOIN_TIMEOUT)             # reap it: a zombie still answers kill(pid, 0)
+        owner.join(JOIN_TIMEOUT)  # reap it: a zombie still answers kill(pid, 0)
         assert owner.exitcode == -signal.SIGKILL
-    assert u32[LOCK] == owner.pid            # the dead process still "holds" it
+    assert u32[LOCK] == owner.pid  # the dead process still "holds" it
     with _processes((_child_acquire_timed, (path, CTX.Event()))) as (thief,):
         _join([thief])
     assert u64[RESULT] < 2_000_000_000
@@ -318,5 +328,5 @@ def test_futex_wake_across_processes(shm):
                 time.sleep(0.01)
         _join([waiter])
     assert woken == 1
-    assert u64[RESULT] == 0                  # woken, not timed out
+    assert u64[RESULT] == 0  # woken, not timed out
     assert u64[RESULT + 1] < 20_000_000_000

@@ -9,6 +9,7 @@ Several processes (Cython only, spawn): two senders race send_many over 256 port
 vCPU processes wait and consume; every PENDING 0 -> 1 edge a sender saw must be delivered
 exactly once, and nothing may stay pending or linked after the drain.
 """
+
 from __future__ import annotations
 
 import errno
@@ -19,15 +20,15 @@ import time
 
 import numpy as np
 import pytest
+from conftest import _available
 
 import evtchn
-from evtchn import EvtchnError, layout as L
-
-from conftest import _available
+from evtchn import EvtchnError
+from evtchn import layout as L
 
 BACKENDS = ["reference", "cython"]
 CONFIGS = [("fifo", 64), ("2l", 64), ("2l", 32), ("3l", 64), ("3l", 32)]
-LINK_BITS = 12                          # small FIFO domains: whole-segment compares stay cheap
+LINK_BITS = 12  # small FIFO domains: whole-segment compares stay cheap
 
 
 def need(backend):
@@ -57,8 +58,10 @@ class Trace:
 
 def probe(d, ports):
     """Guest-visible state of `ports` and of every vCPU's upcall flag."""
-    return ([(p, d.is_pending(p), d.is_masked(p), d.is_linked(p)) for p in ports],
-            [d.upcall_pending(v) for v in range(d.vcpus)])
+    return (
+        [(p, d.is_pending(p), d.is_masked(p), d.is_linked(p)) for p in ports],
+        [d.upcall_pending(v) for v in range(d.vcpus)],
+    )
 
 
 def drain(d, vcpu, chunk=None, limit=100000):
@@ -89,7 +92,7 @@ def scenario_basic(h, abi, wb):
     kw = dict(word_bits=wb, link_bits=LINK_BITS)
     d0 = h.create_domain(abi, vcpus=3, **kw)
     du = h.create_domain(abi, vcpus=2, **kw)
-    inter = []                                   # (dom0 port, domU port)
+    inter = []  # (dom0 port, domU port)
     for _ in range(12):
         p0 = d0.alloc_unbound(du.domid)
         inter.append((p0, du.bind_interdomain(d0.domid, p0)))
@@ -102,7 +105,7 @@ def scenario_basic(h, abi, wb):
     console = d0.bind_virq(L.VIRQ_CONSOLE, 0)
     t("ports", [inter, loop, ipi1, timer0, timer1, debug2, console])
     ports0 = list(range(1, d0.valid_ports))
-    t("bind-pending du", drain(du, 0))           # bind_interdomain set the local ports pending
+    t("bind-pending du", drain(du, 0))  # bind_interdomain set the local ports pending
     t("bind-pending d0", [drain(d0, v) for v in range(3)])
     t("idle", probe(d0, ports0))
 
@@ -111,20 +114,21 @@ def scenario_basic(h, abi, wb):
     edges = np.zeros(send.size, np.uint8)
     t("send_many", du.send_many(send, edges))
     t("edges", edges)
-    assert edges.sum() == len(inter)            # one edge per port, the rest coalesced
+    assert edges.sum() == len(inter)  # one edge per port, the rest coalesced
     d0.send(loop[1])
     d0.send(ipi1)
     d0.raise_virq(L.VIRQ_TIMER, 0)
     d0.raise_virq(L.VIRQ_TIMER, 1)
     d0.raise_virq(L.VIRQ_DEBUG, 2)
-    d0.raise_virq(L.VIRQ_CONSOLE, 2)             # global: goes to the port's notify vCPU (0)
-    d0.raise_virq(L.VIRQ_XENOPROF, 1)            # not bound: nothing happens
+    d0.raise_virq(L.VIRQ_CONSOLE, 2)  # global: goes to the port's notify vCPU (0)
+    d0.raise_virq(L.VIRQ_XENOPROF, 1)  # not bound: nothing happens
     t("sent", probe(d0, ports0))
     chunks = [drain(d0, v, chunk=3) for v in range(3)]
     t("consume chunks of 3", chunks)
     got = flat(c for v in chunks for c in v)
-    assert sorted(got) == sorted([p for p, _ in inter] + [loop[0], ipi1, timer0, timer1,
-                                                          debug2, console])
+    assert sorted(got) == sorted(
+        [p for p, _ in inter] + [loop[0], ipi1, timer0, timer1, debug2, console]
+    )
     t("after", probe(d0, ports0))
 
     # masked send: PENDING but no upcall; unmask re-raises
@@ -136,7 +140,7 @@ def scenario_basic(h, abi, wb):
     d0.unmask(p)
     t("unmasked", probe(d0, [p]))
     t("unmasked consume", d0.consume(0))
-    d0.unmask(p)                                 # not masked: nothing
+    d0.unmask(p)  # not masked: nothing
     t("unmask twice", probe(d0, [p]))
 
     # bind_vcpu of a pending port: delivered on the new vCPU
@@ -191,7 +195,7 @@ def scenario_basic(h, abi, wb):
     t("closed consume", [drain(d0, v) for v in range(3)])
     t("closed drained", probe(d0, [p, newp]))
     t("reuse", d0.alloc_unbound(du.domid))
-    du.send(inter[10][1])                        # left pending for the reset below
+    du.send(inter[10][1])  # left pending for the reset below
     t("status all", [d0.status(x) for x in ports0[:40]])
     t.error("reset", d0.reset)
     t("after reset", probe(d0, ports0))
@@ -222,7 +226,7 @@ def scenario_spread(h, abi, wb):
             got = d.consume(v, max_events=int(rng.integers(1, 40)))
             t(f"consume {rnd} {v}", got)
             np.add.at(delivered, got, 1)
-        if rnd == 3:                             # masks on a few pending ports, then unmask
+        if rnd == 3:  # masks on a few pending ports, then unmask
             for p in ports[::97]:
                 d.mask(p)
             t("masked", probe(d, ports[::97]))
@@ -263,7 +267,7 @@ def scenario_expand(h, abi, wb):
     for _, q in pairs:
         du.send(q)
     t("consume again", [drain(d0, v) for v in range(2)])
-    while True:                                  # up to the link_bits limit: then ENOSPC
+    while True:  # up to the link_bits limit: then ENOSPC
         r = t.error("expand more", d0.expand_array)
         if r[0] == "error":
             assert r[1] == errno.ENOSPC
@@ -296,11 +300,16 @@ def assert_same_memory(ha, hb):
             continue
         diff = np.flatnonzero(a.u8 != b.u8)
         off = int(diff[0])
-        region = "header" if off < L.PAGE_SIZE else \
-            max((o, n) for n, o in lay.offsets.items() if o <= off)[1]
-        raise AssertionError(f"domain {domid}: {diff.size} bytes differ, first at {off} "
-                             f"({region} + {off - lay.offsets.get(region, 0)}): "
-                             f"{int(a.u8[off])} vs {int(b.u8[off])}")
+        region = (
+            "header"
+            if off < L.PAGE_SIZE
+            else max((o, n) for n, o in lay.offsets.items() if o <= off)[1]
+        )
+        raise AssertionError(
+            f"domain {domid}: {diff.size} bytes differ, first at {off} "
+            f"({region} + {off - lay.offsets.get(region, 0)}): "
+            f"{int(a.u8[off])} vs {int(b.u8[off])}"
+        )
 
 
 # -- single process: each backend on its own, then the two compared -----------------------------
@@ -340,7 +349,7 @@ def locks_of(h):
     """Every lock word of every domain: event lock, channel locks, queue and handler locks."""
     out = []
     for d in h.domains():
-        dm, lay = d._dm, d._dm.layout
+        dm = d._dm
         out.append(dm.hdr(L.H_EVENT_LOCK))
         for p in range(dm.hdr(L.H_VALID)):
             out.append(dm.port_u32(p, L.P_LOCK))
@@ -354,6 +363,7 @@ def locks_of(h):
 def test_compiled_module_is_what_runs():
     need("cython")
     from evtchn import _core
+
     with evtchn.Host("cython") as h:
         assert type(h._k) is _core.CythonKernels
         assert (h._k.name, h._k.multiprocess) == ("cython", True)
@@ -389,16 +399,16 @@ def test_cython_lock_helpers_and_bad_addresses():
         k.unlock(addr)
         assert d._dm.hdr(L.H_EVENT_LOCK) == 0
         with pytest.raises(ValueError):
-            k.set_bit(8, 0, 64)                  # in no mapped domain
+            k.set_bit(8, 0, 64)  # in no mapped domain
         with pytest.raises(ValueError):
-            k.set_bit(d._base + 4, 0, 64)        # misaligned
+            k.set_bit(d._base + 4, 0, 64)  # misaligned
         with pytest.raises(KeyError):
             k.is_pending(7, 1)
 
 
 # -- several processes --------------------------------------------------------------------------
 SENDERS, VCPUS, NPORTS = 2, 2, 256
-PER_SENDER, BATCH = 200_000, 256         # batches of 1..BATCH sends: more interleavings
+PER_SENDER, BATCH = 200_000, 256  # batches of 1..BATCH sends: more interleavings
 JOIN_S = 180
 
 
@@ -421,7 +431,7 @@ def _sender(name, domid, ports, total, seed, go, results):
             np.add.at(counts, idx, edges[:k])
             sent += k
         results.put(("sender", seed, counts.tolist()))
-    except BaseException as exc:                 # report instead of hanging the parent
+    except BaseException as exc:  # report instead of hanging the parent
         results.put(("error", seed, repr(exc)))
     finally:
         h.close()
@@ -431,7 +441,7 @@ def _consumer(name, domid, vcpu, nslots, stop, results):
     h = evtchn.Host.attach(name, "cython")
     try:
         d = h.domain(domid)
-        buf = np.empty(97, np.uint32)            # small: the handler often stops early
+        buf = np.empty(97, np.uint32)  # small: the handler often stops early
         counts = np.zeros(nslots, np.int64)
         wakeups = 0
         results.put(("ready", "consumer", vcpu))
@@ -455,7 +465,9 @@ def _get(results, deadline, procs):
         except queue_mod.Empty:
             dead = [p for p in procs if p.exitcode not in (None, 0)]
             if dead:
-                raise AssertionError(f"{dead[0].name} died with exit code {dead[0].exitcode}")
+                raise AssertionError(
+                    f"{dead[0].name} died with exit code {dead[0].exitcode}"
+                ) from None
     raise AssertionError("a worker process did not report in time")
 
 
@@ -487,16 +499,19 @@ def test_multiprocess_every_edge_delivered_once(abi, wb):
 
         results = ctx.Queue()
         for v in range(VCPUS):
-            procs.append(ctx.Process(target=_consumer,
-                                     args=(host.name, dr.domid, v, nslots, stop, results)))
+            procs.append(
+                ctx.Process(target=_consumer, args=(host.name, dr.domid, v, nslots, stop, results))
+            )
         for s in range(SENDERS):
-            procs.append(ctx.Process(target=_sender,
-                                     args=(host.name, ds.domid, lports, PER_SENDER, s, go,
-                                           results)))
+            procs.append(
+                ctx.Process(
+                    target=_sender, args=(host.name, ds.domid, lports, PER_SENDER, s, go, results)
+                )
+            )
         for p in procs:
             p.start()
         deadline = time.monotonic() + JOIN_S
-        for _ in procs:                          # everyone attached and looping: start
+        for _ in procs:  # everyone attached and looping: start
             r = _get(results, deadline, procs)
             assert r[0] == "ready", r
         go.set()
@@ -520,7 +535,7 @@ def test_multiprocess_every_edge_delivered_once(abi, wb):
             assert p.exitcode == 0, f"{p.name} exit code {p.exitcode}"
 
         late = 0
-        for v in range(VCPUS):                   # what the consumers left behind
+        for v in range(VCPUS):  # what the consumers left behind
             got = flat(drain(dr, v))
             late += len(got)
             np.add.at(delivered, got, 1)
@@ -532,10 +547,14 @@ def test_multiprocess_every_edge_delivered_once(abi, wb):
         want = np.zeros(nslots, np.int64)
         want[[rp for _, rp in pairs]] = edges
         bad = np.flatnonzero(delivered != want)
-        assert bad.size == 0, (f"{bad.size} ports differ, e.g. port {bad[0]}: delivered "
-                               f"{delivered[bad[0]]}, edges {want[bad[0]]}")
-        print(f"{abi}/{wb}: {SENDERS * PER_SENDER} sends in {send_s:.2f} s, "
-              f"{int(edges.sum())} edges, wakeups per vCPU {wakeups}, {late} left to drain")
+        assert bad.size == 0, (
+            f"{bad.size} ports differ, e.g. port {bad[0]}: delivered "
+            f"{delivered[bad[0]]}, edges {want[bad[0]]}"
+        )
+        print(
+            f"{abi}/{wb}: {SENDERS * PER_SENDER} sends in {send_s:.2f} s, "
+            f"{int(edges.sum())} edges, wakeups per vCPU {wakeups}, {late} left to drain"
+        )
         assert edges.sum() > 0 and all(wakeups), (edges.sum(), wakeups, late, send_s)
         assert all(x == 0 for x in locks_of(host))
     finally:

@@ -2,6 +2,7 @@
 C yardstick on fifo and 2l, both deliver events, and neither loses or leaves any; the same run's
 alternatives, multi-process, mapped-pages and latency sections; --compare on synthetic files;
 --plot; the asv suite called once per benchmark without asv."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-BENCH_TIMEOUT = 300            # s: spawn start-up, the C build and 4 runs of 0.25 s
+BENCH_TIMEOUT = 300  # s: spawn start-up, the C build and 4 runs of 0.25 s
 
 
 def _cython_kernels() -> bool:
@@ -38,8 +39,13 @@ def _require_build() -> None:
 def quick_run(tmp_path_factory):
     _require_build()
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "--quick", "--json", str(out)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=BENCH_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -63,6 +69,7 @@ def test_quick_run_succeeds_and_leaks_nothing(quick_run):
 def _impls():
     """What --quick measures: cython and C, and numba beside them when it is importable."""
     from conftest import _available
+
     return ("cython", "c") + (("numba",) if _available("numba") else ())
 
 
@@ -73,12 +80,17 @@ def test_rates_positive_for_evtchn_and_c(quick_run):
         assert doc[f"stream1x1_{abi}_cython_events_per_s"] > 0
         assert doc[f"stream1x1_{abi}_c_events_per_s"] > 0
         assert doc[f"stream1x1_{abi}_cython_over_c"] > 0
-    rates = {k: v for k, v in doc.items() if k.endswith("_per_s")
-             and k.startswith(("stream1x1_", "isolated_")) and "_per_event_" not in k}
-    sides = len(_impls())              # stream: 2 ABIs x sides; isolated: also send/consume
+    rates = {
+        k: v
+        for k, v in doc.items()
+        if k.endswith("_per_s")
+        and k.startswith(("stream1x1_", "isolated_"))
+        and "_per_event_" not in k
+    }
+    sides = len(_impls())  # stream: 2 ABIs x sides; isolated: also send/consume
     assert len(rates) == 6 * sides
     assert all(v > 0 for v in rates.values()), rates
-    if "numba" in _impls():            # --beside auto: numba measured in the same run
+    if "numba" in _impls():  # --beside auto: numba measured in the same run
         for abi in ("fifo", "2l"):
             assert doc[f"stream1x1_{abi}_numba_over_cython"] > 0
     for key in ("machine", "python", "numpy", "git_commit"):
@@ -89,11 +101,15 @@ def test_no_event_lost_or_left(quick_run):
     """Every new edge a sender made was delivered exactly once, by evtchn and by the C program,
     and after each run nothing was pending or linked and a drain found nothing."""
     _, out, _ = quick_run
-    runs = [r for r in json.loads(out.read_text())["runs"]
-            if r["case"] in ("stream1x1", "isolated")]
+    runs = [
+        r for r in json.loads(out.read_text())["runs"] if r["case"] in ("stream1x1", "isolated")
+    ]
     assert {(r["case"], r["abi"], r["impl"]) for r in runs} == {
-        (case, abi, impl) for case in ("stream1x1", "isolated") for abi in ("fifo", "2l")
-        for impl in _impls()}
+        (case, abi, impl)
+        for case in ("stream1x1", "isolated")
+        for abi in ("fifo", "2l")
+        for impl in _impls()
+    }
     for r in runs:
         what = f"{r['abi']} {r['impl']} rep {r['rep']}"
         assert r["delivered"] > 0, what
@@ -125,41 +141,75 @@ def test_alternatives_side_by_side(quick_run):
 def _compare(tmp_path, old: dict, new: dict, *extra):
     (tmp_path / "old.json").write_text(json.dumps(old))
     (tmp_path / "new.json").write_text(json.dumps(new))
-    return subprocess.run([sys.executable, "-m", "bench", "--compare", str(tmp_path / "old.json"),
-                           "--new", str(tmp_path / "new.json"), *extra],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--compare",
+            str(tmp_path / "old.json"),
+            "--new",
+            str(tmp_path / "new.json"),
+            *extra,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
-OLD = {"stream1x1_fifo_cython_events_per_s": 1.0e6, "latency_idle_fifo_p50_ns": 20000,
-       "git_commit": "abc", "runs": [], "stream1x1_fifo_cython_over_c": 0.5}
+OLD = {
+    "stream1x1_fifo_cython_events_per_s": 1.0e6,
+    "latency_idle_fifo_p50_ns": 20000,
+    "git_commit": "abc",
+    "runs": [],
+    "stream1x1_fifo_cython_over_c": 0.5,
+}
 
 
 def test_compare_regression_exits_1(tmp_path):
-    new = {**OLD, "stream1x1_fifo_cython_events_per_s": 0.80e6}        # rate -20%
+    new = {**OLD, "stream1x1_fifo_cython_events_per_s": 0.80e6}  # rate -20%
     r = _compare(tmp_path, OLD, new)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "REGRESSION" in r.stdout and "stream1x1_fifo_cython_events_per_s" in r.stdout
-    new = {**OLD, "latency_idle_fifo_p50_ns": 24000}                   # time +20%
+    new = {**OLD, "latency_idle_fifo_p50_ns": 24000}  # time +20%
     assert _compare(tmp_path, OLD, new).returncode == 1
     assert _compare(tmp_path, OLD, new, "--threshold", "25").returncode == 0
 
 
 def test_compare_improvement_exits_0(tmp_path):
-    new = {**OLD, "stream1x1_fifo_cython_events_per_s": 2.0e6, "latency_idle_fifo_p50_ns": 9000,
-           "new_figure_per_s": 5.0}
+    new = {
+        **OLD,
+        "stream1x1_fifo_cython_events_per_s": 2.0e6,
+        "latency_idle_fifo_p50_ns": 9000,
+        "new_figure_per_s": 5.0,
+    }
     r = _compare(tmp_path, OLD, new)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "better" in r.stdout and "REGRESSION" not in r.stdout
     assert "new_figure_per_s: only in the new file" in r.stdout
-    small = {**OLD, "stream1x1_fifo_cython_events_per_s": 0.9e6}        # -10%: within 15%
+    small = {**OLD, "stream1x1_fifo_cython_events_per_s": 0.9e6}  # -10%: within 15%
     assert _compare(tmp_path, OLD, small).returncode == 0
 
 
 def test_compare_unreadable_file_exits_2(tmp_path):
     (tmp_path / "bad.json").write_text("not json")
-    r = subprocess.run([sys.executable, "-m", "bench", "--compare", str(tmp_path / "bad.json"),
-                        "--new", str(tmp_path / "bad.json")], cwd=REPO, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--compare",
+            str(tmp_path / "bad.json"),
+            "--new",
+            str(tmp_path / "bad.json"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "not JSON" in r.stderr
 
 
@@ -167,16 +217,22 @@ def test_compare_unreadable_file_exits_2(tmp_path):
 def test_mapped_pages_match_design_formulas(quick_run):
     _, out, _ = quick_run
     doc = json.loads(out.read_text())
-    for abi, n, pages in (("2l", 1024, 1), ("2l", 4096, 1), ("3l", 4096, 18), ("fifo", 1024, 2),
-                          ("fifo", 4096, 5)):
+    for abi, n, pages in (
+        ("2l", 1024, 1),
+        ("2l", 4096, 1),
+        ("3l", 4096, 18),
+        ("fifo", 1024, 2),
+        ("fifo", 4096, 5),
+    ):
         assert doc[f"mapped_{abi}_{n}_pages"] == pages, (abi, n)
         assert doc[f"mapped_{abi}_{n}_design_pages"] == pages, (abi, n)
 
 
 def test_design_formula_limits():
     from bench import memory as M
-    assert M.design_pages("2l", 1 << 15) is None           # beyond 64^2
-    assert M.design_pages("3l", 1 << 20) is None           # beyond 64^3
+
+    assert M.design_pages("2l", 1 << 15) is None  # beyond 64^2
+    assert M.design_pages("3l", 1 << 20) is None  # beyond 64^3
     assert M.design_pages("3l", 1 << 17) == 1 + 16 + 1
     assert M.design_pages("fifo", 1 << 20) == 1024 + 1
 
@@ -190,8 +246,9 @@ def test_latency_busy_and_idle_beside_c(quick_run):
             p50, p99 = doc[f"latency_{mode}_{who}_p50_ns"], doc[f"latency_{mode}_{who}_p99_ns"]
             assert 0 < p50 <= p99, (mode, who)
     samples = doc["latency_samples_ns"]
-    assert set(samples) == {f"{w} {m}" for w in ("evtchn-fifo", "evtchn-2l", "C")
-                            for m in ("busy", "idle")}
+    assert set(samples) == {
+        f"{w} {m}" for w in ("evtchn-fifo", "evtchn-2l", "C") for m in ("busy", "idle")
+    }
     assert all(len(v) == 200 and min(v) > 0 for v in samples.values())
 
 
@@ -204,8 +261,9 @@ def test_multi_process_throughput(quick_run):
         for procs in (2, 4):
             assert doc[f"multi_{abi}_{procs}p_cython_events_per_s"] > 0, (abi, procs)
     multi = [r for r in doc["runs"] if r["case"] == "multi"]
-    assert {(r["abi"], r["pairs"]) for r in multi} == {(a, n) for a in ("fifo", "2l")
-                                                       for n in (1, 2)}
+    assert {(r["abi"], r["pairs"]) for r in multi} == {
+        (a, n) for a in ("fifo", "2l") for n in (1, 2)
+    }
     for r in multi:
         assert r["ok"] and r["delivered"] == r["edges"] > 0, r
 
@@ -214,6 +272,7 @@ def test_multi_64_processes_short(tmp_path):
     """32 senders + 32 vCPU processes, one short run per ABI: all delivered, nothing left."""
     _require_build()
     from bench.multi import Multi
+
     for abi in ("fifo", "2l"):
         m = Multi(abi, "cython", 32)
         try:
@@ -229,9 +288,11 @@ def test_asv_benchmarks_run_once(monkeypatch):
     import inspect
     import itertools
     import re
+
     _require_build()
-    conf = json.loads(re.sub(r"^\s*//.*$", "", (REPO / "bench" / "asv.conf.json").read_text(),
-                             flags=re.M))
+    conf = json.loads(
+        re.sub(r"^\s*//.*$", "", (REPO / "bench" / "asv.conf.json").read_text(), flags=re.M)
+    )
     assert conf["environment_type"] == "existing" and conf["repo"] == ".."
     assert conf["benchmark_dir"] == "benchmarks"
     names = sorted(p.stem for p in (REPO / "bench" / "benchmarks").glob("bench_*.py"))
@@ -244,8 +305,13 @@ def test_asv_benchmarks_run_once(monkeypatch):
         for _, cls in inspect.getmembers(mod, inspect.isclass):
             if cls.__module__ != mod.__name__:
                 continue
-            params = cls.params if isinstance(getattr(cls, "params", None), tuple) \
-                else (cls.params,) if hasattr(cls, "params") else ()
+            params = (
+                cls.params
+                if isinstance(getattr(cls, "params", None), tuple)
+                else (cls.params,)
+                if hasattr(cls, "params")
+                else ()
+            )
             for combo in itertools.product(*params):
                 obj = cls()
                 if hasattr(obj, "setup"):
@@ -265,9 +331,13 @@ def test_asv_benchmarks_run_once(monkeypatch):
 # -- --plot ----------------------------------------------------------------------------------
 def test_plot_from_a_file(quick_run, tmp_path):
     _, out, _ = quick_run
-    r = subprocess.run([sys.executable, "-m", "bench", "--plot", str(tmp_path / "png"),
-                        "--new", str(out)], cwd=REPO, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "bench", "--plot", str(tmp_path / "png"), "--new", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -1,5 +1,6 @@
 """The per-channel lock across processes: Xen's rwlock modelled as one owner word whose
 read-type holders (send, EVTCHNOP_unmask, VIRQ raisers) carry CHANNEL_LOCK_READER."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -8,11 +9,10 @@ import signal
 import time
 
 import pytest
+from conftest import join_all
 
 import evtchn
 from evtchn import layout as L
-
-from conftest import join_all
 
 
 def _hold(name, backend, domid, port, reader, seconds, ready):
@@ -30,8 +30,7 @@ def _hold(name, backend, domid, port, reader, seconds, ready):
 def _holding(host, backend, domid, port, reader, seconds):
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
-    proc = ctx.Process(target=_hold,
-                       args=(host.name, backend, domid, port, reader, seconds, ready))
+    proc = ctx.Process(target=_hold, args=(host.name, backend, domid, port, reader, seconds, ready))
     proc.start()
     assert ready.wait(60), "the lock holder did not start"
     return proc
@@ -46,7 +45,7 @@ def test_virq_waits_for_a_reader_and_is_dropped_by_a_writer(host, compiled, abi)
     proc = _holding(host, compiled, 0, p, True, 0.3)
     t0 = time.monotonic()
     assert host._k.raise_virq(0, L.VIRQ_TIMER, 0) == 1
-    assert time.monotonic() - t0 >= 0.2           # it waited for the reader
+    assert time.monotonic() - t0 >= 0.2  # it waited for the reader
     join_all([proc], 60)
     assert d0.consume(0).tolist() == [p]
     proc = _holding(host, compiled, 0, p, False, 0.3)
@@ -127,7 +126,7 @@ def test_bind_vcpu_does_not_drop_a_global_virq(host, compiled):
         d0.consume(0)
         d0.consume(1)
         if d0.is_pending(p):
-            continue                             # masked by the rebind: not deliverable yet
+            continue  # masked by the rebind: not deliverable yet
         raised += 1
         # 0 and still not pending: dropped (0 and pending: the rebind's unmask re-raised it)
         if host._k.raise_virq(0, L.VIRQ_CONSOLE, 0) == 0 and not d0.is_pending(p):

@@ -1,30 +1,46 @@
 """Stateful differential test: every operation applied to the reference oracle and to a
 compiled backend; results, errors and the whole shared memory must stay identical."""
+
 from __future__ import annotations
 
 import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings, strategies as st
+from conftest import _available
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import evtchn
-from evtchn import EvtchnError, layout as L
+from evtchn import EvtchnError
 
-from conftest import _available
-
-settings.register_profile("ci", max_examples=25, stateful_step_count=40, deadline=None,
-                          suppress_health_check=list(HealthCheck))
-settings.register_profile("dev", max_examples=100, stateful_step_count=60, deadline=None,
-                          suppress_health_check=list(HealthCheck))
-settings.register_profile("long", max_examples=2000, stateful_step_count=100, deadline=None,
-                          suppress_health_check=list(HealthCheck))
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+settings.register_profile(
+    "dev",
+    max_examples=100,
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+settings.register_profile(
+    "long",
+    max_examples=2000,
+    stateful_step_count=100,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 VCPUS = 3
-port_ix = st.integers(0, 40)        # an index into the ports a domain has bound (or a raw port)
-vcpu_st = st.integers(-1, VCPUS)     # includes invalid vcpus on purpose
+port_ix = st.integers(0, 40)  # an index into the ports a domain has bound (or a raw port)
+vcpu_st = st.integers(-1, VCPUS)  # includes invalid vcpus on purpose
 
 
 def outcome(fn):
@@ -100,6 +116,7 @@ class Differential(RuleBasedStateMachine):
             edges = np.zeros(len(idx), np.uint8)
             n = du.send_many(np.array([self._port(du, i) for i in idx], np.uint32), edges)
             return (n, edges.tolist())
+
         self.both(go)
 
     @rule(i=port_ix)
@@ -128,18 +145,24 @@ class Differential(RuleBasedStateMachine):
 
     @rule(i=port_ix)
     def queries(self, i):
-        self.both(lambda d0, du: (d0.is_pending(self._port(d0, i)),
-                                  d0.is_masked(self._port(d0, i)),
-                                  d0.is_linked(self._port(d0, i)),
-                                  [d0.upcall_pending(v) for v in range(VCPUS)]))
+        self.both(
+            lambda d0, du: (
+                d0.is_pending(self._port(d0, i)),
+                d0.is_masked(self._port(d0, i)),
+                d0.is_linked(self._port(d0, i)),
+                [d0.upcall_pending(v) for v in range(VCPUS)],
+            )
+        )
 
     @rule(idx=st.lists(port_ix, max_size=3), v=vcpu_st, masked=st.booleans())
     def poll(self, idx, v, masked):
         """SCHEDOP_poll that cannot block (timeout 0): the same reason, port or error."""
+
         def go(d0, du):
             if 0 <= v < VCPUS:
                 d0.set_upcall_mask(v, masked)
             return d0.poll(v, [self._port(d0, i) for i in idx], timeout=0)
+
         self.both(go)
 
     @rule(i=port_ix)
@@ -160,19 +183,27 @@ class Differential(RuleBasedStateMachine):
                 diff = np.flatnonzero(ma != mb)
                 lay = ref._dm.layout.offsets
                 region = max((o, n) for n, o in lay.items() if o <= diff[0])[1]
-                raise AssertionError(f"domain {ref.domid}: {len(diff)} bytes differ, first at "
-                                     f"{int(diff[0])} (region {region}): "
-                                     f"{int(ma[diff[0]])} vs {int(mb[diff[0]])}")
+                raise AssertionError(
+                    f"domain {ref.domid}: {len(diff)} bytes differ, first at "
+                    f"{int(diff[0])} (region {region}): "
+                    f"{int(ma[diff[0]])} vs {int(mb[diff[0]])}"
+                )
 
 
-CASES = [(abi, wb, other) for other in ("cython", "numba")
-         for abi, wb in (("fifo", 64), ("2l", 64), ("2l", 32), ("3l", 64), ("3l", 32))]
+CASES = [
+    (abi, wb, other)
+    for other in ("cython", "numba")
+    for abi, wb in (("fifo", 64), ("2l", 64), ("2l", 32), ("3l", 64), ("3l", 32))
+]
 
 
 @pytest.mark.parametrize("abi,word_bits,other", CASES)
 def test_differential(abi, word_bits, other):
     if not _available(other):
         pytest.skip(f"backend {other} is not available")
-    machine = type(f"Diff_{abi}_{word_bits}_{other}", (Differential,),
-                   dict(abi=abi, word_bits=word_bits, other=other))
+    machine = type(
+        f"Diff_{abi}_{word_bits}_{other}",
+        (Differential,),
+        dict(abi=abi, word_bits=word_bits, other=other),
+    )
     machine.TestCase().runTest()

@@ -1,4 +1,5 @@
 """evtchn._numba_atomics: the atomics' values and effects, and their cross-process behaviour."""
+
 from __future__ import annotations
 
 import errno
@@ -17,21 +18,22 @@ import pytest
 
 pytest.importorskip("numba")
 
+from conftest import join_all  # noqa: E402
 from numba import njit  # noqa: E402
 
-from conftest import join_all  # noqa: E402
 from evtchn import _numba_atomics as A  # noqa: E402
 
 WIDTHS = (8, 16, 32, 64)
 MASK = {w: (1 << w) - 1 for w in WIDTHS}
-JOIN_TIMEOUT = 120.0            # children compile their kernels on a cold cache first
+JOIN_TIMEOUT = 120.0  # children compile their kernels on a cold cache first
 SENTINEL = 0xA5
-OFF = 64                        # where the value under test sits in the buffer (aligned)
+OFF = 64  # where the value under test sits in the buffer (aligned)
 
 SPAWN = multiprocessing.get_context("spawn")
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
 
 def _buffer():
     buf = np.full(256, SENTINEL, np.uint8)
@@ -39,16 +41,17 @@ def _buffer():
 
 
 def _put(buf, width, value):
-    buf[OFF:OFF + width // 8] = np.frombuffer(int(value).to_bytes(width // 8, sys.byteorder),
-                                              np.uint8)
+    buf[OFF : OFF + width // 8] = np.frombuffer(
+        int(value).to_bytes(width // 8, sys.byteorder), np.uint8
+    )
 
 
 def _get(buf, width):
-    return int.from_bytes(buf[OFF:OFF + width // 8].tobytes(), sys.byteorder)
+    return int.from_bytes(buf[OFF : OFF + width // 8].tobytes(), sys.byteorder)
 
 
 def _assert_rest_untouched(buf, width):
-    rest = np.concatenate([buf[:OFF], buf[OFF + width // 8:]])
+    rest = np.concatenate([buf[:OFF], buf[OFF + width // 8 :]])
     assert (rest == SENTINEL).all(), "an atomic wrote outside its operand"
 
 
@@ -65,6 +68,7 @@ def _jit1(fn):
     @njit
     def k(addr):
         return fn(addr)
+
     return k
 
 
@@ -72,6 +76,7 @@ def _jit2(fn):
     @njit
     def k(addr, v):
         return fn(addr, v)
+
     return k
 
 
@@ -79,6 +84,7 @@ def _jit3(fn):
     @njit
     def k(addr, a, b):
         return fn(addr, a, b)
+
     return k
 
 
@@ -95,7 +101,7 @@ def _new_shm(size=4096):
 def _unlink(path):
     try:
         os.unlink(path)
-    except FileNotFoundError:                    # never mask the test's own failure
+    except FileNotFoundError:  # never mask the test's own failure
         pass
 
 
@@ -133,6 +139,7 @@ def _wait_for(pred, timeout, what):
 
 # --- loads and stores ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("width", WIDTHS)
 def test_load(width):
     buf, addr = _buffer()
@@ -152,9 +159,9 @@ def test_store(width):
     assert store(addr, value) is None
     assert _get(buf, width) == value
     if width < 64:
-        store(addr, (1 << width) | 5)                   # truncated to the width
+        store(addr, (1 << width) | 5)  # truncated to the width
         assert _get(buf, width) == 5
-    store(addr, -1)                                     # two's complement, all ones
+    store(addr, -1)  # two's complement, all ones
     assert _get(buf, width) == MASK[width]
     _assert_rest_untouched(buf, width)
 
@@ -169,10 +176,14 @@ def test_load_store_through_array_address():
         A.store_u32(base + 16, 7)
         A.store_u16(base + 20, 9)
         A.store_u8(base + 22, 11)
-        return A.load_u64(base + 8), A.load_u32(base + 16), A.load_u16(base + 20), \
-            A.load_u8(base + 22)
+        return (
+            A.load_u64(base + 8),
+            A.load_u32(base + 16),
+            A.load_u16(base + 20),
+            A.load_u8(base + 22),
+        )
 
-    assert k(np.uint64(base)) == (2**64 - 1, 7, 9, 11)    # uint64 addresses work too
+    assert k(np.uint64(base)) == (2**64 - 1, 7, 9, 11)  # uint64 addresses work too
     assert a[1] == 2**64 - 1
     assert a.view(np.uint32)[4] == 7
     assert a.view(np.uint16)[10] == 9
@@ -215,10 +226,10 @@ def test_rmw_high_bits(width):
     _put(buf, width, 0)
     assert _jit2(_op("fetch_or", width))(addr, top) == 0
     assert _get(buf, width) == top
-    not_top = ~top if width < 64 else MASK[64] ^ top             # < 64: a negative int mask
+    not_top = ~top if width < 64 else MASK[64] ^ top  # < 64: a negative int mask
     assert _jit2(_op("fetch_and", width))(addr, not_top) == top
     assert _get(buf, width) == 0
-    assert _jit2(_op("fetch_sub", width))(addr, 1) == 0          # wraps
+    assert _jit2(_op("fetch_sub", width))(addr, 1) == 0  # wraps
     assert _get(buf, width) == MASK[width]
     assert _jit2(_op("fetch_add", width))(addr, 1) == MASK[width]
     assert _get(buf, width) == 0
@@ -231,11 +242,11 @@ def test_cas(width):
     buf, addr = _buffer()
     a, b = 0x1122334455667788 & MASK[width], MASK[width]
     _put(buf, width, a)
-    assert cas(addr, b, 3) == a                  # mismatch: returns what it saw, no write
+    assert cas(addr, b, 3) == a  # mismatch: returns what it saw, no write
     assert _get(buf, width) == a
-    assert cas(addr, a, b) == a                  # match: returns expected, writes desired
+    assert cas(addr, a, b) == a  # match: returns expected, writes desired
     assert _get(buf, width) == b
-    assert cas(addr, -1, 0) == b                 # -1 is all ones at every width
+    assert cas(addr, -1, 0) == b  # -1 is all ones at every width
     assert _get(buf, width) == 0
     _assert_rest_untouched(buf, width)
 
@@ -266,10 +277,10 @@ def test_non_integer_address_is_a_typing_error():
 
 # --- syscalls -----------------------------------------------------------------------------------
 
+
 @njit
 def _sys_basics(pid):
-    return (A.getpid(), A.sched_yield(), A.kill(pid, 0), A.get_errno(),
-            A.monotonic_ns())
+    return (A.getpid(), A.sched_yield(), A.kill(pid, 0), A.get_errno(), A.monotonic_ns())
 
 
 def test_getpid_yield_monotonic():
@@ -295,9 +306,9 @@ def test_kill_and_errno():
 
 def test_pid_alive():
     assert A.pid_alive(os.getpid())
-    assert A.pid_alive(1)                        # init: exists (EPERM counts as alive)
+    assert A.pid_alive(1)  # init: exists (EPERM counts as alive)
     assert not A.pid_alive(_dead_pid())
-    assert not A.pid_alive(0)                    # process groups are never "alive owners"
+    assert not A.pid_alive(0)  # process groups are never "alive owners"
     assert not A.pid_alive(-5)
     assert not A.pid_alive(2**32 - 1)
 
@@ -306,8 +317,8 @@ def test_pid_alive_sees_through_zombies():
     child = subprocess.Popen(["true"])
     try:
         _wait_for(lambda: _proc_state(child.pid) == "Z", 10, "the child to become a zombie")
-        os.kill(child.pid, 0)                    # kill(pid, 0) still succeeds on a zombie...
-        assert not A.pid_alive(child.pid)        # ...but it is not alive
+        os.kill(child.pid, 0)  # kill(pid, 0) still succeeds on a zombie...
+        assert not A.pid_alive(child.pid)  # ...but it is not alive
     finally:
         child.wait()
 
@@ -325,13 +336,13 @@ def test_futex_wait_times_out_and_checks_value():
     rc, elapsed = _futex_wait_timed(addr, 7, 50_000_000)
     assert rc == -errno.ETIMEDOUT
     assert 45_000_000 <= elapsed < 2_000_000_000
-    rc, elapsed = _futex_wait_timed(addr, 8, 5_000_000_000)      # value differs: no sleep
+    rc, elapsed = _futex_wait_timed(addr, 8, 5_000_000_000)  # value differs: no sleep
     assert rc == -errno.EAGAIN
     assert elapsed < 1_000_000_000
-    rc, elapsed = _futex_wait_timed(addr, 7, 1_100_000_000)      # tv_sec = 1, tv_nsec = 1e8
+    rc, elapsed = _futex_wait_timed(addr, 7, 1_100_000_000)  # tv_sec = 1, tv_nsec = 1e8
     assert rc == -errno.ETIMEDOUT
     assert 1_050_000_000 <= elapsed < 3_000_000_000
-    assert _jit2(A.futex_wake)(addr, 1) == 0                     # nobody waiting
+    assert _jit2(A.futex_wake)(addr, 1) == 0  # nobody waiting
 
 
 # --- cross-process ------------------------------------------------------------------------------
@@ -352,7 +363,7 @@ def _counter_kernel(base, u32, n, mypid, nprocs):
             return -1
     for _ in range(n):
         A.lock_acquire(base + C_LOCK, mypid)
-        u32[C_LOCKED_COUNT // 4] += 1            # plain read-modify-write, guarded by the lock
+        u32[C_LOCKED_COUNT // 4] += 1  # plain read-modify-write, guarded by the lock
         A.lock_release(base + C_LOCK)
         A.fetch_add_u32(base + C_ATOMIC_COUNT, 1)
     return 0
@@ -370,8 +381,10 @@ def test_lock_and_fetch_add_across_processes():
     try:
         mm, u8, base = _attach(path)
         u32 = u8.view(np.uint32)
-        procs = [SPAWN.Process(target=_counter_child, args=(path, N_ITER, 2), name=f"counter{i}")
-                 for i in range(2)]
+        procs = [
+            SPAWN.Process(target=_counter_child, args=(path, N_ITER, 2), name=f"counter{i}")
+            for i in range(2)
+        ]
         for p in procs:
             p.start()
         _join_all(procs)
@@ -389,11 +402,11 @@ def test_lock_try_and_release():
     try_ = _jit2(A.lock_try)
     assert try_(addr, 1234)
     assert _get(buf, 32) == 1234
-    assert not try_(addr, 99)                    # held: fails, word unchanged
+    assert not try_(addr, 99)  # held: fails, word unchanged
     assert _get(buf, 32) == 1234
     _jit1(A.lock_release)(addr)
     assert _get(buf, 32) == 0
-    assert A.lock_acquire(addr, os.getpid()) == 0    # free: taken at once, nothing stolen
+    assert A.lock_acquire(addr, os.getpid()) == 0  # free: taken at once, nothing stolen
     assert _get(buf, 32) == os.getpid()
     A.lock_release(addr)
     _assert_rest_untouched(buf, 32)
@@ -408,14 +421,14 @@ def _hold_lock(base, mypid):
 def _holder_child(path):
     mm, u8, base = _attach(path)
     _hold_lock(base, os.getpid())
-    time.sleep(600)                              # killed long before
+    time.sleep(600)  # killed long before
 
 
 @njit(cache=True)
 def _steal_lock(base, mypid):
     A.store_u32(base + C_READY, 1)
     stolen = A.lock_acquire(base + C_LOCK, mypid)
-    A.store_u64(base + C_ELAPSED, A.monotonic_ns())     # when it got the lock
+    A.store_u64(base + C_ELAPSED, A.monotonic_ns())  # when it got the lock
     A.store_u64(base + C_STOLEN, stolen)
     A.store_u32(base + C_RESULT, 1)
 
@@ -434,23 +447,29 @@ def test_lock_of_killed_holder_is_stolen(reaped):
         u32, u64 = u8.view(np.uint32), u8.view(np.uint64)
         holder = SPAWN.Process(target=_holder_child, args=(path,), name="holder")
         holder.start()
-        _wait_for(lambda: u32[C_FLAG // 4] == 1 or not holder.is_alive(), JOIN_TIMEOUT,
-                  "the holder to take the lock")
+        _wait_for(
+            lambda: u32[C_FLAG // 4] == 1 or not holder.is_alive(),
+            JOIN_TIMEOUT,
+            "the holder to take the lock",
+        )
         assert u32[C_LOCK // 4] == holder.pid
         # Started while the holder lives (Process.start() reaps finished children, which would
         # turn the zombie case into the reaped one); it waits in lock_acquire.
         stealer = SPAWN.Process(target=_stealer_child, args=(path,), name="stealer")
         stealer.start()
-        _wait_for(lambda: u32[C_READY // 4] == 1 or not stealer.is_alive(), JOIN_TIMEOUT,
-                  "the stealer to start waiting")
+        _wait_for(
+            lambda: u32[C_READY // 4] == 1 or not stealer.is_alive(),
+            JOIN_TIMEOUT,
+            "the stealer to start waiting",
+        )
         time.sleep(0.05)
         assert u32[C_RESULT // 4] == 0 and u32[C_LOCK // 4] == holder.pid
         os.kill(holder.pid, signal.SIGKILL)
-        killed_at = time.monotonic_ns()          # CLOCK_MONOTONIC, as monotonic_ns() in njit
+        killed_at = time.monotonic_ns()  # CLOCK_MONOTONIC, as monotonic_ns() in njit
         if reaped:
             holder.join(10)
         _join_all([stealer], timeout=10)
-        if not reaped:                           # dead but unreaped: kill(pid, 0) succeeds
+        if not reaped:  # dead but unreaped: kill(pid, 0) succeeds
             assert _proc_state(holder.pid) == "Z"
         assert u32[C_RESULT // 4] == 1
         assert u32[C_LOCK // 4] == stealer.pid
@@ -470,7 +489,7 @@ def test_lock_of_killed_holder_is_stolen(reaped):
 def _spin_until_set(base):
     A.store_u32(base + C_FLAG, 1)
     n = 0
-    while A.load_u32(base + C_WORD) == 0:        # must reload every time: not hoisted
+    while A.load_u32(base + C_WORD) == 0:  # must reload every time: not hoisted
         A.cpu_relax()
         n += 1
     A.store_u32(base + C_RESULT, 1)
@@ -490,9 +509,10 @@ def test_spin_loop_sees_store_from_other_process():
         u32 = u8.view(np.uint32)
         p = SPAWN.Process(target=_spinner_child, args=(path,), name="spinner")
         p.start()
-        _wait_for(lambda: u32[C_FLAG // 4] == 1 or not p.is_alive(), JOIN_TIMEOUT,
-                  "the spinner to start")
-        time.sleep(0.05)                         # let it spin for a while
+        _wait_for(
+            lambda: u32[C_FLAG // 4] == 1 or not p.is_alive(), JOIN_TIMEOUT, "the spinner to start"
+        )
+        time.sleep(0.05)  # let it spin for a while
         assert u32[C_RESULT // 4] == 0
         _jit2(A.store_u32)(base + C_WORD, 1)
         _join_all([p], timeout=10)
@@ -515,7 +535,7 @@ def _futex_waiter(base):
 
 def _futex_child(path):
     mm, u8, base = _attach(path)
-    u8[C_RESULT:C_RESULT + 8] = 0xFF             # "no result yet"
+    u8[C_RESULT : C_RESULT + 8] = 0xFF  # "no result yet"
     _futex_waiter(base)
 
 
@@ -527,17 +547,18 @@ def test_futex_wake_from_other_process():
         u32, i64 = u8.view(np.uint32), u8.view(np.int64)
         p = SPAWN.Process(target=_futex_child, args=(path,), name="futex-waiter")
         p.start()
-        _wait_for(lambda: u32[C_FLAG // 4] == 1 or not p.is_alive(), JOIN_TIMEOUT,
-                  "the waiter to start")
+        _wait_for(
+            lambda: u32[C_FLAG // 4] == 1 or not p.is_alive(), JOIN_TIMEOUT, "the waiter to start"
+        )
         # After the flag the waiter's only way to sleep is the futex.
         _wait_for(lambda: _proc_state(p.pid) in ("S", None), 10, "the waiter to block")
         time.sleep(0.05)
-        assert i64[C_RESULT // 8] == -1          # still waiting
+        assert i64[C_RESULT // 8] == -1  # still waiting
         _jit2(A.store_u32)(base + C_WORD, 1)
         woken = _jit2(A.futex_wake)(base + C_WORD, 1)
         _join_all([p], timeout=10)
-        assert woken == 1                        # a shared futex: the other process's waiter
-        assert i64[C_RESULT // 8] == 0           # woken, not timed out nor value-mismatched
+        assert woken == 1  # a shared futex: the other process's waiter
+        assert i64[C_RESULT // 8] == 0  # woken, not timed out nor value-mismatched
         assert i64[C_ELAPSED // 8] < 10_000_000_000
     finally:
         if p is not None and p.is_alive():
@@ -583,11 +604,17 @@ def test_callers_cache_with_intrinsics(tmp_path):
     env.pop("NUMBA_DISABLE_JIT", None)
 
     def run():
-        out = subprocess.run([sys.executable, "kern.py"], cwd=tmp_path, env=env, timeout=300,
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "kern.py"],
+            cwd=tmp_path,
+            env=env,
+            timeout=300,
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 0, out.stderr
         hits, misses, _ = out.stdout.split()
         return int(hits), int(misses)
 
-    assert run() == (0, 1)                       # compiled and written
-    assert run() == (1, 0)                       # a second process loads it: no recompile
+    assert run() == (0, 1)  # compiled and written
+    assert run() == (1, 0)  # a second process loads it: no recompile

@@ -1,5 +1,6 @@
 """The Numba backend: user @njit code calling evtchn.numba, processes on "numba" and "cython"
 driving one host, the kernel cache across processes, and the injections against the oracle."""
+
 from __future__ import annotations
 
 import doctest
@@ -17,15 +18,15 @@ import pytest
 
 pytest.importorskip("numba")
 
+from conftest import _available, join_all  # noqa: E402
 from numba import njit  # noqa: E402
 
-from conftest import _available, join_all  # noqa: E402
 import evtchn  # noqa: E402
 import evtchn.numba as en  # noqa: E402
 from evtchn import layout as L  # noqa: E402
 
 SPAWN = multiprocessing.get_context("spawn")
-JOIN_TIMEOUT = 300.0            # children may compile their kernels on a cold cache first
+JOIN_TIMEOUT = 300.0  # children may compile their kernels on a cold cache first
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(evtchn.__file__)))
 
 
@@ -55,6 +56,7 @@ def _pair(host, abi, vcpus=1):
 
 # --- user @njit code ---------------------------------------------------------------------------
 
+
 @njit
 def _user_loop(tx, rx, ports, rounds, out, delivered):
     """A user's jitted simulation loop: send on every port, run the receiver's handler."""
@@ -79,7 +81,7 @@ def test_user_njit_loop_calls_send_and_consume(abi):
         out = np.empty(64, np.uint32)
         delivered = np.zeros(d0.valid_ports, np.int64)
         edges = _user_loop(en.views(du), en.views(d0), local, 50, out, delivered)
-        assert edges == 50 * 40                       # drained every round: no coalescing
+        assert edges == 50 * 40  # drained every round: no coalescing
         assert (delivered[remote] == 50).all() and delivered.sum() == 50 * 40
         assert not any(d0.is_pending(p) or d0.is_linked(p) for p in remote)
         assert not d0.upcall_pending(0)
@@ -102,8 +104,23 @@ def _user_misc(v0, vu, port, local, out):
     n, err = en.send_many(vu, ports, edges)
     n2 = en.consume(v0, 0, out)
     bad = en.send(vu, 100000)
-    return (masked, r1, pend, up_masked, up, woke, n1, n, err, edges[0], edges[1], edges[2],
-            n2, bad, en.wait(v0, 0, 1000000))
+    return (
+        masked,
+        r1,
+        pend,
+        up_masked,
+        up,
+        woke,
+        n1,
+        n,
+        err,
+        edges[0],
+        edges[1],
+        edges[2],
+        n2,
+        bad,
+        en.wait(v0, 0, 1000000),
+    )
 
 
 @pytest.mark.parametrize("abi", ["fifo", "2l"])
@@ -138,6 +155,7 @@ def test_docstring_example_runs():
 
 
 # --- wait across processes -----------------------------------------------------------------------
+
 
 def _send_later(host_name, domid, port, delay):
     host = evtchn.Host.attach(host_name, backend="numba")
@@ -176,7 +194,7 @@ BATCH = 256
 def _sender(host_name, backend, domid, ports, seed, barrier, results):
     host = evtchn.Host.attach(host_name, backend=backend)
     try:
-        host.warm_up()          # compile/load before the barrier, so that the sides race
+        host.warm_up()  # compile/load before the barrier, so that the sides race
         d = host.domain(domid)
         rng = np.random.default_rng(seed)
         edges_per_port = np.zeros(max(ports) + 1, np.int64)
@@ -199,10 +217,10 @@ def _vcpu(host_name, backend, domid, vcpu, toggle, barrier, done, results):
     and then (the guest racing the senders); drain everything after the senders are done."""
     host = evtchn.Host.attach(host_name, backend=backend)
     try:
-        host.warm_up()          # compile/load before the barrier, so that the sides race
+        host.warm_up()  # compile/load before the barrier, so that the sides race
         d = host.domain(domid)
         counts = np.zeros(d.valid_ports, np.int64)
-        made = np.zeros(d.valid_ports, np.int64)     # edges the unmasks made themselves
+        made = np.zeros(d.valid_ports, np.int64)  # edges the unmasks made themselves
         out = np.empty(64, np.uint32)
         barrier.wait(JOIN_TIMEOUT)
         final = False
@@ -220,7 +238,7 @@ def _vcpu(host_name, backend, domid, vcpu, toggle, barrier, done, results):
             if final:
                 break
             if done.is_set():
-                final = True                 # one more pass sees the last events
+                final = True  # one more pass sees the last events
                 continue
             d.wait(vcpu, timeout=0.05)
         results.put(("vcpu", backend, counts.tolist(), made.tolist()))
@@ -270,21 +288,29 @@ def test_interop_mixed_senders_and_vcpus(abi, first, second):
         barrier = SPAWN.Barrier(4)
         done = SPAWN.Event()
         results = SPAWN.Queue()
-        senders = [SPAWN.Process(target=_sender, name=f"sender-{b}-{i}",
-                                 args=(host.name, b, du.domid, local, 1000 + i, barrier,
-                                       results))
-                   for i, b in enumerate((first, second))]
-        vcpus = [SPAWN.Process(target=_vcpu, name=f"vcpu{v}-{b}",
-                               args=(host.name, b, d0.domid, v, by_vcpu[v][:4], barrier, done,
-                                     results))
-                 for v, b in enumerate((first, second))]
+        senders = [
+            SPAWN.Process(
+                target=_sender,
+                name=f"sender-{b}-{i}",
+                args=(host.name, b, du.domid, local, 1000 + i, barrier, results),
+            )
+            for i, b in enumerate((first, second))
+        ]
+        vcpus = [
+            SPAWN.Process(
+                target=_vcpu,
+                name=f"vcpu{v}-{b}",
+                args=(host.name, b, d0.domid, v, by_vcpu[v][:4], barrier, done, results),
+            )
+            for v, b in enumerate((first, second))
+        ]
         try:
             for p in senders + vcpus:
                 p.start()
             deadline = time.monotonic() + JOIN_TIMEOUT
-            got = _collect(results, 2, senders + vcpus, deadline)       # the two senders
+            got = _collect(results, 2, senders + vcpus, deadline)  # the two senders
             done.set()
-            got += _collect(results, 2, senders + vcpus, deadline)      # the two vCPUs
+            got += _collect(results, 2, senders + vcpus, deadline)  # the two vCPUs
             _join_all(senders + vcpus)
         finally:
             done.set()
@@ -298,8 +324,8 @@ def test_interop_mixed_senders_and_vcpus(abi, first, second):
                 for lp, e in enumerate(data):
                     edges[lp] = edges.get(lp, 0) + e
             else:
-                delivered[:len(data)] += np.asarray(data)
-                made[:len(unmask_edges)] += np.asarray(unmask_edges)
+                delivered[: len(data)] += np.asarray(data)
+                made[: len(unmask_edges)] += np.asarray(unmask_edges)
         # every edge a send or an unmask made is delivered exactly once
         per_port = {rp: edges.get(lp, 0) + int(made[rp]) for rp, lp in zip(remote, local)}
         assert sum(per_port.values()) > nports
@@ -369,13 +395,19 @@ def test_second_process_loads_kernels_from_cache(tmp_path, abi):
     env.pop("NUMBA_DISABLE_JIT", None)
 
     def run():
-        out = subprocess.run([sys.executable, "probe.py", abi], cwd=tmp_path, env=env,
-                             timeout=JOIN_TIMEOUT, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "probe.py", abi],
+            cwd=tmp_path,
+            env=env,
+            timeout=JOIN_TIMEOUT,
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 0, out.stderr
         hits, misses, t_import, t_run = out.stdout.split()
         return int(hits), int(misses), float(t_import), float(t_run)
 
-    run()                                               # warms the cache if it was cold
+    run()  # warms the cache if it was cold
     hits, misses, t_import, t_run = run()
     assert misses == 0, f"a warm start recompiled {misses} kernels"
     assert hits > 5
@@ -384,12 +416,15 @@ def test_second_process_loads_kernels_from_cache(tmp_path, abi):
 
 # --- the injections, against the oracle --------------------------------------------------------
 
-INJECTION_CASES = [("fifo", "fifo-ready-every-link"), ("fifo", "fifo-old-tail-kept"),
-                   ("fifo", "fifo-pending-before-lock"),
-                   ("2l", "2l-selector-before-upcall-clear"),
-                   ("2l", "2l-unmask-test-before-clear"),
-                   ("3l", "2l-selector-before-upcall-clear"),
-                   ("3l", "2l-unmask-test-before-clear")]
+INJECTION_CASES = [
+    ("fifo", "fifo-ready-every-link"),
+    ("fifo", "fifo-old-tail-kept"),
+    ("fifo", "fifo-pending-before-lock"),
+    ("2l", "2l-selector-before-upcall-clear"),
+    ("2l", "2l-unmask-test-before-clear"),
+    ("3l", "2l-selector-before-upcall-clear"),
+    ("3l", "2l-unmask-test-before-clear"),
+]
 
 
 def _injected_machine(abi, inject):
@@ -400,18 +435,18 @@ def _injected_machine(abi, inject):
     class Injected(Differential):
         @initialize()
         def make(self):
-            self.hosts = [evtchn.Host("reference", inject=inject),
-                          evtchn.Host("numba", inject=inject)]
+            self.hosts = [
+                evtchn.Host("reference", inject=inject),
+                evtchn.Host("numba", inject=inject),
+            ]
             self.doms = []
             for h in self.hosts:
                 d0 = h.create_domain(self.abi, vcpus=VCPUS, word_bits=self.word_bits)
                 du = h.create_domain(self.abi, vcpus=2, word_bits=self.word_bits)
                 self.doms.append((d0, du))
 
-    machine = type(f"Inj_{abi}_{inject}", (Injected,), dict(abi=abi, word_bits=64,
-                                                           other="numba"))
-    machine.TestCase.settings = settings(max_examples=15, stateful_step_count=40,
-                                         deadline=None)
+    machine = type(f"Inj_{abi}_{inject}", (Injected,), dict(abi=abi, word_bits=64, other="numba"))
+    machine.TestCase.settings = settings(max_examples=15, stateful_step_count=40, deadline=None)
     return machine
 
 
@@ -423,6 +458,7 @@ def test_differential_with_injection(abi, inject):
 
 
 # --- R9 semantics in one process: the pre-71ac522909 path links like the current one ------------
+
 
 def test_r9_path_single_process_links_and_relinks():
     with evtchn.Host(backend="numba", inject="fifo-pending-before-lock") as host:
@@ -448,10 +484,20 @@ def test_r9_path_single_process_links_and_relinks():
 
 @njit
 def _user_out_of_range(v, out):
-    return (en.mask(v, -1), en.unmask(v, 1 << 40), en.is_pending(v, 1 << 40),
-            en.is_masked(v, -5), en.is_linked(v, 1 << 40), en.consume(v, 7, out),
-            en.upcall_pending(v, -1), en.wait(v, 99, 0), en.set_pending(v, 0, -1),
-            en.raise_virq(v, 99, 0), en.raise_virq(v, 0, 99), en.send(v, -1))
+    return (
+        en.mask(v, -1),
+        en.unmask(v, 1 << 40),
+        en.is_pending(v, 1 << 40),
+        en.is_masked(v, -5),
+        en.is_linked(v, 1 << 40),
+        en.consume(v, 7, out),
+        en.upcall_pending(v, -1),
+        en.wait(v, 99, 0),
+        en.set_pending(v, 0, -1),
+        en.raise_virq(v, 99, 0),
+        en.raise_virq(v, 0, 99),
+        en.send(v, -1),
+    )
 
 
 @pytest.mark.parametrize("abi", ["fifo", "2l", "3l"])
@@ -489,13 +535,18 @@ def test_wait_without_timeout_is_interrupted_by_ctrl_c(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
     with evtchn.Host(backend="numba") as host:
         d0 = host.create_domain("fifo")
-        p = subprocess.Popen([sys.executable, "waiter.py", host.name, str(d0.domid)],
-                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [sys.executable, "waiter.py", host.name, str(d0.domid)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert p.stdout.readline().strip() == "ready"
             xv = d0._dm.layout.xen_vcpu(0)
             deadline = time.monotonic() + 10
-            while d0._dm.u32[(xv + L.X_BLOCKED) // 4] == 0:      # it is asleep in the futex
+            while d0._dm.u32[(xv + L.X_BLOCKED) // 4] == 0:  # it is asleep in the futex
                 assert time.monotonic() < deadline, "the waiter never blocked"
                 time.sleep(0.01)
             time.sleep(0.2)
@@ -541,7 +592,12 @@ _WARM_UP_CHECK = textwrap.dedent("""
 def test_warm_up_loads_the_signatures_real_calls_use():
     """In a fresh process, after Host.warm_up() the hypercalls and the guest side add no new
     specialisation: the warm-up compiled (or loaded) exactly what they run."""
-    r = subprocess.run([sys.executable, "-c", _WARM_UP_CHECK], capture_output=True, text=True,
-                       timeout=600, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-c", _WARM_UP_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "GREW {}" in r.stdout, r.stdout

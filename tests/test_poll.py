@@ -1,5 +1,6 @@
 """SCHEDOP_poll (xen/common/sched/core.c do_poll) and evtchn_check_pollers, on every backend;
 wake-ups from another process on the compiled ones (conformance scenario C10)."""
+
 from __future__ import annotations
 
 import errno
@@ -7,11 +8,11 @@ import multiprocessing as mp
 import time
 
 import pytest
+from conftest import join_all
 
 import evtchn
-from evtchn import EvtchnError, layout as L
-
-from conftest import join_all
+from evtchn import EvtchnError
+from evtchn import layout as L
 
 ABIS = ["fifo", "2l", "3l"]
 
@@ -39,7 +40,7 @@ def test_times_out_when_nothing_is_pending(host, abi):
     r = d0.poll(0, [p0], timeout=0.05)
     assert r == evtchn.PollResult("timeout", 0) and not r
     assert time.monotonic() - t0 >= 0.045
-    assert pollers(d0) == 0                      # the poll_mask bit is cleared again
+    assert pollers(d0) == 0  # the poll_mask bit is cleared again
 
 
 @pytest.mark.parametrize("abi", ABIS)
@@ -48,10 +49,10 @@ def test_returns_at_once_for_a_pending_port_even_masked(host, abi):
     d0.mask(p0)
     du.send(pu)
     assert not d0.upcall_pending(0)
-    r = d0.poll(0, [p1, p0], timeout=5)          # masked and pending: poll returns anyway
+    r = d0.poll(0, [p1, p0], timeout=5)  # masked and pending: poll returns anyway
     assert r == evtchn.PollResult("pending", p0) and r
-    assert d0.is_pending(p0)                     # poll does not consume the event
-    r = d0.poll(0, p0, timeout=5)                # a single port as an int
+    assert d0.is_pending(p0)  # poll does not consume the event
+    r = d0.poll(0, p0, timeout=5)  # a single port as an int
     assert r.reason == "pending"
 
 
@@ -63,7 +64,7 @@ def test_unmasked_upcall_pending_returns_at_once(host, abi):
     du.send(pu)
     assert d0.upcall_pending(0)
     assert d0.poll(0, [p1], timeout=5).reason == "upcall"
-    d0.set_upcall_mask(0, True)                  # events masked: the upcall does not count
+    d0.set_upcall_mask(0, True)  # events masked: the upcall does not count
     assert d0.poll(0, [p1], timeout=0.01).reason == "timeout"
     assert d0.poll(0, [p0], timeout=0.01).reason == "pending"
 
@@ -81,13 +82,13 @@ def test_errors(host, abi):
         d0.poll(0, [-1], timeout=0)
     assert e.value.errno == errno.EINVAL
     with pytest.raises(EvtchnError) as e:
-        d0.poll(1, [p0], timeout=0)              # no such vCPU
+        d0.poll(1, [p0], timeout=0)  # no such vCPU
     assert e.value.errno == errno.ENOENT
     with pytest.raises(ValueError):
         d0.poll(0, [p0], timeout=-1)
     assert d0.poll(0, [p0] * L.SCHED_POLL_MAX_PORTS, timeout=0).reason == "timeout"
-    for unusable in (0, d0.alloc_unbound(d0.domid) + 1):   # reserved port 0, a free port
-        with pytest.raises(EvtchnError) as e:               # (d4bfa0c78f)
+    for unusable in (0, d0.alloc_unbound(d0.domid) + 1):  # reserved port 0, a free port
+        with pytest.raises(EvtchnError) as e:  # (d4bfa0c78f)
             d0.poll(0, [p0, unusable], timeout=0)
         assert e.value.errno == errno.EINVAL and "not in use" in str(e.value)
     closed = d0.alloc_unbound(d0.domid)
@@ -109,8 +110,7 @@ def _send_later(name, backend, domid, port, delay):
 
 def _poll_while_sending(host, backend, d0, du, poll_ports, send_port, timeout=10.0):
     ctx = mp.get_context("spawn")
-    proc = ctx.Process(target=_send_later,
-                       args=(host.name, backend, du.domid, send_port, 0.2))
+    proc = ctx.Process(target=_send_later, args=(host.name, backend, du.domid, send_port, 0.2))
     proc.start()
     try:
         t0 = time.monotonic()
@@ -136,7 +136,7 @@ def test_woken_by_the_edge_on_the_polled_port(host, compiled, abi):
 @pytest.mark.parametrize("abi", ABIS)
 def test_woken_by_a_masked_port(host, compiled, abi):
     d0, du, [(p0, pu)] = pair(host, abi)
-    d0.mask(p0)                                  # no upcall at all: the pollers check wakes
+    d0.mask(p0)  # no upcall at all: the pollers check wakes
     r, _ = _poll_while_sending(host, compiled, d0, du, [p0], pu)
     assert r == evtchn.PollResult("event", p0)
     assert not d0.upcall_pending(0)
@@ -191,8 +191,10 @@ def test_two_pollers_each_woken_by_its_own_port(host, compiled, abi):
     d0.mask(p1)
     ctx = mp.get_context("spawn")
     results = ctx.Manager().dict()
-    procs = [ctx.Process(target=_poll_in_child, args=(host.name, compiled, v, p, results, v))
-             for v, p in ((0, p0), (1, p1))]
+    procs = [
+        ctx.Process(target=_poll_in_child, args=(host.name, compiled, v, p, results, v))
+        for v, p in ((0, p0), (1, p1))
+    ]
     for pr in procs:
         pr.start()
     deadline = time.monotonic() + 30
@@ -201,7 +203,7 @@ def test_two_pollers_each_woken_by_its_own_port(host, compiled, abi):
     assert pollers(d0) == 2
     du.send(pu1)
     join_all(procs[1:], 30)
-    assert results[1] == ("event", p1) and pollers(d0) == 1   # vCPU 0 still polls
+    assert results[1] == ("event", p1) and pollers(d0) == 1  # vCPU 0 still polls
     du.send(pu0)
     join_all(procs[:1], 30)
     assert results[0] == ("event", p0) and pollers(d0) == 0

@@ -4,6 +4,7 @@ that every historical bug of ``--inject`` is caught.
 Runs that race processes need the Cython backend (the only one whose kernels work across
 processes) and are skipped without it; the whole file takes about two minutes on two cores.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,12 +23,12 @@ from evtchn import layout as L
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stress import checks as C          # noqa: E402
-from stress import cli                  # noqa: E402
-from stress import config as CF         # noqa: E402
-from stress import run as R             # noqa: E402
-from stress import shm as S             # noqa: E402
-from stress import workers as W         # noqa: E402
+from stress import checks as C  # noqa: E402
+from stress import cli  # noqa: E402
+from stress import config as CF  # noqa: E402
+from stress import run as R  # noqa: E402
+from stress import shm as S  # noqa: E402
+from stress import workers as W  # noqa: E402
 
 
 def _have_cython() -> bool:
@@ -38,15 +39,22 @@ def _have_cython() -> bool:
     return True
 
 
-needs_cython = pytest.mark.skipif(not _have_cython(),
-                                  reason="evtchn._core is not built (pip install -e .)")
+needs_cython = pytest.mark.skipif(
+    not _have_cython(), reason="evtchn._core is not built (pip install -e .)"
+)
 
 SMALL = ["--ports", "1024", "--vcpus", "8", "--duration", "2", "--duel", "0.5", "--no-progress"]
 
 
 def stress(*args, timeout=120, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stress", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "stress", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def segments_of(pid: int) -> list[str]:
@@ -81,6 +89,7 @@ def _workers_of(pid: int, want: int, timeout: float = 60.0) -> list[int]:
 
 # --- the command line -------------------------------------------------------------------------
 
+
 def test_help_lists_every_injection_as_a_choice():
     r = stress("--help")
     assert r.returncode == 0
@@ -93,19 +102,22 @@ def test_help_lists_every_injection_as_a_choice():
     assert "cleanup" in r.stdout
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--abi", "2l", "--ports", "5000"], "above the 2l limit of 4096"),
-    (["--abi", "fifo", "--ports", "131073"], "above the fifo limit of 131072"),
-    (["--vcpus", "0"], "--vcpus must be at least 1"),
-    (["--abi", "x86"], "invalid choice: 'x86'"),
-    (["--workload", "zipf"], "invalid choice: 'zipf'"),
-    (["--chaos", "wild"], "--chaos takes"),
-    (["--inject", "fifo-old-tail-kept", "--abi", "2l"], "is a fifo bug"),
-    (["--inject", "no-such-bug"], "invalid choice: 'no-such-bug'"),
-    (["--duration", "0"], "--duration must be a positive number"),
-    (["--duration", "1", "--events", "5"], "not allowed with argument"),
-    (["--ports", "many"], "--ports must be an integer"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--abi", "2l", "--ports", "5000"], "above the 2l limit of 4096"),
+        (["--abi", "fifo", "--ports", "131073"], "above the fifo limit of 131072"),
+        (["--vcpus", "0"], "--vcpus must be at least 1"),
+        (["--abi", "x86"], "invalid choice: 'x86'"),
+        (["--workload", "zipf"], "invalid choice: 'zipf'"),
+        (["--chaos", "wild"], "--chaos takes"),
+        (["--inject", "fifo-old-tail-kept", "--abi", "2l"], "is a fifo bug"),
+        (["--inject", "no-such-bug"], "invalid choice: 'no-such-bug'"),
+        (["--duration", "0"], "--duration must be a positive number"),
+        (["--duration", "1", "--events", "5"], "not allowed with argument"),
+        (["--ports", "many"], "--ports must be an integer"),
+    ],
+)
 def test_bad_arguments_get_one_line_and_exit_2(args, needle):
     r = stress(*args)
     assert r.returncode == 2, r.stdout + r.stderr
@@ -120,7 +132,7 @@ def test_parse_defaults_and_caps():
     assert [c.abi for c in cfgs] == ["fifo", "2l", "3l"]
     by = {c.abi: c for c in cfgs}
     assert by["fifo"].channels == 8192 and not by["fifo"].cap_note
-    assert by["2l"].channels < 4096 and "4096" in by["2l"].cap_note      # capped, and said so
+    assert by["2l"].channels < 4096 and "4096" in by["2l"].cap_note  # capped, and said so
     assert all(c.seed == 3 for c in cfgs)
     # --inject picks its ABI when --abi is absent; the replay names everything that matters
     (cfg,), _ = cli.parse(["--inject", "2l-unmask-test-before-clear", "--seed", "11"])
@@ -158,8 +170,10 @@ def test_latency_histogram_buckets():
 
 # --- checks on hand-made states (single process, reference kernels) --------------------------
 
+
 def test_checks_see_a_pending_port_that_no_upcall_reaches():
     import evtchn
+
     for abi in ("fifo", "2l"):
         with evtchn.Host("reference") as h:
             d0 = h.create_domain(abi, vcpus=2)
@@ -177,7 +191,7 @@ def test_checks_see_a_pending_port_that_no_upcall_reaches():
             p = ports[5][0]
             d0.mask(p)
             s.send(ports[5][1])
-            dm, k = h._dm(0), h._k
+            dm = h._dm(0)
             if abi == "fifo":
                 wi = dm.layout.event_word(p) // 4
                 dm.u32[wi] = int(dm.u32[wi]) & ~L.FIFO_MASKED
@@ -190,10 +204,24 @@ def test_checks_see_a_pending_port_that_no_upcall_reaches():
 
 # --- runs -------------------------------------------------------------------------------------
 
+
 def test_reference_backend_runs_in_one_process(tmp_path):
     out = tmp_path / "ref.json"
-    r = stress("--backend", "reference", "--ports", "256", "--vcpus", "2", "--duration", "1",
-               "--no-progress", "--seed", "5", "--json", str(out))
+    r = stress(
+        "--backend",
+        "reference",
+        "--ports",
+        "256",
+        "--vcpus",
+        "2",
+        "--duration",
+        "1",
+        "--no-progress",
+        "--seed",
+        "5",
+        "--json",
+        str(out),
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     rec = json.loads(out.read_text())["runs"][0]
     assert rec["mode"].startswith("single process") and rec["verdict"] == "pass"
@@ -202,15 +230,41 @@ def test_reference_backend_runs_in_one_process(tmp_path):
 
 def test_reference_backend_catches_an_old_tail_kept():
     """R7 needs no real concurrency: even the interleaved single-process run catches it."""
-    r = stress("--backend", "reference", "--inject", "fifo-old-tail-kept", "--ports", "256",
-               "--vcpus", "2", "--duration", "1", "--no-progress", "--seed", "5")
+    r = stress(
+        "--backend",
+        "reference",
+        "--inject",
+        "fifo-old-tail-kept",
+        "--ports",
+        "256",
+        "--vcpus",
+        "2",
+        "--duration",
+        "1",
+        "--no-progress",
+        "--seed",
+        "5",
+    )
     assert r.returncode == 1, r.stdout + r.stderr
     assert "--inject fifo-old-tail-kept" in r.stdout and "FAIL" in r.stdout
 
 
-JSON_FIELDS = ("abi", "ports", "vcpus", "senders", "sent", "delivered", "coalesced",
-               "delivered_per_s", "latency_ns", "fairness_jain", "worst_wait_ns",
-               "mapped_pages", "violations", "verdict")
+JSON_FIELDS = (
+    "abi",
+    "ports",
+    "vcpus",
+    "senders",
+    "sent",
+    "delivered",
+    "coalesced",
+    "delivered_per_s",
+    "latency_ns",
+    "fairness_jain",
+    "worst_wait_ns",
+    "mapped_pages",
+    "violations",
+    "verdict",
+)
 
 
 @needs_cython
@@ -235,26 +289,40 @@ def test_short_run_of_each_abi_passes(abi, tmp_path):
     assert 0 < rec["fairness_jain"] <= 1
     assert rec["mapped_pages"] >= 1
     assert rec["mode"] == "processes"
-    want = ({"drain-vs-link", "poll-vs-relink"} if abi == "fifo"
-            else {"consume-vs-send", "unmask-vs-send"})
+    want = (
+        {"drain-vs-link", "poll-vs-relink"}
+        if abi == "fifo"
+        else {"consume-vs-send", "unmask-vs-send"}
+    )
     assert {d["duel"] for d in rec["duels"]} == want
     assert all(d["iterations"] > 0 and d["violations"] == 0 for d in rec["duels"])
     for d in rec["duels"]:
-        if d["duel"] == "poll-vs-relink":        # the R9 check really ran, and passed
+        if d["duel"] == "poll-vs-relink":  # the R9 check really ran, and passed
             assert d["woken_by_event"] > 0
 
 
-CAUGHT_AS = {"fifo-pending-before-lock": "early-wake"}   # R9: by the poll-vs-relink duel
+CAUGHT_AS = {"fifo-pending-before-lock": "early-wake"}  # R9: by the poll-vs-relink duel
 
 
 @needs_cython
 @pytest.mark.parametrize("bug", sorted(L.INJECTIONS))
 def test_every_injected_bug_is_caught(bug):
-    r = stress("--inject", bug, "--ports", "2048", "--vcpus", "16", "--duration", "2",
-               "--no-progress", "--seed", "1")
+    r = stress(
+        "--inject",
+        bug,
+        "--ports",
+        "2048",
+        "--vcpus",
+        "16",
+        "--duration",
+        "2",
+        "--no-progress",
+        "--seed",
+        "1",
+    )
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
     assert "FAIL" in r.stdout
-    assert f"--inject {bug}" in r.stdout                    # the replay command
+    assert f"--inject {bug}" in r.stdout  # the replay command
     assert "seed 1" in r.stdout
     if bug in CAUGHT_AS:
         assert CAUGHT_AS[bug] in r.stdout, r.stdout[-3000:]
@@ -265,8 +333,22 @@ def test_numba_backend_passes_and_races_from_the_first_second(tmp_path):
     spent loading them (it once delivered nothing in a 2 s run)."""
     pytest.importorskip("numba")
     out = tmp_path / "numba.json"
-    r = stress("--backend", "numba", "--ports", "1024", "--vcpus", "8", "--duration", "2",
-               "--no-progress", "--seed", "5", "--json", str(out), timeout=300)
+    r = stress(
+        "--backend",
+        "numba",
+        "--ports",
+        "1024",
+        "--vcpus",
+        "8",
+        "--duration",
+        "2",
+        "--no-progress",
+        "--seed",
+        "5",
+        "--json",
+        str(out),
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     (rec,) = json.loads(out.read_text())["runs"]
     assert rec["verdict"] == "pass" and rec["delivered_per_s"] > 0
@@ -276,8 +358,22 @@ def test_numba_backend_passes_and_races_from_the_first_second(tmp_path):
 def test_every_injected_bug_is_caught_on_the_numba_backend_too(bug):
     """The numba kernels carry their own copy of each historical bug."""
     pytest.importorskip("numba")
-    r = stress("--inject", bug, "--backend", "numba", "--ports", "2048", "--vcpus", "16",
-               "--duration", "2", "--no-progress", "--seed", "3", timeout=300)
+    r = stress(
+        "--inject",
+        bug,
+        "--backend",
+        "numba",
+        "--ports",
+        "2048",
+        "--vcpus",
+        "16",
+        "--duration",
+        "2",
+        "--no-progress",
+        "--seed",
+        "3",
+        timeout=300,
+    )
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
     assert f"--inject {bug}" in r.stdout
     if bug in CAUGHT_AS:
@@ -286,9 +382,26 @@ def test_every_injected_bug_is_caught_on_the_numba_backend_too(bug):
 
 @needs_cython
 def test_a_killed_worker_ends_the_run_with_exit_3_and_no_leftovers():
-    p = subprocess.Popen([sys.executable, "-m", "stress", "--ports", "1024", "--vcpus", "8",
-                          "--duration", "60", "--no-progress", "--seed", "2"],
-                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stress",
+            "--ports",
+            "1024",
+            "--vcpus",
+            "8",
+            "--duration",
+            "60",
+            "--no-progress",
+            "--seed",
+            "2",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         workers = _workers_of(p.pid, 8 + 2)
         time.sleep(1.0)
@@ -306,20 +419,37 @@ def test_a_killed_worker_ends_the_run_with_exit_3_and_no_leftovers():
     assert f"(pid {victim}) was killed by SIGKILL" in out
     assert "ERROR" in out
     assert segments_of(p.pid) == []
-    for w in workers:                           # every worker is gone too
+    for w in workers:  # every worker is gone too
         assert not S.pid_alive(w), w
 
 
 @needs_cython
 def test_ctrl_c_stops_cleanly():
-    p = subprocess.Popen([sys.executable, "-m", "stress", "--ports", "1024", "--vcpus", "8",
-                          "--duration", "60", "--no-progress", "--seed", "2"],
-                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stress",
+            "--ports",
+            "1024",
+            "--vcpus",
+            "8",
+            "--duration",
+            "60",
+            "--no-progress",
+            "--seed",
+            "2",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _workers_of(p.pid, 8 + 2)
         time.sleep(1.0)
-        os.killpg(p.pid, signal.SIGINT)             # as a terminal's Ctrl-C: the whole group
+        os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
         out, _ = p.communicate(timeout=30)
     finally:
         if p.poll() is None:
@@ -332,9 +462,25 @@ def test_ctrl_c_stops_cleanly():
 
 @needs_cython
 def test_workers_leave_when_the_main_process_is_killed_and_cleanup_tidies_up():
-    p = subprocess.Popen([sys.executable, "-m", "stress", "--ports", "1024", "--vcpus", "8",
-                          "--duration", "60", "--no-progress", "--seed", "2"],
-                         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stress",
+            "--ports",
+            "1024",
+            "--vcpus",
+            "8",
+            "--duration",
+            "60",
+            "--no-progress",
+            "--seed",
+            "2",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         workers = _workers_of(p.pid, 8 + 2)
         time.sleep(1.0)
@@ -345,10 +491,10 @@ def test_workers_leave_when_the_main_process_is_killed_and_cleanup_tidies_up():
     while any(S.pid_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [w for w in workers if S.pid_alive(w)]
-    assert segments_of(p.pid)                   # a SIGKILLed run cannot unlink its memory...
+    assert segments_of(p.pid)  # a SIGKILLed run cannot unlink its memory...
     r = stress("cleanup")
     assert r.returncode == 0, r.stderr
-    assert segments_of(p.pid) == []             # ...and `cleanup` removes it
+    assert segments_of(p.pid) == []  # ...and `cleanup` removes it
 
 
 def test_cleanup_removes_what_dead_runs_left():
@@ -363,7 +509,7 @@ def test_cleanup_removes_what_dead_runs_left():
         r = stress("cleanup")
         assert r.returncode == 0, r.stderr
         assert not orphan.exists()
-        assert mine.exists()                    # its creator is alive: not touched
+        assert mine.exists()  # its creator is alive: not touched
         assert orphan.name in r.stdout
     finally:
         for f in (orphan, mine):

@@ -1,6 +1,7 @@
 """Shared set-up for the asv benchmarks: the repository root on sys.path (asv imports this
 directory, not the repository), so bench.* (the `python -m bench` machinery) is importable here
 and in the processes it spawns (spawn passes sys.path on)."""
+
 import os
 import sys
 

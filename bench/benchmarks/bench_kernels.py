@@ -1,15 +1,17 @@
 """One process, nothing racing: the cost of evtchn's calls (asv time_ benchmarks)."""
+
 import numpy as np
+
+from evtchn import Host
 
 from . import _common  # noqa: F401  (sys.path)
 from ._common import BACKEND
-
-from evtchn import Host
 
 
 class SendConsume:
     """send_many over 1024 interdomain ports, then consume_into until drained; and one event
     through send + consume_into."""
+
     params = ["fifo", "2l"]
     param_names = ["abi"]
     timeout = 60
@@ -43,6 +45,7 @@ class SendConsume:
 
 class Bind:
     """alloc_unbound + bind_interdomain + close of one port pair."""
+
     params = ["fifo", "2l", "3l"]
     param_names = ["abi"]
 

@@ -1,19 +1,22 @@
 """Two and more processes racing (asv track_ benchmarks: the figures of `python -m bench`,
 short runs). Each track_ value is one run; asv's repeat gives the spread."""
+
 from . import _common  # noqa: F401  (sys.path)
 from ._common import BACKEND
 
-DURATION = 0.5                  # s per run
+DURATION = 0.5  # s per run
 
 
 def _pin():
     import os
+
     cpus = sorted(os.sched_getaffinity(0))
     return (cpus[0], cpus[1]) if len(cpus) >= 2 else None
 
 
 class Stream:
     """stream1x1: a sender process and a vCPU process, 1024 ports (bench/cases.py)."""
+
     params = ["fifo", "2l"]
     param_names = ["abi"]
     unit = "events/s"
@@ -23,6 +26,7 @@ class Stream:
 
     def setup(self, abi):
         from bench.cases import Stream, StreamConfig
+
         cfg = StreamConfig(duration=DURATION, pin=_pin())
         self.case = Stream(abi, BACKEND, cfg)
         self.case.warm_up()
@@ -39,6 +43,7 @@ class Stream:
 
 class Multi:
     """N senders + N vCPUs (bench/multi.py)."""
+
     params = (["fifo", "2l"], [2])
     param_names = ["abi", "pairs"]
     unit = "events/s"
@@ -48,6 +53,7 @@ class Multi:
 
     def setup(self, abi, pairs):
         from bench.multi import Multi
+
         self.case = Multi(abi, BACKEND, pairs)
 
     def teardown(self, abi, pairs):
@@ -62,6 +68,7 @@ class Multi:
 
 class Latency:
     """Send -> handler latency, idle vCPU (blocked in wait()), median of 500 events."""
+
     params = ["fifo", "2l"]
     param_names = ["abi"]
     unit = "ns"
@@ -71,16 +78,19 @@ class Latency:
 
     def track_idle_latency_p50_ns(self, abi):
         from bench.latency import run_evtchn, summary
+
         return summary(run_evtchn(abi, BACKEND, "idle", 500, _pin()))["p50_ns"]
 
 
 class MappedPages:
     """Domain.mapped_pages() after binding 32k ports (deterministic: a layout regression)."""
+
     params = ["fifo", "3l"]
     param_names = ["abi"]
     unit = "pages"
 
     def track_mapped_pages_32k(self, abi):
         from bench.memory import measure
+
         rows = measure((1 << 15,), BACKEND, out=lambda *a: None)
         return next(r["pages"] for r in rows if r["abi"] == abi)

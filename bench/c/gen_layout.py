@@ -7,6 +7,7 @@ slots of the region offsets become ``EVL_H_REGION_<REGION>``; the word-size depe
 (``si_mask``, ``vi_pending_sel``) are emitted for both word sizes. Nothing is copied by hand: a
 change to layout.py changes the C program at its next build.
 """
+
 from __future__ import annotations
 
 import sys
@@ -27,8 +28,11 @@ def render() -> str:
     for name in sorted(vars(L)):
         value = getattr(L, name)
         if name.isupper() and isinstance(value, int) and not isinstance(value, bool):
-            lines.append(f"#define EVL_{name} {value}ULL" if value >= 1 << 31
-                         else f"#define EVL_{name} {value}")
+            lines.append(
+                f"#define EVL_{name} {value}ULL"
+                if value >= 1 << 31
+                else f"#define EVL_{name} {value}"
+            )
     lines.append("")
     for name, off in L.H_REGION.items():
         lines.append(f"#define EVL_H_REGION_{name.upper()} {off}")
@@ -49,7 +53,7 @@ def write_layout_h(build_dir) -> Path:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repo's evtchn
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo's evtchn
     if len(sys.argv) != 2:
         sys.exit(f"usage: {sys.argv[0]} BUILD_DIR")
     print(write_layout_h(sys.argv[1]))
