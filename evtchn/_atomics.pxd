@@ -1,4 +1,5 @@
-# Lock-free atomics, futexes and a robust process-shared spinlock over shared memory.
+# Lock-free atomics, futexes, lock owner ids and a robust process-shared spinlock over shared
+# memory.
 #
 #     from evtchn._atomics cimport at_load32, at_cas32, evlock_acquire, ...
 #
@@ -7,7 +8,8 @@
 # libatomic lock would live in one process's memory and exclude nobody else. The asserts below
 # make a platform without them fail to compile rather than corrupt state silently.
 #
-# Orders: at_load* is acquire, at_store* is release, the *_relaxed variants are relaxed, every
+# Orders: at_load* is acquire, at_load_sc* seq_cst (a load that closes a store-buffering pair
+# after a seq_cst RMW), at_store* is release, the *_relaxed variants are relaxed, every
 # read-modify-write (fetch_*, exchange, cas, test_and_*_bit) is seq_cst; evlock_* take the lock
 # with acquire and drop it with release, which is all a lock needs.
 #
@@ -22,6 +24,8 @@ cdef extern from * nogil:
     #define EVTCHN_ATOMICS_H
     #include <errno.h>
     #include <fcntl.h>
+    #include <pthread.h>
+    #include <stdlib.h>
     #include <stdio.h>
     #include <string.h>
     #include <sched.h>
@@ -111,78 +115,173 @@ cdef extern from * nogil:
         return r < 0 ? -errno : (int)r;
     }
 
-    /* Robust process-shared spinlock: the u32 word holds the owner's pid, 0 when free.
-       Storing the pid (not just 1) is what lets a waiter notice that the holder died with the
-       lock held (SIGKILL, crash) and take it over, so no process can hang the others forever.
-       Caveat: a recycled pid reacquiring in the instant between the
-       liveness check and the steal would be robbed; both are accepted for a simulator. */
-    #define EVLOCK_SPINS 100             /* cpu_relax rounds before yielding the CPU */
-    #define EVLOCK_YIELDS_PER_CHECK 256  /* sched_yield rounds between liveness checks */
+    /* Lock owners (evtchn/layout.py, "Lock words"): one id per THREAD, surviving pid reuse:
+       low 32 bits the tid (bit 31 is CHANNEL_LOCK_READER in a lock word), high 32 bits the
+       thread's start time in clock ticks since boot (field 22 of /proc/<tid>/stat), masked to
+       31 bits. evtchn/owner.py computes the same value in Python. */
+    #define EVTCHN_OWNER_TID_MASK 0x7FFFFFFFu
+    #define EVTCHN_OWNER_START_MASK 0x7FFFFFFFu
 
-    /* Dead: gone (ESRCH), or a zombie (killed, not yet reaped by its parent: it still
-       answers kill(pid, 0), and a parent waiting on its lock before reaping would hang). */
-    static inline int evlock_owner_dead(uint32_t owner) {
-        char path[32], buf[256];
+    /* /proc/<tid>/stat: 1 with the state letter and start time, -1 when the task is gone
+       (ENOENT/ESRCH), 0 when it could not be read for another reason (then nobody is declared
+       dead: running out of file descriptors must not make a live owner's lock stealable). */
+    static inline int evtchn_proc_stat(uint32_t tid, char *state, uint64_t *start) {
+        char path[40], buf[512];
         ssize_t n;
-        char *state;
-        int fd;
-        if (kill((pid_t)owner, 0) == -1 && errno == ESRCH)   /* EPERM: alive, not ours */
-            return 1;
-        snprintf(path, sizeof path, "/proc/%u/stat", owner);
-        fd = open(path, O_RDONLY);
+        char *p;
+        int fd, field;
+        snprintf(path, sizeof path, "/proc/%u/stat", tid);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
         if (fd < 0)
-            return 0;
+            return (errno == ENOENT || errno == ESRCH) ? -1 : 0;
         n = read(fd, buf, sizeof buf - 1);
+        if (n < 0 && errno == ESRCH) {         /* exited between open and read */
+            close(fd);
+            return -1;
+        }
         close(fd);
         if (n <= 0)
             return 0;
         buf[n] = 0;
-        state = strrchr(buf, ')');             /* "pid (comm) S ...": comm may hold spaces */
-        return state != NULL && (state[2] == 'Z' || state[2] == 'X');
+        p = strrchr(buf, ')');                 /* "tid (comm) S ...": comm may hold ") " */
+        if (p == NULL || p[1] != ' ')
+            return 0;
+        p += 2;                                /* field 3, the state */
+        *state = *p;
+        for (field = 3; field < 22; field++) {
+            p = strchr(p, ' ');
+            if (p == NULL)
+                return 0;
+            p++;
+        }
+        *start = strtoull(p, NULL, 10);
+        return 1;
     }
 
-    static inline int evlock_try(uint32_t *w, uint32_t mypid) {
-        uint32_t free_ = 0;
-        return __atomic_compare_exchange_n(w, &free_, mypid, 0,
+    static inline uint64_t evtchn_make_owner(uint32_t tid, uint64_t start) {
+        return ((start & EVTCHN_OWNER_START_MASK) << 32) | (tid & EVTCHN_OWNER_TID_MASK);
+    }
+
+    /* The calling thread's owner id, computed once per thread. A forked child's only thread
+       has another tid: the atfork handler (evtchn_owner_init) clears the cached id there. */
+    static __thread uint64_t evtchn_self_cached;
+
+    static inline uint64_t evtchn_self(void) {
+        uint64_t o = evtchn_self_cached;
+        if (__builtin_expect(o == 0, 0)) {
+            uint32_t tid = (uint32_t)syscall(SYS_gettid);
+            uint64_t start = 0;
+            char state;
+            evtchn_proc_stat(tid, &state, &start);
+            o = evtchn_make_owner(tid, start);
+            evtchn_self_cached = o;
+        }
+        return o;
+    }
+
+    static inline void evtchn_owner_atfork_child(void) { evtchn_self_cached = 0; }
+
+    static inline int evtchn_owner_init(void) {
+        return pthread_atfork(NULL, NULL, evtchn_owner_atfork_child);
+    }
+
+    /* Dead: the thread is gone, a zombie (killed, not yet reaped: a parent waiting on its lock
+       before reaping would hang), or its tid now names a thread with another start time. */
+    static inline int evlock_owner_dead(uint64_t owner) {
+        char state = 0;
+        uint64_t start = 0;
+        int r = evtchn_proc_stat((uint32_t)(owner & EVTCHN_OWNER_TID_MASK), &state, &start);
+        if (r < 0)
+            return 1;
+        if (r == 0)
+            return 0;
+        if (state == 'Z' || state == 'X' || state == 'x')
+            return 1;
+        return (start & EVTCHN_OWNER_START_MASK) != (owner >> 32);
+    }
+
+    /* Robust process-shared spinlock: the u64 word holds the owner id, 0 when free. Storing the
+       owner (not just 1) is what lets a waiter notice that the holder died with the lock held
+       (SIGKILL, crash) and take it over, so no process can hang the others forever. The spin
+       policy is evtchn.layout's (LOCK_SPINS, LOCK_YIELDS_PER_CHECK), set by evlock_set_policy:
+       spins with a CPU relax, then a yield per look, and a liveness check every so many
+       yields. */
+    static unsigned evlock_spins = 100;
+    static unsigned evlock_yields_per_check = 256;
+
+    static inline void evlock_set_policy(unsigned spins, unsigned yields_per_check) {
+        evlock_spins = spins;
+        evlock_yields_per_check = yields_per_check ? yields_per_check : 1;
+    }
+
+    static inline int evlock_try(uint64_t *w, uint64_t me) {
+        uint64_t free_ = 0;
+        return __atomic_compare_exchange_n(w, &free_, me, 0,
                                            __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
     }
 
-    static inline void evlock_acquire(uint32_t *w, uint32_t mypid) {
+    /* Take the lock; 1 once taken, 0 if slice_ns (>= 0) passed first. */
+    static inline int evlock_acquire_for(uint64_t *w, uint64_t me, int64_t slice_ns) {
         unsigned spins = 0, yields = 0;
+        int64_t deadline = slice_ns >= 0 ? monotonic_ns() + slice_ns : -1;
         for (;;) {
             /* Read before CAS: waiters share the line instead of bouncing it in exclusive state. */
-            uint32_t owner = __atomic_load_n(w, __ATOMIC_RELAXED);
+            uint64_t owner = __atomic_load_n(w, __ATOMIC_RELAXED);
             if (owner == 0) {
-                if (__atomic_compare_exchange_n(w, &owner, mypid, 0,
+                if (__atomic_compare_exchange_n(w, &owner, me, 0,
                                                 __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
-                    return;
+                    return 1;
                 continue;
             }
-            if (spins < EVLOCK_SPINS) {
+            if (spins < evlock_spins) {
                 spins++;
                 cpu_relax();
                 continue;
             }
             /* The holder may be descheduled (more processes than CPUs): give it the CPU. */
             sched_yield();
-            /* bit 31 of the owner word marks a read-type holder (CHANNEL_LOCK_READER) */
-            if (++yields % EVLOCK_YIELDS_PER_CHECK == 0 && evlock_owner_dead(owner & 0x7FFFFFFFu)) {
-                /* CAS from the dead pid: if several waiters noticed, exactly one wins. */
-                if (__atomic_compare_exchange_n(w, &owner, mypid, 0,
+            if (++yields % evlock_yields_per_check == 0 && evlock_owner_dead(owner)) {
+                /* CAS from the dead owner: if several waiters noticed, exactly one wins. */
+                if (__atomic_compare_exchange_n(w, &owner, me, 0,
                                                 __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
-                    return;
+                    return 1;
             }
+            if (deadline >= 0 && monotonic_ns() >= deadline)
+                return 0;
         }
     }
 
-    static inline void evlock_release(uint32_t *w) { __atomic_store_n(w, 0, __ATOMIC_RELEASE); }
+    static inline void evlock_acquire(uint64_t *w, uint64_t me) { evlock_acquire_for(w, me, -1); }
+
+    /* Take the lock if it is free or its owner is dead (a robust trylock); 0 if a live owner
+       holds it. */
+    static inline int evlock_try_robust(uint64_t *w, uint64_t me) {
+        int round;
+        for (round = 0; round < 2; round++) {
+            uint64_t owner = 0;
+            if (__atomic_compare_exchange_n(w, &owner, me, 0,
+                                            __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+                return 1;
+            if (owner != 0) {
+                if (!evlock_owner_dead(owner))
+                    return 0;
+                return __atomic_compare_exchange_n(w, &owner, me, 0,
+                                                   __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
+            }
+        }
+        return 0;
+    }
+
+    static inline void evlock_release(uint64_t *w) { __atomic_store_n(w, 0, __ATOMIC_RELEASE); }
     #endif /* EVTCHN_ATOMICS_H */
     """
     # Acquire load, release store, relaxed variants.
     uint8_t at_load8(const uint8_t *p) noexcept
     uint16_t at_load16(const uint16_t *p) noexcept
     uint32_t at_load32(const uint32_t *p) noexcept
-    uint32_t at_load_sc32(const uint32_t *p) noexcept     # seq_cst: Dekker without a fence
+    uint8_t at_load_sc8(const uint8_t *p) noexcept        # seq_cst: Dekker without a fence
+    uint32_t at_load_sc32(const uint32_t *p) noexcept
+    uint64_t at_load_sc64(const uint64_t *p) noexcept
     uint64_t at_load64(const uint64_t *p) noexcept
     uint8_t at_load_relaxed8(const uint8_t *p) noexcept
     uint16_t at_load_relaxed16(const uint16_t *p) noexcept
@@ -242,7 +341,20 @@ cdef extern from * nogil:
     # Number of waiters woken, or -errno.
     int futex_wake_u32(uint32_t *addr, int n) noexcept
 
-    # Robust spinlock on a u32 word holding the owner's pid (0 = free).
-    void evlock_acquire(uint32_t *w, uint32_t mypid) noexcept
-    int evlock_try(uint32_t *w, uint32_t mypid) noexcept
-    void evlock_release(uint32_t *w) noexcept
+    # Lock owners: this thread's id, and whether an owner id's thread died.
+    uint64_t evtchn_self() noexcept
+    uint64_t evtchn_make_owner(uint32_t tid, uint64_t start) noexcept
+    int evtchn_owner_init() noexcept
+    int evlock_owner_dead(uint64_t owner) noexcept
+    unsigned EVTCHN_OWNER_TID_MASK
+    unsigned EVTCHN_OWNER_START_MASK
+
+    # Robust spinlock on a u64 word holding the owner id (0 = free).
+    void evlock_set_policy(unsigned spins, unsigned yields_per_check) noexcept
+    void evlock_acquire(uint64_t *w, uint64_t me) noexcept
+    int evlock_acquire_for(uint64_t *w, uint64_t me, int64_t slice_ns) noexcept
+    int evlock_try(uint64_t *w, uint64_t me) noexcept
+    int evlock_try_robust(uint64_t *w, uint64_t me) noexcept
+    void evlock_release(uint64_t *w) noexcept
+    unsigned evlock_spins
+    unsigned evlock_yields_per_check

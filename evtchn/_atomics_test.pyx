@@ -9,6 +9,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 
 from evtchn cimport _atomics as A
 
+A.evtchn_owner_init()   # a forked child computes its own owner id
+
 ctypedef fused word:
     uint8_t
     uint16_t
@@ -183,30 +185,51 @@ def hammer_fetch_add(uint64_t[::1] a, Py_ssize_t i, Py_ssize_t n):
             A.at_fetch_add64(p, 1)
 
 
-def locked_increment(uint32_t[::1] lock, Py_ssize_t li, uint64_t[::1] counter, Py_ssize_t ci,
-                     Py_ssize_t n, uint32_t pid):
-    """n times: take the lock at lock[li] as `pid`, counter[ci] += 1, release."""
-    cdef uint32_t *w = &lock[li]
+def locked_increment(uint64_t[::1] lock, Py_ssize_t li, uint64_t[::1] counter, Py_ssize_t ci,
+                     Py_ssize_t n, uint64_t owner):
+    """n times: take the lock at lock[li] as `owner`, counter[ci] += 1, release."""
+    cdef uint64_t *w = &lock[li]
     cdef uint64_t *c = &counter[ci]
     cdef Py_ssize_t _k
     with nogil:
         for _k in range(n):
-            A.evlock_acquire(w, pid)
+            A.evlock_acquire(w, owner)
             c[0] += 1       # a plain load and store: only the lock keeps the count exact
             A.evlock_release(w)
 
 
-def lock_acquire(uint32_t[::1] lock, Py_ssize_t i, uint32_t pid):
+def lock_acquire(uint64_t[::1] lock, Py_ssize_t i, uint64_t owner):
     with nogil:
-        A.evlock_acquire(&lock[i], pid)
+        A.evlock_acquire(&lock[i], owner)
 
 
-def lock_try(uint32_t[::1] lock, Py_ssize_t i, uint32_t pid):
-    return A.evlock_try(&lock[i], pid)
+def lock_acquire_for(uint64_t[::1] lock, Py_ssize_t i, uint64_t owner, int64_t slice_ns):
+    """1 once taken, 0 if slice_ns passed first."""
+    cdef int r
+    with nogil:
+        r = A.evlock_acquire_for(&lock[i], owner, slice_ns)
+    return r
 
 
-def lock_release(uint32_t[::1] lock, Py_ssize_t i):
+def lock_try(uint64_t[::1] lock, Py_ssize_t i, uint64_t owner):
+    return A.evlock_try(&lock[i], owner)
+
+
+def lock_try_robust(uint64_t[::1] lock, Py_ssize_t i, uint64_t owner):
+    return A.evlock_try_robust(&lock[i], owner)
+
+
+def lock_release(uint64_t[::1] lock, Py_ssize_t i):
     A.evlock_release(&lock[i])
+
+
+def owner_self():
+    """The calling thread's owner id (tid and start time)."""
+    return A.evtchn_self()
+
+
+def owner_dead(uint64_t owner):
+    return bool(A.evlock_owner_dead(owner))
 
 
 def futex_wait(uint32_t[::1] a, Py_ssize_t i, uint32_t expected, int64_t timeout_ns):

@@ -13,13 +13,18 @@ seq_cst atomic on the shared segment, and the hypervisor side takes the locks Xe
 * the guest's upcall handler for a vCPU runs under that vCPU's handler lock (Linux never runs
   it twice at once on one CPU); everything else on the guest side is lock-free.
 
-Locks are the robust owner-pid spinlocks of evtchn._atomics. Xen's channel lock is a rwlock
-whose readers (send, EVTCHNOP_unmask, raise_virq) do not exclude one another; here it is one
-owner word, so readers serialise, and a read-type holder stores pid | CHANNEL_LOCK_READER so
-that raise_virq can wait for a reader and drop its event only for a writer, as Xen's trylock
-does (returning 0 then, so edge accounting stays exact). Waiting for an upcall is a
-futex on the vCPU's kick word; a sender only pays the wake-up system call when a waiter is
-blocked.
+Locks are the robust spinlocks of evtchn._atomics, whose u64 word holds the owner: one id per
+thread (tid and start time, see evtchn.layout), so threads of one process exclude each other as
+processes do, and a dead owner (also one whose tid was reused) is taken over. Xen's channel lock
+is a rwlock whose readers (send, EVTCHNOP_unmask, raise_virq) do not exclude one another; here
+it is one owner word, so readers serialise, and a read-type holder stores its owner |
+CHANNEL_LOCK_READER so that raise_virq can wait for a reader and drop its event only for a
+writer, as Xen's trylock does (returning 0 then, so edge accounting stays exact). Waiting for an
+upcall is a futex on the vCPU's kick word; a waiter registers in one of the vCPU's waiter slots,
+and a sender only pays the wake-up system call when one is registered.
+
+The entry methods compute the calling thread's owner id once (evtchn_self, a thread-local) and
+pass it down as `me`; every nogil routine that takes a lock receives it.
 
 Historical bugs (Host(inject=...), evtchn.layout.INJECTIONS) are put back where the reference
 puts them (R1, R2, R6, R7); R9 (PENDING/LINKED tested before the queue locks) only matters
@@ -32,22 +37,25 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memcpy
 from libc.limits cimport INT_MAX
-from posix.unistd cimport getpid
 from posix.time cimport nanosleep, timespec
 from cpython.exc cimport PyErr_CheckSignals
 
 from evtchn._atomics cimport (
-    at_load8, at_load16, at_load32, at_load64, at_load_sc32, at_store8, at_store32,
-    at_load_relaxed32, at_store_relaxed32,
+    at_load8, at_load16, at_load32, at_load64, at_load_sc32, at_load_sc64, at_store8,
+    at_store32, at_store64, at_load_relaxed32, at_load_relaxed64, at_store_relaxed32,
     at_fetch_or32, at_fetch_or64, at_fetch_and32, at_fetch_and64, at_fetch_add32, at_fetch_sub32,
-    at_exchange8, at_exchange32, at_exchange64, at_cas32,
+    at_exchange8, at_exchange32, at_exchange64, at_cas32, at_cas64,
     at_test_and_set_bit8, at_test_and_set_bit32, at_test_and_set_bit64,
     at_test_and_clear_bit32, at_test_and_clear_bit64,
-    at_fence, monotonic_ns, futex_wait_u32, futex_wake_u32,
-    evlock_acquire, evlock_try, evlock_release,
+    at_fence, cpu_relax, monotonic_ns, futex_wait_u32, futex_wake_u32,
+    evtchn_self, evtchn_owner_init, evlock_owner_dead, evlock_set_policy,
+    evlock_acquire, evlock_acquire_for, evlock_try, evlock_try_robust, evlock_release,
+    evlock_spins, evlock_yields_per_check, EVTCHN_OWNER_TID_MASK, EVTCHN_OWNER_START_MASK,
 )
 
-import os
+import errno as E
+
+from evtchn.errors import EvtchnError
 
 cimport cython
 
@@ -102,7 +110,10 @@ cdef uint32_t P_LASTQ = L.P_LASTQ
 
 cdef uint32_t XEN_VCPU_SIZE = L.XEN_VCPU_SIZE
 cdef uint32_t X_KICK = L.X_KICK
-cdef uint32_t X_BLOCKED = L.X_BLOCKED
+cdef uint32_t X_WAITERS = L.X_WAITERS
+cdef uint32_t X_WAITER = L.X_WAITER
+cdef enum:
+    WAITER_SLOTS = 16                    # checked against layout.WAITER_SLOTS below
 cdef uint32_t X_QUEUES = L.X_QUEUES
 cdef uint32_t QUEUE_SIZE = L.QUEUE_SIZE
 cdef uint32_t Q_TAIL = L.Q_TAIL
@@ -151,24 +162,49 @@ cdef int ENOSPC = 28
 cdef enum:
     MAX_SCAN_U64 = 64
 
-# Longest single futex sleep in wait(): between slices we re-take the GIL and look for signals.
-cdef int64_t WAIT_SLICE_NS = 50 * 1000 * 1000
+# The spin policy (evtchn.layout): the same constants as the Numba kernels.
+# Longest single futex sleep in wait() and poll(): between slices we look for signals; all
+# waiter slots taken, the upcall flag is polled this often instead.
+cdef int64_t WAIT_SLICE_NS = L.WAIT_SLICE_NS
+cdef int64_t WAIT_FALLBACK_NS = L.WAIT_FALLBACK_NS
+# A lock taken from Python waits without the GIL this long between looks for signals.
+cdef int64_t LOCK_SLICE_NS = L.LOCK_SLICE_NS
+cdef unsigned UNMASK_BUSY_SPINS = L.UNMASK_BUSY_SPINS
+cdef unsigned UNMASK_BUSY_YIELDS = L.UNMASK_BUSY_YIELDS
+evlock_set_policy(L.LOCK_SPINS, L.LOCK_YIELDS_PER_CHECK)
 
-# This process's pid, the owner value of every lock it takes. Refreshed in a forked child
-# (evtchn uses spawn, but a stale pid would make a fork-started process steal locks).
-cdef uint32_t _mypid = <uint32_t>getpid()
-# The owner value of a channel lock taken read-type (send, EVTCHNOP_unmask, VIRQ raise).
-cdef uint32_t CHANNEL_LOCK_READER = L.CHANNEL_LOCK_READER
-cdef uint32_t _myreader = _mypid | CHANNEL_LOCK_READER
+# The owner bit of a channel lock taken read-type (send, EVTCHNOP_unmask, VIRQ raise).
+cdef uint64_t CHANNEL_LOCK_READER = L.CHANNEL_LOCK_READER
+
+if (WAITER_SLOTS != L.WAITER_SLOTS or EVTCHN_OWNER_TID_MASK != L.OWNER_TID_MASK
+        or EVTCHN_OWNER_START_MASK != L.OWNER_START_MASK):
+    raise ImportError("evtchn._core was built against another evtchn.layout: rebuild it")
+
+# A forked child's thread has another tid: forget the parent's cached owner id there.
+if evtchn_owner_init() != 0:
+    raise ImportError("pthread_atfork failed")
 
 
-def _refresh_pid():
-    global _mypid, _myreader
-    _mypid = <uint32_t>getpid()
-    _myreader = _mypid | CHANNEL_LOCK_READER
+def owner_id():
+    """The calling thread's lock owner id, as the kernels store it (evtchn.owner.owner_id)."""
+    return evtchn_self()
 
 
-os.register_at_fork(after_in_child=_refresh_pid)
+def spin_policy():
+    """The spin and wait constants compiled into these kernels (tests compare them with
+    evtchn.layout and with the Numba kernels')."""
+    return {
+        "LOCK_SPINS": evlock_spins,
+        "LOCK_YIELDS_PER_CHECK": evlock_yields_per_check,
+        "LOCK_SLICE_NS": LOCK_SLICE_NS,
+        "UNMASK_BUSY_SPINS": UNMASK_BUSY_SPINS,
+        "UNMASK_BUSY_YIELDS": UNMASK_BUSY_YIELDS,
+        "WAIT_SLICE_NS": WAIT_SLICE_NS,
+        "WAIT_FALLBACK_NS": WAIT_FALLBACK_NS,
+        "WAITER_SLOTS": WAITER_SLOTS,
+        "FIFO_LOCK_TRIES": FIFO_LOCK_TRIES,
+        "FIFO_LINK_RETRIES": FIFO_LINK_RETRIES,
+    }
 
 
 # -- one mapped domain ---------------------------------------------------------------------------
@@ -245,6 +281,16 @@ cdef inline uint64_t bm_load(const dom_t *d, char *base, size_t idx) noexcept no
         return at_load64(<uint64_t *>base + idx)
     return at_load32(<uint32_t *>base + idx)
 
+cdef inline int bm_test_sc(const dom_t *d, char *base, uint32_t port) noexcept nogil:
+    """Bit `port` of the bitmap, by a seq_cst load: the load that closes a store-buffering pair
+    after a seq_cst RMW of the other bitmap (set_pending: set PENDING, read MASKED; unmask:
+    clear MASKED, read PENDING). An acquire load may be satisfied before the RMW's store is
+    visible (Arm); on x86 both compile to a plain mov after a locked RMW."""
+    cdef size_t idx = port // d.wb
+    if d.wb == 64:
+        return (at_load_sc64(<uint64_t *>base + idx) >> (port % 64)) & 1
+    return (at_load_sc32(<uint32_t *>base + idx) >> (port % 32)) & 1
+
 cdef inline int bm_test_and_set(const dom_t *d, char *base, size_t idx,
                                 unsigned bit) noexcept nogil:
     if d.wb == 64:
@@ -287,14 +333,64 @@ cdef inline uint32_t lowest_bit(uint64_t x) noexcept nogil:
 
 # -- upcall and kick (vcpu_mark_events_pending, vcpu_kick) ---------------------------------------
 cdef inline void kick(const dom_t *d, uint32_t v) noexcept nogil:
-    """Wake the vCPU's waiters, if any: only a blocked vCPU costs a system call. The load of
-    X_BLOCKED follows the seq_cst RMW on the upcall flag (Dekker pairing with wait(), which
-    bumps X_BLOCKED and then re-reads the flag): one of the two sides sees the other."""
+    """vcpu_kick: wake the vCPU's waiters, if any: only a blocked vCPU costs a system call. The
+    load of the waiter bitmap follows the seq_cst RMW on the upcall flag and a fence (Dekker
+    with waiter_enter, which sets its bit, fences, then re-reads the flag): one side sees the
+    other."""
     cdef char *x = xen_vcpu(d, v)
     at_fence()
-    if at_load32(<uint32_t *>(x + X_BLOCKED)) != 0:
+    if at_load32(<uint32_t *>(x + X_WAITERS)) != 0:
         at_fetch_add32(<uint32_t *>(x + X_KICK), 1)
         futex_wake_u32(<uint32_t *>(x + X_KICK), INT_MAX)
+
+
+# -- waiters of a vCPU (Xen: the vCPU blocked in SCHEDOP_block / SCHEDOP_poll) -------------------
+# A waiter claims one of WAITER_SLOTS u64 slots (CAS 0 -> its owner id), then sets the slot's
+# bit in the X_WAITERS bitmap that kick() reads; it leaves by clearing its bit, then its slot.
+# The owner ids let wait() and poll() repair the slots of a waiter that was killed while blocked,
+# which would otherwise make every later kick of the vCPU pay a futex system call.
+cdef int waiter_enter(const dom_t *d, uint32_t v, uint64_t me) noexcept nogil:
+    """Register as blocked on vCPU v; the caller re-reads the upcall flag next (the fence here
+    is the Dekker pairing with kick). Returns the slot, or -1 when all are taken: the caller
+    then polls the upcall flag in short sleeps (WAIT_FALLBACK_NS) instead of the futex."""
+    cdef char *x = xen_vcpu(d, v)
+    cdef uint64_t *slots = <uint64_t *>(x + X_WAITER)
+    cdef uint64_t expected
+    cdef int i
+    for i in range(WAITER_SLOTS):
+        expected = 0
+        if at_load_relaxed64(&slots[i]) == 0 and at_cas64(&slots[i], &expected, me):
+            at_fetch_or32(<uint32_t *>(x + X_WAITERS), <uint32_t>1 << i)
+            at_fence()
+            return i
+    return -1
+
+cdef void waiter_leave(const dom_t *d, uint32_t v, int slot) noexcept nogil:
+    """Clear the slot's bit, then free the slot: a slot is only reused once its bit is clear,
+    so a leaver never clears a newcomer's bit."""
+    cdef char *x = xen_vcpu(d, v)
+    if slot < 0:
+        return
+    at_fetch_and32(<uint32_t *>(x + X_WAITERS), ~(<uint32_t>1 << slot))
+    at_store64(<uint64_t *>(x + X_WAITER) + slot, 0)
+
+cdef int waiter_repair(const dom_t *d, uint32_t v, uint64_t me) noexcept nogil:
+    """Free the slots of waiters of vCPU v that died blocked (or of this very thread, which is
+    not blocked since it is here). A dead slot is claimed first (CAS dead -> me), then its bit
+    cleared and the slot zeroed as waiter_leave does: two repairers cannot both act on one
+    slot, and a newcomer, which needs the slot at 0, never loses its bit. Returns the number
+    of slots repaired."""
+    cdef uint64_t *slots = <uint64_t *>(xen_vcpu(d, v) + X_WAITER)
+    cdef uint64_t owner
+    cdef int i, repaired = 0
+    for i in range(WAITER_SLOTS):
+        owner = at_load64(&slots[i])
+        if owner == 0:
+            continue
+        if (owner == me or evlock_owner_dead(owner)) and at_cas64(&slots[i], &owner, me):
+            waiter_leave(d, v, i)
+            repaired += 1
+    return repaired
 
 cdef inline void mark_upcall_pending(const dom_t *d, uint32_t v) noexcept nogil:
     """test_and_set bit 0 of evtchn_upcall_pending; kick only on 0 -> 1."""
@@ -351,11 +447,13 @@ cdef inline void raise_selectors(const dom_t *d, uint32_t v, uint32_t port) noex
         mark_upcall_pending(d, v)
 
 cdef inline int bitmap_set_pending(const dom_t *d, uint32_t v, uint32_t port) noexcept nogil:
-    """evtchn_2l_set_pending: pending, then (if unmasked) selector(s), then the upcall flag."""
+    """evtchn_2l_set_pending (event_2l.c): pending, then (if unmasked) selector(s), then the
+    upcall flag. The mask is read seq_cst after the pending RMW: the guest's unmask clears the
+    mask, then reads pending, so one of the two sees the other."""
     cdef uint32_t w = d.wb
     if bm_test_and_set(d, d.pend, port // w, port % w):
         return 0                                 # coalesced: no pollers check
-    if not (bm_load(d, d.mask, port // w) >> (port % w)) & 1:
+    if not bm_test_sc(d, d.mask, port):
         raise_selectors(d, v, port)
     check_pollers(d, port)
     return 1
@@ -403,16 +501,16 @@ cdef int fifo_set_link(const dom_t *d, uint32_t tail_port, uint32_t port) noexce
     at_fetch_and32(word, ~FIFO_BUSY)
     return 1
 
-cdef inline void lock_pair(uint32_t *a, uint32_t *b) noexcept nogil:
+cdef inline void lock_pair(uint64_t *a, uint64_t *b, uint64_t me) noexcept nogil:
     """Lock one queue, or two in address order (Xen compares the queue pointers)."""
     if a == b:
-        evlock_acquire(a, _mypid)
+        evlock_acquire(a, me)
     elif <uintptr_t>a < <uintptr_t>b:
-        evlock_acquire(a, _mypid)
-        evlock_acquire(b, _mypid)
+        evlock_acquire(a, me)
+        evlock_acquire(b, me)
     else:
-        evlock_acquire(b, _mypid)
-        evlock_acquire(a, _mypid)
+        evlock_acquire(b, me)
+        evlock_acquire(a, me)
 
 cdef inline uint32_t lastq_pack(uint32_t v, uint32_t prio) noexcept nogil:
     """union evtchn_fifo_lastq: byte 0 last_priority, bytes 2-3 last_vcpu_id."""
@@ -420,10 +518,12 @@ cdef inline uint32_t lastq_pack(uint32_t v, uint32_t prio) noexcept nogil:
 
 
 cdef inline int fifo_lock_queues(const dom_t *d, uint32_t v, char *pe, char **pq,
-                                 char **pold_q, uint32_t *pprio) noexcept nogil:
-    """Lock the queue the event goes to (v's queue of its priority) and the one it was last
-    linked on (lastq), one lock if they are the same. A guest may change the priority (or the
-    control plane the vCPU) meanwhile, so re-check under the locks; give up after 3 tries
+                                 char **pold_q, uint32_t *pprio, uint64_t me) noexcept nogil:
+    """The lock loop of evtchn_fifo_set_pending (71ac522909): lock the queue the event goes to
+    (v's queue of its priority) and the one it was last linked on (lastq), one lock if they are
+    the same, in address order. A guest may change the priority (or the control plane the
+    vCPU) meanwhile, so re-check under the locks that the priority and lastq still name the
+    same two queues, comparing queue addresses as Xen does; give up after 3 tries
     (e33d4257fc). Returns 1 with both held, 0 with none."""
     cdef uint32_t *plastq = <uint32_t *>(pe + P_LASTQ)
     cdef uint8_t *pprio_field = <uint8_t *>(pe + P_PRIORITY)
@@ -436,7 +536,7 @@ cdef inline int fifo_lock_queues(const dom_t *d, uint32_t v, char *pe, char **pq
         prio = at_load8(pprio_field)
         q = queue_at(d, v, prio)
         old_q = queue_at(d, lastq >> 16, lastq & 0xFF)
-        lock_pair(<uint32_t *>(q + Q_LOCK), <uint32_t *>(old_q + Q_LOCK))
+        lock_pair(<uint64_t *>(q + Q_LOCK), <uint64_t *>(old_q + Q_LOCK), me)
         lastq = at_load32(plastq)
         if (q == queue_at(d, v, at_load8(pprio_field))
                 and old_q == queue_at(d, lastq >> 16, lastq & 0xFF)):
@@ -445,18 +545,19 @@ cdef inline int fifo_lock_queues(const dom_t *d, uint32_t v, char *pe, char **pq
             pprio[0] = prio
             return 1
         if q != old_q:
-            evlock_release(<uint32_t *>(old_q + Q_LOCK))
-        evlock_release(<uint32_t *>(q + Q_LOCK))
+            evlock_release(<uint64_t *>(old_q + Q_LOCK))
+        evlock_release(<uint64_t *>(q + Q_LOCK))
     return 0
 
-cdef int fifo_set_pending(const dom_t *d, uint32_t v, uint32_t port) noexcept nogil:
-    """evtchn_fifo_set_pending; pollers are checked last, after the event is queued and the
-    queue unlocked, and only for a PENDING 0 -> 1 edge. Returns 1 for such an edge."""
+cdef int fifo_set_pending(const dom_t *d, uint32_t v, uint32_t port, uint64_t me) noexcept nogil:
+    """evtchn_fifo_set_pending (event_fifo.c after 71ac522909); pollers are checked last, after
+    the event is queued and the queue unlocked, and only for a PENDING 0 -> 1 edge. Returns 1
+    for such an edge."""
     cdef int first
     if d.inject == INJ_PENDING_BEFORE_LOCK:
-        first = fifo_set_pending_r9(d, v, port)
+        first = fifo_set_pending_r9(d, v, port, me)
     else:
-        first = fifo_queue_event(d, v, port)
+        first = fifo_queue_event(d, v, port, me)
     if first:
         check_pollers(d, port)
     return first
@@ -492,7 +593,7 @@ cdef inline void fifo_ready(const dom_t *d, uint32_t v, uint32_t prio) noexcept 
     if not at_test_and_set_bit32(<uint32_t *>(control_block(d, v) + CB_READY), prio):
         mark_upcall_pending(d, v)
 
-cdef int fifo_queue_event(const dom_t *d, uint32_t v, uint32_t port) noexcept nogil:
+cdef int fifo_queue_event(const dom_t *d, uint32_t v, uint32_t port, uint64_t me) noexcept nogil:
     """The body of evtchn_fifo_set_pending, as in Xen after 71ac522909: lock the old and new
     queues, then test PENDING, MASKED and LINKED and link the event; READY and the upcall only
     for a new HEAD (70ccddb14a). Returns 1 if PENDING went 0 -> 1."""
@@ -505,7 +606,7 @@ cdef int fifo_queue_event(const dom_t *d, uint32_t v, uint32_t port) noexcept no
     cdef int linked, do_link
     if word == NULL:
         return 0
-    if not fifo_lock_queues(d, v, pe, &q, &old_q, &prio):
+    if not fifo_lock_queues(d, v, pe, &q, &old_q, &prio, me):
         return 0                                 # "lost event (too many queue changes)"
     first = not at_test_and_set_bit32(word, FIFO_PENDING_BIT)
     do_link = (not at_load32(word) & FIFO_MASKED
@@ -519,12 +620,12 @@ cdef int fifo_queue_event(const dom_t *d, uint32_t v, uint32_t port) noexcept no
             at_store_relaxed32(old_tail, 0)
         if old_q != q:                           # moved: remember the new queue, drop the old
             at_store32(<uint32_t *>(pe + P_LASTQ), lastq_pack(v, prio))
-            evlock_release(<uint32_t *>(old_q + Q_LOCK))
+            evlock_release(<uint64_t *>(old_q + Q_LOCK))
             old_q = q
         linked = fifo_link_tail(d, v, prio, q, port)
     if old_q != q:
-        evlock_release(<uint32_t *>(old_q + Q_LOCK))
-    evlock_release(<uint32_t *>(q + Q_LOCK))
+        evlock_release(<uint64_t *>(old_q + Q_LOCK))
+    evlock_release(<uint64_t *>(q + Q_LOCK))
     if linked and do_link and d.inject == INJ_READY_EVERY_LINK:
         # R6: READY for a link onto a non-empty queue too. The damage needs the guest to drain
         # the queue through our LINK before it sees this READY; give it the CPU here so that
@@ -541,7 +642,7 @@ cdef inline void pause_ns(long ns) noexcept nogil:
     ts.tv_nsec = ns
     nanosleep(&ts, NULL)
 
-cdef char *fifo_lock_old_queue(const dom_t *d, char *pe) noexcept nogil:
+cdef char *fifo_lock_old_queue(const dom_t *d, char *pe, uint64_t me) noexcept nogil:
     """Xen before 71ac522909 (lock_old_queue): lock only the queue the event was last on,
     re-checked under the lock, 3 tries. Returns it locked, or NULL."""
     cdef uint32_t *plastq = <uint32_t *>(pe + P_LASTQ)
@@ -551,14 +652,15 @@ cdef char *fifo_lock_old_queue(const dom_t *d, char *pe) noexcept nogil:
     for _attempt in range(FIFO_LOCK_TRIES):
         lastq = at_load32(plastq)
         old_q = queue_at(d, lastq >> 16, lastq & 0xFF)
-        evlock_acquire(<uint32_t *>(old_q + Q_LOCK), _mypid)
+        evlock_acquire(<uint64_t *>(old_q + Q_LOCK), me)
         lastq = at_load32(plastq)
         if old_q == queue_at(d, lastq >> 16, lastq & 0xFF):
             return old_q
-        evlock_release(<uint32_t *>(old_q + Q_LOCK))
+        evlock_release(<uint64_t *>(old_q + Q_LOCK))
     return NULL
 
-cdef int fifo_set_pending_r9(const dom_t *d, uint32_t v, uint32_t port) noexcept nogil:
+cdef int fifo_set_pending_r9(const dom_t *d, uint32_t v, uint32_t port,
+                             uint64_t me) noexcept nogil:
     """R9 put back: evtchn_fifo_set_pending as Xen had it before 71ac522909. PENDING is set and
     MASKED/LINKED tested before any queue lock, so a sender that set PENDING can see LINKED
     set by a concurrent linker (an unmask) that has not queued the event yet, and return:
@@ -581,11 +683,11 @@ cdef int fifo_set_pending_r9(const dom_t *d, uint32_t v, uint32_t port) noexcept
         return first
     prio = at_load8(<uint8_t *>(pe + P_PRIORITY))   # no lock: may race a priority change
     q = queue_at(d, v, prio)
-    old_q = fifo_lock_old_queue(d, pe)
+    old_q = fifo_lock_old_queue(d, pe, me)
     if old_q == NULL:
         return first
     if at_test_and_set_bit32(word, FIFO_LINKED_BIT):
-        evlock_release(<uint32_t *>(old_q + Q_LOCK))
+        evlock_release(<uint64_t *>(old_q + Q_LOCK))
         return first
     if not first:
         pause_ns(R9_PAUSE_LINK_NS)
@@ -593,33 +695,35 @@ cdef int fifo_set_pending_r9(const dom_t *d, uint32_t v, uint32_t port) noexcept
         at_store_relaxed32(<uint32_t *>(old_q + Q_TAIL), 0)
     if old_q != q:                               # moved: switch to the new queue's lock
         at_store32(<uint32_t *>(pe + P_LASTQ), lastq_pack(v, prio))
-        evlock_release(<uint32_t *>(old_q + Q_LOCK))
-        evlock_acquire(<uint32_t *>(q + Q_LOCK), _mypid)
+        evlock_release(<uint64_t *>(old_q + Q_LOCK))
+        evlock_acquire(<uint64_t *>(q + Q_LOCK), me)
     linked = fifo_link_tail(d, v, prio, q, port)
-    evlock_release(<uint32_t *>(q + Q_LOCK))
+    evlock_release(<uint64_t *>(q + Q_LOCK))
     if not linked:
         fifo_ready(d, v, prio)
     return first
 
 
 # -- ABI dispatch (evtchn_port_set_pending, evtchn_port_unmask, ...) -----------------------------
-cdef int channel_read_trylock(uint32_t *lock) noexcept nogil:
+cdef int channel_read_trylock(uint64_t *lock, uint64_t me_reader) noexcept nogil:
     """evtchn_read_trylock on the exclusive owner word: 0 (fail) only against a writer. A
-    reader of another process is waited for (Xen would run beside it; here the two
-    serialise): 1, the caller releases. A reader of this process (another thread, or the
-    caller itself) is run beside, as in Xen: 2, nothing to release."""
-    cdef uint32_t owner
+    reader that is another thread or process is waited for (Xen would run beside it; here the
+    two serialise): 1, the caller releases. A reader that is the calling thread itself is run
+    beside, as in Xen (its read lock nests): 2, nothing to release. Owners are per thread, so
+    a raise never runs unlocked beside another thread's reader, which a close could overtake
+    to free the port under the raise."""
+    cdef uint64_t owner
     while True:
-        if evlock_try(lock, _myreader):
+        if evlock_try(lock, me_reader):
             return 1
-        owner = at_load32(lock)
+        owner = at_load64(lock)
         if owner == 0:
             continue
         if not owner & CHANNEL_LOCK_READER:
             return 0
-        if owner == _myreader:
+        if owner == me_reader:
             return 2
-        evlock_acquire(lock, _myreader)
+        evlock_acquire(lock, me_reader)
         return 1
 
 cdef inline int port_pending(const dom_t *d, uint32_t port) noexcept nogil:
@@ -629,25 +733,31 @@ cdef inline int port_pending(const dom_t *d, uint32_t port) noexcept nogil:
         word = fifo_word(d, port)
         return word != NULL and (at_load32(word) & FIFO_PENDING) != 0
     return (bm_load(d, d.pend, port // d.wb) >> (port % d.wb)) & 1
-cdef inline int set_pending(const dom_t *d, uint32_t v, uint32_t port) noexcept nogil:
-    if port_state(d, port) <= ECS_RESERVED:      # evtchn_usable()
+
+cdef inline int set_pending(const dom_t *d, uint32_t v, uint32_t port, uint64_t me) noexcept nogil:
+    """evtchn_port_set_pending: nothing for an unusable port (evtchn_usable), else the ABI's."""
+    if port_state(d, port) <= ECS_RESERVED:
         return 0
     if d.abi == ABI_FIFO:
-        return fifo_set_pending(d, v, port)
+        return fifo_set_pending(d, v, port, me)
     return bitmap_set_pending(d, v, port)
 
-cdef int hyp_unmask(const dom_t *d, uint32_t port) noexcept nogil:
+cdef int hyp_unmask(const dom_t *d, uint32_t port, uint64_t me) noexcept nogil:
     """EVTCHNOP_unmask (evtchn_unmask: evtchn_2l_unmask / evtchn_fifo_unmask under the
-    channel lock, so it cannot relink a port that a concurrent close is freeing). Returns 1 if
-    it set PENDING 0 -> 1 itself (FIFO: the guest acked between the test and set_pending)."""
-    cdef uint32_t *lock = <uint32_t *>(port_at(d, port) + P_LOCK)
+    channel's read lock, so it cannot relink a port that a concurrent close is freeing).
+    Returns 1 if it set PENDING 0 -> 1 itself (FIFO: the guest acked between the test and
+    set_pending)."""
+    cdef uint64_t *lock = <uint64_t *>(port_at(d, port) + P_LOCK)
     cdef int edge
-    evlock_acquire(lock, _myreader)
-    edge = hyp_unmask_locked(d, port)
+    evlock_acquire(lock, me | CHANNEL_LOCK_READER)
+    edge = hyp_unmask_locked(d, port, me)
     evlock_release(lock)
     return edge
 
-cdef int hyp_unmask_locked(const dom_t *d, uint32_t port) noexcept nogil:
+cdef int hyp_unmask_locked(const dom_t *d, uint32_t port, uint64_t me) noexcept nogil:
+    """evtchn_fifo_unmask (clear MASKED, relink if PENDING) or evtchn_2l_unmask (clear the
+    mask; if it was set and the port is pending, raise the selectors: the pending bit is read
+    seq_cst after the mask RMW, the store-buffering pair with set_pending)."""
     cdef uint32_t v, w
     cdef uint32_t *word
     if port_state(d, port) <= ECS_RESERVED:
@@ -662,48 +772,100 @@ cdef int hyp_unmask_locked(const dom_t *d, uint32_t port) noexcept nogil:
         # set_pending's test_and_set, which then sets PENDING again: the unmask itself makes a
         # new (spurious) edge, so a count of senders' edges can fall short of deliveries here.
         if at_load32(word) & FIFO_PENDING:
-            return fifo_set_pending(d, v, port)
+            return fifo_set_pending(d, v, port, me)
         return 0
     w = d.wb
-    if (bm_test_and_clear(d, d.mask, port // w, port % w)
-            and (bm_load(d, d.pend, port // w) >> (port % w)) & 1):
+    if bm_test_and_clear(d, d.mask, port // w, port % w) and bm_test_sc(d, d.pend, port):
         raise_selectors(d, v, port)
     return 0
 
-cdef int guest_unmask(const dom_t *d, uint32_t port) noexcept nogil:
-    """Linux: clear MASKED locally, let Xen unmask a pending port. FIFO: clear_masked_cond
-    (XSA-332 version), whose cmpxchg expects BUSY clear, so it spins while Xen retries a LINK
-    update on this word; 2l/3l: evtchn_2l_unmask's HVM path (clear, test, re-mask, hypercall)."""
-    cdef uint32_t *word
-    cdef uint32_t w, expected
+cdef int guest_unmask(const dom_t *d, uint32_t port, uint64_t me) noexcept nogil:
+    """Linux unmask_evtchn after the XSA-332 series: first a barrier, so that every write made
+    before the unmask is visible before the event can be handled (evtchn_2l_unmask's smp_wmb,
+    4d3fe31bd993; the FIFO cmpxchg is a full barrier in Linux, the fence here covers its
+    early returns too). FIFO: evtchn_fifo_unmask / clear_masked_cond (f01337197419): clear
+    MASKED only if not PENDING, else leave it to EVTCHNOP_unmask. 2l/3l: evtchn_2l_unmask's
+    HVM path: clear the mask, test pending (seq_cst: the store-buffering pair with
+    set_pending), re-mask and make the hypercall if it is."""
     cdef uint32_t wb = d.wb
     cdef int pending
+    at_fence()
     if d.abi == ABI_FIFO:
-        word = fifo_word(d, port)
-        if word == NULL:
-            return 0
-        w = at_load32(word)
-        while True:
-            if not w & FIFO_MASKED:
-                return 0
-            if w & FIFO_PENDING:
-                return hyp_unmask(d, port)
-            expected = w & ~FIFO_BUSY
-            if at_cas32(word, &expected, expected & ~FIFO_MASKED):
-                return 0
-            w = expected                         # the value seen; BUSY set: spin until clear
+        return fifo_guest_unmask(d, port, me)
     if d.inject == INJ_UNMASK_TEST_FIRST:        # R2: a send in between is left stuck
-        pending = (bm_load(d, d.pend, port // wb) >> (port % wb)) & 1
+        pending = bm_test_sc(d, d.pend, port)
         bm_test_and_clear(d, d.mask, port // wb, port % wb)
     else:                                        # clear the mask first, then test
         bm_test_and_clear(d, d.mask, port // wb, port % wb)
-        pending = (bm_load(d, d.pend, port // wb) >> (port % wb)) & 1
+        pending = bm_test_sc(d, d.pend, port)
     if pending:
         bm_test_and_set(d, d.mask, port // wb, port % wb)
-        return hyp_unmask(d, port)
+        return hyp_unmask(d, port, me)
     return 0
 
-cdef int expand_array(const dom_t *d) noexcept nogil:
+cdef int fifo_guest_unmask(const dom_t *d, uint32_t port, uint64_t me) noexcept nogil:
+    """events_fifo.c clear_masked_cond (f01337197419, and "unmask only if masked"): a cmpxchg
+    loop clearing MASKED that expects BUSY clear, so it spins (CPU relax) while Xen retries a
+    LINK update on this word with BUSY set (evtchn_fifo_set_link, dae2a1c5f9); a PENDING port
+    goes to EVTCHNOP_unmask instead. A live Xen holds BUSY for at most 4 cmpxchgs; after
+    UNMASK_BUSY_SPINS relaxes and UNMASK_BUSY_YIELDS yields the BUSY holder may be a sender
+    killed inside set_link, which fifo_clear_stale_busy recovers from."""
+    cdef uint32_t *word = fifo_word(d, port)
+    cdef uint32_t w, expected
+    cdef unsigned busy = 0
+    if word == NULL:
+        return 0
+    w = at_load32(word)
+    while True:
+        if not w & FIFO_MASKED:
+            return 0
+        if w & FIFO_PENDING:
+            return hyp_unmask(d, port, me)
+        expected = w & ~FIFO_BUSY
+        if at_cas32(word, &expected, expected & ~FIFO_MASKED):
+            return 0
+        w = expected                             # the value seen
+        if not w & FIFO_BUSY:
+            continue                             # another change: retry at once
+        busy += 1
+        if busy <= UNMASK_BUSY_SPINS:
+            cpu_relax()
+        elif busy <= UNMASK_BUSY_SPINS + UNMASK_BUSY_YIELDS:
+            sched_yield()
+        else:
+            fifo_clear_stale_busy(d, port, word, me)
+            busy = 0
+            w = at_load32(word)
+
+cdef void fifo_clear_stale_busy(const dom_t *d, uint32_t port, uint32_t *word,
+                                uint64_t me) noexcept nogil:
+    """BUSY has stayed set far longer than a live Xen holds it. Only a linker that holds the
+    lock of the queue this event was last linked on (its lastq) sets BUSY on its word: the
+    event became that queue's tail under that lock, and its lastq changes only when it is
+    linked again, which takes the same lock and first drops it as that queue's old tail
+    (e33d4257fc), so no other queue's linker can still see it as a tail. So once we hold that
+    lock (re-checking lastq under it, as set_pending does) no live linker is inside set_link
+    on this word, and a BUSY still set was left by one that died there (its lock was taken
+    over as a dead owner's): clear it. Linux has no such step (a Xen CPU does not die); a
+    sender process here can. With the R7 injection (old tails kept) another queue's linker
+    may still hold BUSY: clearing it then only makes that linker's cmpxchg retry."""
+    cdef uint32_t *plastq = <uint32_t *>(port_at(d, port) + P_LASTQ)
+    cdef uint32_t lastq
+    cdef uint64_t *qlock
+    while True:
+        lastq = at_load32(plastq)
+        if (lastq >> 16) >= d.vcpus:             # never written so by Xen: nothing to lock
+            at_fetch_and32(word, ~FIFO_BUSY)
+            return
+        qlock = <uint64_t *>(queue_at(d, lastq >> 16, lastq & 0xFF) + Q_LOCK)
+        evlock_acquire(qlock, me)
+        if at_load32(plastq) == lastq:
+            break
+        evlock_release(qlock)
+    at_fetch_and32(word, ~FIFO_BUSY)
+    evlock_release(qlock)
+
+cdef int expand_array(const dom_t *d, uint64_t me) noexcept nogil:
     """EVTCHNOP_expand_array (add_page_to_event_array): the guest fills the page with MASKED,
     the page count is published (release), then the ports of the new range that were sent to
     while it was missing are raised (917c123029). The caller holds the event lock."""
@@ -724,7 +886,7 @@ cdef int expand_array(const dom_t *d) noexcept nogil:
         end = valid
     for i in range(first, end):
         if at_load8(<uint8_t *>(port_at(d, i) + P_PENDING)):
-            fifo_set_pending(d, notify_vcpu(d, i), i)
+            fifo_set_pending(d, notify_vcpu(d, i), i, me)
     return 0
 
 
@@ -913,17 +1075,17 @@ cdef int fifo_handle(const dom_t *d, uint32_t v, uint32_t *out, Py_ssize_t cap,
     return 0
 
 cdef Py_ssize_t consume(const dom_t *d, uint32_t v, uint32_t *out,
-                        Py_ssize_t cap) noexcept nogil:
+                        Py_ssize_t cap, uint64_t me) noexcept nogil:
     """__xen_evtchn_do_upcall under the vCPU's handler lock: clear upcall_pending (a seq_cst
     RMW, so it is ordered before the selector/READY xchg), handle, repeat while it was set
     again; stop early when `out` is full."""
     cdef uint8_t *flag = upcall_flag(d, v)
-    cdef uint32_t *hlock = guest_u32(d, v, G_HANDLER_LOCK)
+    cdef uint64_t *hlock = <uint64_t *>(guest_vcpu(d, v) + G_HANDLER_LOCK)
     cdef Py_ssize_t n = 0
     cdef int full
     cdef uint64_t pw[MAX_SCAN_U64]
     cdef uint64_t summary
-    evlock_acquire(hlock, _mypid)
+    evlock_acquire(hlock, me)
     while True:
         if d.abi == ABI_FIFO:
             at_exchange8(flag, 0)
@@ -949,6 +1111,14 @@ cdef inline int64_t sleep_slice(int64_t deadline) noexcept nogil:
         return WAIT_SLICE_NS
     left = deadline - monotonic_ns()
     return left if left < WAIT_SLICE_NS else WAIT_SLICE_NS
+
+cdef inline void block(uint32_t *kickw, uint32_t seen, int64_t slice_ns, int slot) noexcept nogil:
+    """Sleep one slice of wait() or poll(): on the kick futex while kickw == seen, or, without
+    a waiter slot (kicks do not see us), a short sleep after which the caller re-checks."""
+    if slot >= 0:
+        futex_wait_u32(kickw, seen, slice_ns)
+    else:
+        pause_ns(slice_ns if slice_ns < WAIT_FALLBACK_NS else WAIT_FALLBACK_NS)
 
 
 # -- the backend ---------------------------------------------------------------------------------
@@ -1061,21 +1231,55 @@ cdef class CythonKernels:
             raise KeyError(domid)
         return d
 
-    # -- locks: robust owner-pid spinlocks at absolute addresses -------------------------------
+    # -- locks: robust owner-id spinlocks at absolute addresses (the control plane's) ----------
     def lock(self, uintptr_t address, bint reader=False):
-        """Take the lock (a channel lock read-type with `reader`, as a sender holds it)."""
-        cdef uint32_t *w = <uint32_t *>address
-        cdef uint32_t me = _myreader if reader else _mypid
+        """Take the lock at `address` for the calling thread (a channel lock read-type with
+        `reader`, as a sender holds it). Waits without the GIL in slices of LOCK_SLICE_NS and
+        looks for signals between them, so Ctrl-C gets through (the lock is then not taken);
+        a dead owner's lock is taken over. Raises EvtchnError(EDEADLK) if this thread already
+        holds it. Once taken it returns at once: no signal is looked for after that."""
+        cdef uint64_t *w = <uint64_t *>address
+        cdef uint64_t me = evtchn_self()
+        cdef uint64_t owner
+        cdef int got
+        if reader:
+            me |= CHANNEL_LOCK_READER
         if evlock_try(w, me):
             return
-        with nogil:                         # the holder may be a thread that needs the GIL
-            evlock_acquire(w, me)
+        owner = at_load64(w)
+        if owner != 0 and (owner | CHANNEL_LOCK_READER) == (me | CHANNEL_LOCK_READER):
+            raise EvtchnError(E.EDEADLK, f"this thread already holds the lock at {address:#x}")
+        while True:
+            with nogil:                     # the holder may be a thread that needs the GIL
+                got = evlock_acquire_for(w, me, LOCK_SLICE_NS)
+            if got:
+                return
+            PyErr_CheckSignals()
 
     def trylock(self, uintptr_t address):
-        return bool(evlock_try(<uint32_t *>address, _mypid))
+        """Take the lock if it is free or its owner is dead; False if a live owner holds it."""
+        return bool(evlock_try_robust(<uint64_t *>address, evtchn_self()))
 
     def unlock(self, uintptr_t address):
-        evlock_release(<uint32_t *>address)
+        evlock_release(<uint64_t *>address)
+
+    def unlock_owned(self, addresses):
+        """Release each lock at `addresses` that the calling thread holds (read-type or not),
+        in one call: no signal is looked for until all are done. Returns how many it released.
+        Callers pass every lock they meant to take: those they did not get (a signal while
+        waiting) or that another thread holds are left alone."""
+        cdef uint64_t me = evtchn_self() | CHANNEL_LOCK_READER
+        cdef uint64_t owner
+        cdef uint64_t *w
+        cdef uintptr_t address
+        cdef int released = 0
+        for address in addresses:
+            w = <uint64_t *>address
+            owner = at_load64(w)
+            if owner != 0 and (owner | CHANNEL_LOCK_READER) == me:
+                evlock_release(w)
+                released += 1
+        return released
 
     # -- guest bitops on shared words (Linux set_bit / clear_bit on cpu_evtchn_mask) ---------
     cdef void *_word_at(self, uintptr_t address, unsigned bit, unsigned word_bits) except NULL:
@@ -1115,9 +1319,10 @@ cdef class CythonKernels:
 
     def set_pending(self, domid, uint32_t vcpu, uint32_t port):
         cdef dom_t *d = self._dom(domid)
+        cdef uint64_t me = evtchn_self()
         cdef int r
         with nogil:
-            r = set_pending(d, vcpu, port)
+            r = set_pending(d, vcpu, port, me)
         return r
 
     def clear_pending(self, domid, uint32_t port):
@@ -1133,9 +1338,10 @@ cdef class CythonKernels:
 
     def hyp_unmask(self, domid, uint32_t port):
         cdef dom_t *d = self._dom(domid)
+        cdef uint64_t me = evtchn_self()
         cdef int edge
         with nogil:
-            edge = hyp_unmask(d, port)
+            edge = hyp_unmask(d, port, me)
         return edge
 
     def is_pending(self, domid, uint32_t port):
@@ -1160,16 +1366,17 @@ cdef class CythonKernels:
 
     def expand_array(self, domid):
         cdef dom_t *d = self._dom(domid)
+        cdef uint64_t me = evtchn_self()
         cdef int r
         with nogil:
-            r = expand_array(d)
+            r = expand_array(d, me)
         return r
 
-    cdef int _send(self, const dom_t *d, uint32_t port) noexcept nogil:
-        """evtchn_send: under the sender's channel lock, read its state and raise the peer
-        (interdomain), itself (IPI), or drop the event (unbound). -errno on refusal."""
+    cdef int _send(self, const dom_t *d, uint32_t port, uint64_t me) noexcept nogil:
+        """evtchn_send: under the sender's channel lock (read-type), read its state and raise
+        the peer (interdomain), itself (IPI), or drop the event (unbound). -errno on refusal."""
         cdef char *pe
-        cdef uint32_t *plock
+        cdef uint64_t *plock
         cdef uint8_t state
         cdef uint32_t rport
         cdef const dom_t *rd
@@ -1177,8 +1384,8 @@ cdef class CythonKernels:
         if port >= at_load32(d.valid):           # port_is_valid()
             return -EINVAL
         pe = port_at(d, port)
-        plock = <uint32_t *>(pe + P_LOCK)
-        evlock_acquire(plock, _myreader)
+        plock = <uint64_t *>(pe + P_LOCK)
+        evlock_acquire(plock, me | CHANNEL_LOCK_READER)
         state = at_load8(<uint8_t *>(pe + P_STATE))
         if state == ECS_INTERDOMAIN:
             rd = self._lookup(at_load16(<uint16_t *>(pe + P_REMOTE_DOM)))
@@ -1186,9 +1393,9 @@ cdef class CythonKernels:
             if rd == NULL:                       # the peer's host mapping is missing here
                 r = -ESRCH
             else:
-                r = set_pending(rd, notify_vcpu(rd, rport), rport)
+                r = set_pending(rd, notify_vcpu(rd, rport), rport, me)
         elif state == ECS_IPI:
-            r = set_pending(d, notify_vcpu(d, port), port)
+            r = set_pending(d, notify_vcpu(d, port), port, me)
         elif state == ECS_UNBOUND:
             r = 0                                # dropped silently, as Xen does
         else:
@@ -1198,13 +1405,14 @@ cdef class CythonKernels:
 
     def send(self, domid, port):
         cdef dom_t *d = self._dom(domid)
+        cdef uint64_t me = evtchn_self()
         cdef int r
         cdef uint32_t p
         if port < 0 or port > 0xFFFFFFFF:
             return -EINVAL
         p = port
         with nogil:
-            r = self._send(d, p)
+            r = self._send(d, p, me)
         return r
 
     def send_many(self, domid, const uint32_t[::1] ports, edges=None):
@@ -1215,6 +1423,7 @@ cdef class CythonKernels:
         cdef uint8_t *e = NULL
         cdef Py_ssize_t i, count = ports.shape[0]
         cdef const uint32_t *p = &ports[0] if count else NULL
+        cdef uint64_t me = evtchn_self()
         cdef int r = 0
         if edges is not None:
             ev = edges
@@ -1224,7 +1433,7 @@ cdef class CythonKernels:
                 e = &ev[0]
         with nogil:
             for i in range(count):
-                r = self._send(d, p[i])
+                r = self._send(d, p[i], me)
                 if r < 0:
                     break
                 if e != NULL:
@@ -1238,8 +1447,9 @@ cdef class CythonKernels:
         channel lock (evtchn_read_trylock): the event is dropped when a writer (close, bind)
         holds it; a reader (a send, an unmask) would not exclude Xen's, so wait for it."""
         cdef dom_t *d = self._dom(domid)
+        cdef uint64_t me = evtchn_self()
         cdef uint32_t port, target
-        cdef uint32_t *plock
+        cdef uint64_t *plock
         cdef int per_vcpu, locked, r = 0
         if virq >= NR_VIRQS:
             return 0
@@ -1247,15 +1457,15 @@ cdef class CythonKernels:
         with nogil:
             port = virq_port(d, vcpu if per_vcpu else 0, virq)
             if port != 0:
-                plock = <uint32_t *>(port_at(d, port) + P_LOCK)
-                locked = channel_read_trylock(plock)
+                plock = <uint64_t *>(port_at(d, port) + P_LOCK)
+                locked = channel_read_trylock(plock, me | CHANNEL_LOCK_READER)
                 if locked:
                     # Xen's virq_lock keeps the binding stable; here re-check under the channel
                     # lock that the port still serves this VIRQ (it may have been closed and
                     # re-bound to something else since the lookup).
                     if virq_port(d, vcpu if per_vcpu else 0, virq) == port:
                         target = vcpu if per_vcpu else notify_vcpu(d, port)
-                        r = set_pending(d, target, port)
+                        r = set_pending(d, target, port, me)
                     if locked == 1:
                         evlock_release(plock)
         return r
@@ -1273,9 +1483,10 @@ cdef class CythonKernels:
 
     def guest_unmask(self, domid, uint32_t port):
         cdef dom_t *d = self._dom(domid)
+        cdef uint64_t me = evtchn_self()
         cdef int edge
         with nogil:
-            edge = guest_unmask(d, port)
+            edge = guest_unmask(d, port, me)
         return edge
 
     def consume(self, domid, uint32_t vcpu, uint32_t[::1] out):
@@ -1284,13 +1495,15 @@ cdef class CythonKernels:
         cdef Py_ssize_t cap = out.shape[0], n
         cdef uint32_t dummy
         cdef uint32_t *o = &out[0] if cap else &dummy
+        cdef uint64_t me = evtchn_self()
         with nogil:
-            n = consume(d, vcpu, o, cap)
+            n = consume(d, vcpu, o, cap, me)
         return n
 
     def poll(self, domid, uint32_t vcpu, const uint32_t[::1] ports, timeout):
         """SCHEDOP_poll (do_poll) for `vcpu`: returns (reason, port) with a POLL_* reason, or
-        (-errno, port). Set the poll_mask bit, then test local events and each port in turn
+        (-errno, port). Block the vCPU (a waiter slot, so kicks wake it; dead waiters' slots
+        repaired first), set the poll_mask bit, then test local events and each port in turn
         (-EINVAL for a port beyond valid_evtchns), then block until evtchn_check_pollers
         clears the bit (POLL_EVENT), a kick unblocks the vCPU (POLL_UPCALL) or `timeout`
         seconds pass (None: forever). The sleep is the kick futex, in slices that look for
@@ -1298,15 +1511,16 @@ cdef class CythonKernels:
         cdef dom_t *d = self._dom(domid)
         cdef char *x = xen_vcpu(d, vcpu)
         cdef uint32_t *poll_w = <uint32_t *>(x + X_POLL)
-        cdef uint32_t *blocked = <uint32_t *>(x + X_BLOCKED)
         cdef uint32_t port = 0, kick0, state = POLL_ACTIVE
-        cdef int reason
+        cdef uint64_t me = evtchn_self()
+        cdef int reason, slot
         cdef int64_t deadline = -1
         if ports.shape[0] > L.SCHED_POLL_MAX_PORTS:
             return -EINVAL, 0
         if timeout is not None and float(timeout) < 1e9:     # longer: as good as forever
             deadline = monotonic_ns() + <int64_t>(max(0.0, float(timeout)) * 1e9)
-        at_fetch_add32(blocked, 1)               # before the kick snapshot: kicks now count
+        waiter_repair(d, vcpu, me)
+        slot = waiter_enter(d, vcpu, me)         # before the kick snapshot: kicks now count
         kick0 = at_load32(<uint32_t *>(x + X_KICK))
         if at_exchange32(poll_w, POLL_IDLE) == POLL_ACTIVE:
             at_fetch_sub32(d.pollers, 1)         # left by a poller of this vCPU that died
@@ -1317,7 +1531,7 @@ cdef class CythonKernels:
         at_exchange32(poll_w, POLL_ACTIVE)
         at_fence()                               # Dekker with check_pollers: set, then test
         try:
-            reason = self._poll_body(d, vcpu, ports, deadline, kick0, &port)
+            reason = self._poll_body(d, vcpu, ports, deadline, kick0, slot, &port)
         finally:
             # Leave the poll. Whoever clears the poll_mask bit ends it: if a pollers check
             # cleared it, it counted us out and the poll ended with its event.
@@ -1325,13 +1539,14 @@ cdef class CythonKernels:
             if state == POLL_ACTIVE:
                 at_fetch_sub32(d.pollers, 1)
             at_store32(<uint32_t *>(x + X_POLL_EVTCHN), 0)
-            at_fetch_sub32(blocked, 1)
+            waiter_leave(d, vcpu, slot)
         if state & POLL_WOKEN and (reason == POLL_TIMEOUT or reason == POLL_UPCALL):
             return POLL_EVENT, state & ~POLL_WOKEN
         return reason, port
 
     cdef int _poll_body(self, dom_t *d, uint32_t vcpu, const uint32_t[::1] ports,
-                        int64_t deadline, uint32_t kick0, uint32_t *pport) except -1000:
+                        int64_t deadline, uint32_t kick0, int slot,
+                        uint32_t *pport) except -1000:
         """do_poll after the poll_mask bit is set: the tests, then the blocking sleep."""
         cdef char *x = xen_vcpu(d, vcpu)
         cdef char *vi = vcpu_info(d, vcpu)
@@ -1368,40 +1583,48 @@ cdef class CythonKernels:
                     return POLL_UPCALL
                 kick0 = seen
                 continue
+            if slot < 0 and at_load8(<uint8_t *>(vi + VI_UPCALL_PENDING)) & 1:
+                return POLL_UPCALL               # no waiter slot: a kick may not have seen us
             slice_ns = sleep_slice(deadline)
             if slice_ns <= 0:
                 return POLL_TIMEOUT
             with nogil:
-                futex_wait_u32(kickw, seen, slice_ns)
+                block(kickw, seen, slice_ns, slot)
             PyErr_CheckSignals()
 
     def wait(self, domid, uint32_t vcpu, timeout):
         """Block until vCPU has an upcall pending (a halted vCPU waiting for its interrupt);
-        False if `timeout` seconds (None: forever) passed first. Sleeps on the kick futex in
-        slices of at most 50 ms without the GIL, checking for signals between slices."""
+        False if `timeout` seconds (None: forever) passed first. Repairs the waiter slots of
+        waiters that died blocked, takes a slot (kick() wakes registered waiters only), and
+        sleeps on the kick futex in slices of at most WAIT_SLICE_NS without the GIL, checking
+        for signals between slices. With all slots taken it polls the upcall flag every
+        WAIT_FALLBACK_NS instead."""
         cdef dom_t *d = self._dom(domid)
         cdef uint8_t *flag = upcall_flag(d, vcpu)
         cdef char *x = xen_vcpu(d, vcpu)
-        cdef uint32_t *blocked = <uint32_t *>(x + X_BLOCKED)
         cdef uint32_t *kickw = <uint32_t *>(x + X_KICK)
         cdef uint32_t seen
+        cdef uint64_t me
+        cdef int slot
         cdef int64_t deadline = -1, slice_ns
         if at_load8(flag) & 1:
             return True
         if timeout is not None and float(timeout) < 1e9:     # longer: as good as forever
             deadline = monotonic_ns() + <int64_t>(max(0.0, float(timeout)) * 1e9)
-        at_fetch_add32(blocked, 1)
+        me = evtchn_self()
+        waiter_repair(d, vcpu, me)
+        slot = waiter_enter(d, vcpu, me)         # fences: Dekker with kick()
         try:
             while True:
                 seen = at_load32(kickw)
-                at_fence()                      # Dekker with kick(): blocked++ before this load
+                at_fence()
                 if at_load8(flag) & 1:
                     return True
                 slice_ns = sleep_slice(deadline)
                 if slice_ns <= 0:
                     return False
                 with nogil:
-                    futex_wait_u32(kickw, seen, slice_ns)
+                    block(kickw, seen, slice_ns, slot)
                 PyErr_CheckSignals()
         finally:
-            at_fetch_sub32(blocked, 1)
+            waiter_leave(d, vcpu, slot)

@@ -33,18 +33,26 @@ Syscalls (libc functions declared in the LLVM module; libc is linked into the pr
         -ETIMEDOUT, -EINTR (a signal arrived)
     futex_wake(addr, n) -> int64 number of waiters woken, or -errno
 
-Robust process-shared spinlock on a u32 word holding the owner's pid (0 = free)::
+Lock owners (evtchn/layout.py, "Lock words"): one id per thread, ``(start << 32) | tid`` with
+the thread's start time from /proc/<tid>/stat (evtchn.owner.owner_id computes it; pass it in)::
 
-    lock_try(addr, mypid) -> bool
-    lock_acquire(addr, mypid) -> int64   0, or the pid of a dead owner the lock was stolen from
+    owner_alive(owner) -> bool           the thread exists, is not a zombie, and has that start
+                                         time (a reused tid is another owner)
+
+Robust process-shared spinlock on a u64 word holding the owner id (0 = free)::
+
+    lock_try(addr, me) -> bool
+    lock_try_robust(addr, me) -> bool    also takes the lock over from a dead owner
+    lock_acquire(addr, me) -> int64      0, or the id of a dead owner the lock was taken from
+    lock_acquire_for(addr, me, slice_ns) -> int64   as lock_acquire, or -1 once slice_ns passed
     lock_release(addr)                   release store of 0
 
 ``lock_acquire`` spins ``LOCK_SPINS`` times with ``cpu_relax`` between looks at the word, then
-``sched_yield``\\ s, and every ``LOCK_YIELDS_PER_CHECK`` yields asks whether the owner is alive;
-a dead owner (``kill(owner, 0)`` fails with ESRCH, or /proc says zombie) is replaced by CAS
-(owner -> mypid), so of several waiters exactly one steals. The lock is not recursive, mypid
-must be non-zero, and pids are only meaningful inside one pid namespace (a pid reused between
-the liveness check and the CAS is not detected).
+``sched_yield``\\ s once per look, and every ``LOCK_YIELDS_PER_CHECK`` yields asks whether the
+owner is alive (evtchn.layout's spin policy, the Cython kernels' too); a dead owner is replaced
+by CAS (owner -> me), so of several waiters exactly one takes it over. The lock is not
+recursive, ``me`` must be non-zero, and owner ids are only meaningful inside one pid
+namespace. Bit 31 of the word (layout.CHANNEL_LOCK_READER) is part of the owner value.
 
 All of these work inside ``@njit(cache=True)`` functions. Numba's cache does not track
 dependencies: a caller's cache entry keeps the code of these functions as they were when it was
@@ -65,6 +73,10 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
+
+from . import layout as _L
+from ._numba_cache import HERE as _HERE
+from ._numba_cache import refresh_cache_guard as _refresh_cache_guard
 
 __all__ = [
     "load_u8",
@@ -110,11 +122,14 @@ __all__ = [
     "kill",
     "get_errno",
     "pid_alive",
+    "owner_alive",
     "monotonic_ns",
     "futex_wait",
     "futex_wake",
     "lock_try",
+    "lock_try_robust",
     "lock_acquire",
+    "lock_acquire_for",
     "lock_release",
     "LOCK_SPINS",
     "LOCK_YIELDS_PER_CHECK",
@@ -213,6 +228,7 @@ store_u8, store_u16, store_u32, store_u64 = (
     _make_store(w, _SEQ_CST, f"store_u{w}") for w in (8, 16, 32, 64)
 )
 _store_release_u32 = _make_store(32, "release", "_store_release_u32")
+_store_release_u64 = _make_store(64, "release", "_store_release_u64")
 
 
 # --- read-modify-write -------------------------------------------------------------------------
@@ -468,13 +484,20 @@ def _close(typingctx, fd):
 
 
 _EPERM = _errno.EPERM
+_GONE = (_errno.ENOENT, _errno.ESRCH)
 _PROC_PREFIX = np.frombuffer(b"/proc/", np.uint8).copy()
 _STAT_SUFFIX = np.frombuffer(b"/stat\0", np.uint8).copy()
+_TID_MASK = _L.OWNER_TID_MASK
+_START_MASK = _L.OWNER_START_MASK
 
 
 @njit(cache=True)
-def _proc_state(pid):
-    """The state letter of /proc/<pid>/stat (ord('Z') for a zombie), or 0 if unreadable."""
+def _proc_stat(tid):
+    """/proc/<tid>/stat -> (1, state letter, start time in ticks); (-1, 0, 0) when the task is
+    gone (ENOENT/ESRCH); (0, 0, 0) when it could not be read otherwise (then nobody is
+    declared dead: running out of file descriptors must not make a live owner's lock
+    stealable). Fields after the last ')' (comm may hold any character): state is field 3,
+    the start time field 22."""
     path = np.zeros(32, np.uint8)
     n = 0
     for c in _PROC_PREFIX:
@@ -482,7 +505,7 @@ def _proc_state(pid):
         n += 1
     digits = np.zeros(12, np.uint8)
     nd = 0
-    p = pid
+    p = tid
     while True:
         digits[nd] = 48 + p % 10
         nd += 1
@@ -497,18 +520,41 @@ def _proc_state(pid):
         n += 1
     fd = _open_rdonly(path.ctypes.data)
     if fd < 0:
-        return 0
-    buf = np.zeros(256, np.uint8)
-    got = _read(fd, buf.ctypes.data, 256)
+        err = get_errno()
+        return (np.int64(-1) if err == _GONE[0] or err == _GONE[1] else np.int64(0)), 0, 0
+    buf = np.zeros(512, np.uint8)
+    got = _read(fd, buf.ctypes.data, 511)
+    err = get_errno()
     _close(fd)
-    # "pid (comm) S ...": comm may hold ')' but no later field does, so the last one ends it.
+    if got < 0 and err == _GONE[1]:  # exited between open and read
+        return np.int64(-1), 0, 0
     close_paren = -1
     for i in range(got):
         if buf[i] == 41:  # ')'
             close_paren = i
     if close_paren < 0 or close_paren + 2 >= got:
-        return 0
-    return np.int64(buf[close_paren + 2])
+        return np.int64(0), 0, 0
+    i = close_paren + 2
+    state = np.int64(buf[i])
+    field = 3
+    while field < 22 and i < got:
+        if buf[i] == 32:  # ' '
+            field += 1
+        i += 1
+    start = np.int64(0)
+    while i < got and 48 <= buf[i] <= 57:
+        start = start * 10 + np.int64(buf[i] - 48)
+        i += 1
+    if field < 22:
+        return np.int64(0), 0, 0
+    return np.int64(1), state, start
+
+
+@njit(cache=True)
+def _proc_state(pid):
+    """The state letter of /proc/<pid>/stat (ord('Z') for a zombie), or 0 if unreadable."""
+    r, state, _ = _proc_stat(pid)
+    return state if r > 0 else np.int64(0)
 
 
 @njit(cache=True)
@@ -522,51 +568,91 @@ def pid_alive(pid):
     return not (state == 90 or state == 88 or state == 120)  # 'Z', 'X', 'x'
 
 
+@njit(cache=True)
+def owner_alive(owner):
+    """False if the owner's thread is gone, a zombie, or its tid now names a thread with
+    another start time (the tid was reused). Bit 31 (a read-type holder) is ignored."""
+    owner = np.int64(owner)
+    tid = owner & _TID_MASK
+    if tid == 0:
+        return False
+    r, state, start = _proc_stat(tid)
+    if r < 0:
+        return False
+    if r == 0:
+        return True
+    if state == 90 or state == 88 or state == 120:  # 'Z', 'X', 'x'
+        return False
+    return (start & _START_MASK) == (owner >> 32)
+
+
 # --- robust process-shared spinlock --------------------------------------------------------------
 
-LOCK_SPINS = 100  # looks at the word, cpu_relax between them, before each yield
-LOCK_YIELDS_PER_CHECK = 256  # sched_yield calls between checks that the owner is alive
+LOCK_SPINS = _L.LOCK_SPINS  # looks at the word, cpu_relax between them, before yielding
+LOCK_YIELDS_PER_CHECK = _L.LOCK_YIELDS_PER_CHECK  # sched_yield calls between liveness checks
 
 
 @njit(cache=True)
-def lock_try(addr, mypid):
-    """Take the lock at addr (u32 word, 0 = free) for mypid if it is free; True if taken."""
-    if load_u32(addr) != 0:
+def lock_try(addr, me):
+    """Take the lock at addr (u64 word, 0 = free) for owner `me` if it is free; True if taken."""
+    if load_u64(addr) != 0:
         return False
-    return cas_u32(addr, 0, mypid) == 0
+    return cas_u64(addr, 0, me) == 0
 
 
 @njit(cache=True)
-def lock_acquire(addr, mypid):
-    """Take the lock at addr for mypid, stealing it from a dead owner.
+def lock_try_robust(addr, me):
+    """lock_try, and take the lock over from a dead owner; False if a live owner holds it."""
+    for _ in range(2):
+        owner = np.int64(load_u64(addr))
+        if owner == 0:
+            if cas_u64(addr, 0, me) == 0:
+                return True
+            continue
+        if owner_alive(owner):
+            return False
+        return np.int64(cas_u64(addr, owner, me)) == owner
+    return False
 
-    Returns 0, or the pid of the dead owner it was stolen from (whose critical section may have
-    been left half done).
-    """
-    me = np.uint32(mypid)
+
+@njit(cache=True)
+def lock_acquire_for(addr, me, slice_ns):
+    """Take the lock at addr for owner `me`, taking it over from a dead owner. Returns 0, or
+    the id of the dead owner it was taken from (whose critical section may have been left half
+    done), or -1 once slice_ns (>= 0) passed without it."""
+    me = np.int64(me)
     spins = 0
     yields = 0
+    deadline = monotonic_ns() + slice_ns if slice_ns >= 0 else np.int64(-1)
     while True:
-        owner = load_u32(addr)
+        owner = np.int64(load_u64(addr))
         if owner == 0:
-            if cas_u32(addr, 0, me) == 0:
+            if cas_u64(addr, 0, me) == 0:
                 return np.int64(0)
             continue
         if spins < LOCK_SPINS:
             spins += 1
             cpu_relax()
             continue
-        spins = 0
         sched_yield()
         yields += 1
-        if yields >= LOCK_YIELDS_PER_CHECK:
-            yields = 0
-            # bit 31 of the owner word marks a read-type holder (layout.CHANNEL_LOCK_READER)
-            if not pid_alive(np.int64(owner & 0x7FFFFFFF)) and cas_u32(addr, owner, me) == owner:
-                return np.int64(owner)
+        if yields % LOCK_YIELDS_PER_CHECK == 0 and not owner_alive(owner):
+            if np.int64(cas_u64(addr, owner, me)) == owner:
+                return owner
+        if deadline >= 0 and monotonic_ns() >= deadline:
+            return np.int64(-1)
+
+
+@njit(cache=True)
+def lock_acquire(addr, me):
+    """Take the lock at addr for owner `me`: 0, or the id of the dead owner it was taken from."""
+    return lock_acquire_for(addr, me, -1)
 
 
 @njit(cache=True)
 def lock_release(addr):
     """Release the lock at addr (release store of 0); the caller must hold it."""
-    _store_release_u32(addr, 0)
+    _store_release_u64(addr, 0)
+
+
+_refresh_cache_guard(globals(), "numba_atomics.deps", (_HERE / "layout.py",))

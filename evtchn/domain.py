@@ -3,7 +3,11 @@
 Hypercalls follow xen/common/event_channel.c (checks, errnos, locking order); the guest side
 follows Linux drivers/xen/events (a bound port is enabled, i.e. unmasked, as after
 request_irq; bind_vcpu is xen_rebind_evtchn_to_cpu: mask, EVTCHNOP_bind_vcpu, move the
-per-CPU binding, unmask).
+per-CPU binding, unmask; close is unbind_from_irqhandler: mask, EVTCHNOP_close).
+
+Every lock taken here is scoped by evtchn.locks.Held: released on every way out, also on
+KeyboardInterrupt. Every call on a Domain of a closed Host raises EvtchnError(EBADF): the
+argument checks that each call makes first look at the host's closed flag.
 """
 
 from __future__ import annotations
@@ -15,9 +19,37 @@ import numpy as np
 from . import layout as L
 from .errors import EvtchnError
 from .errors import as_int as _int
+from .locks import Held
 from .results import PollResult, PortStatus
 
 _CONSUME_CHUNK = 65536
+
+
+def _port_array(ports) -> np.ndarray:
+    """send_many's ports as a contiguous uint32 array, or EvtchnError(EINVAL) naming what is
+    wrong: only integers are ports."""
+    if isinstance(ports, np.ndarray):
+        arr = ports
+    else:
+        if isinstance(ports, (str, bytes)):
+            raise EvtchnError(E.EINVAL, f"send_many takes a sequence of ports, not {ports!r}")
+        arr = np.asarray(ports)
+        if arr.dtype.kind in "iu" and any(isinstance(p, (bool, np.bool_)) for p in ports):
+            raise EvtchnError(E.EINVAL, "send_many takes integer ports, not bools")
+    if arr.dtype.kind not in "iu":
+        raise EvtchnError(
+            E.EINVAL,
+            f"send_many takes integer ports, not {arr.dtype} "
+            f"({'bools' if arr.dtype.kind == 'b' else 'non-integers'} would be truncated)",
+        )
+    if arr.ndim != 1:
+        raise EvtchnError(E.EINVAL, f"send_many takes a 1-D array of ports, not shape {arr.shape}")
+    if arr.dtype != np.uint32:
+        if arr.size and (arr.min() < 0 or arr.max() >= 1 << 32):
+            bad = int(arr[(arr < 0) | (arr >= 1 << 32)][0])
+            raise EvtchnError(E.EINVAL, f"port {bad} is not a valid port number")
+        arr = arr.astype(np.uint32)
+    return np.ascontiguousarray(arr)
 
 
 class Domain:
@@ -64,10 +96,14 @@ class Domain:
     @property
     def valid_ports(self) -> int:
         """Xen's valid_evtchns: grows by buckets of 64 as ports are allocated, never shrinks."""
+        if self.host._closed:
+            raise self.host._closed_error()
         return self._dm.hdr(L.H_VALID)
 
-    # -- argument checks -----------------------------------------------------------------------
+    # -- argument checks (each first refuses a closed host: one flag read) ---------------------
     def _vcpu(self, vcpu) -> int:
+        if self.host._closed:
+            raise self.host._closed_error()
         v = _int(vcpu, "vcpu")
         if not 0 <= v < self.vcpus:
             raise EvtchnError(
@@ -77,6 +113,8 @@ class Domain:
 
     def _valid_port(self, port) -> int:
         """port_is_valid(): below valid_evtchns, else EINVAL."""
+        if self.host._closed:
+            raise self.host._closed_error()
         p = _int(port, "port")
         valid = self.valid_ports
         if not 0 <= p < valid:
@@ -90,6 +128,8 @@ class Domain:
 
     def _guest_port(self, port) -> int:
         """A port the guest may address in its shared bitmaps or event array."""
+        if self.host._closed:
+            raise self.host._closed_error()
         p = _int(port, "port")
         if not 0 <= p < self.max_ports:
             raise EvtchnError(
@@ -100,6 +140,8 @@ class Domain:
         return p
 
     def _remote(self, remote_domid) -> int:
+        if self.host._closed:
+            raise self.host._closed_error()
         d = _int(remote_domid, "domid")
         if d == L.DOMID_SELF:
             return self.domid
@@ -108,30 +150,27 @@ class Domain:
         return d
 
     # -- locks (Xen: event_lock per domain, a lock per channel) --------------------------------
-    def _lock_domains(self, *domids: int):
-        for d in sorted(set(domids)):
-            self._k.lock(self.host._dm(d).seg.address + L.H_EVENT_LOCK)
-
-    def _unlock_domains(self, *domids: int):
-        for d in sorted(set(domids), reverse=True):
-            self._k.unlock(self.host._dm(d).seg.address + L.H_EVENT_LOCK)
+    def _domains_locked(self, *domids: int) -> Held:
+        """The event locks of `domids`, in domid order (Xen: the lower domain first)."""
+        return Held(
+            self._k, [self.host._dm(d).seg.address + L.H_EVENT_LOCK for d in sorted(set(domids))]
+        )
 
     def _chan_addr(self, domid: int, port: int) -> int:
         dm = self.host._dm(domid)
         return dm.seg.address + dm.layout.port(port) + L.P_LOCK
 
-    def _lock_chans(self, *chans, reader: bool = False):
-        for c in sorted(set(chans)):
-            self._k.lock(self._chan_addr(*c), reader=reader)
-
-    def _unlock_chans(self, *chans):
-        for c in sorted(set(chans), reverse=True):
-            self._k.unlock(self._chan_addr(*c))
+    def _chans_locked(self, *chans, reader: bool = False) -> Held:
+        """The channel locks of the (domid, port) pairs `chans`, in that order (writer, or
+        read-type with `reader`)."""
+        return Held(self._k, [self._chan_addr(*c) for c in sorted(set(chans))], reader)
 
     # -- port allocation (get_free_port) -------------------------------------------------------
     def _get_free_port(self) -> int:
         """The lowest FREE port that is not still LINKED (get_free_port); the caller holds the
-        event lock. H_ALLOC_HINT: no FREE port lies below it, so the scan starts there."""
+        event lock. Buckets up to it are allocated (valid_evtchns grows) even if the caller
+        then fails and leaves it FREE, as in Xen. H_ALLOC_HINT: no FREE port lies below it, so
+        the scan starts there; it moves past the port once the port is taken (_init_port)."""
         dm = self._dm
         hint, port = None, None
         for p in self._free_ports_from(dm.hdr(L.H_ALLOC_HINT)):
@@ -147,7 +186,7 @@ class Domain:
                 f"{dm.max_ports - 1} usable ports of its "
                 f"{self.abi} limit ({dm.max_ports}) are in use",
             )
-        dm.set_hdr(L.H_ALLOC_HINT, port + 1 if hint == port else hint)
+        dm.set_hdr(L.H_ALLOC_HINT, hint)  # the lowest FREE port seen
         valid = dm.hdr(L.H_VALID)
         if port >= valid:  # allocate buckets; publish the size last
             bucket = L.EVTCHNS_PER_BUCKET
@@ -178,23 +217,23 @@ class Domain:
         return destroyed
 
     def _init_port(self, port: int, state: int, vcpu: int = 0) -> None:
+        """Bind the port: evtchn_port_init (FIFO: evtchn_fifo_init sets priority 7) and its
+        state; the allocation hint moves past it."""
         dm = self._dm
         dm.set_port_u16(port, L.P_NOTIFY_VCPU, vcpu)
-        dm.set_port_u8(port, L.P_PRIORITY, L.FIFO_PRIORITY_DEFAULT)  # evtchn_fifo_init
+        dm.set_port_u8(port, L.P_PRIORITY, L.FIFO_PRIORITY_DEFAULT)
         dm.set_port_u8(port, L.P_STATE, state)
+        if dm.hdr(L.H_ALLOC_HINT) == port:
+            dm.set_hdr(L.H_ALLOC_HINT, port + 1)
 
     def _alloc(self, state: int, vcpu: int = 0, fill=None) -> int:
-        self._lock_domains(self.domid)
-        try:
+        with self._domains_locked(self.domid):
             port = self._get_free_port()
-            self._lock_chans((self.domid, port))
-            if fill:
-                fill(port)
-            self._init_port(port, state, vcpu)
-            self._unlock_chans((self.domid, port))
+            with self._chans_locked((self.domid, port)):
+                if fill:
+                    fill(port)
+                self._init_port(port, state, vcpu)
             self._set_affinity(port, vcpu)
-        finally:
-            self._unlock_domains(self.domid)
         return port
 
     # -- the guest's side of binding (Linux) ---------------------------------------------------
@@ -210,16 +249,13 @@ class Domain:
         """Add event-array pages until `port` has a word; under the event lock, so two
         binders never both add a page for the same port."""
         dm = self._dm
-        self._lock_domains(self.domid)
-        try:
+        with self._domains_locked(self.domid):
             while dm.array_pages() * L.FIFO_WORDS_PER_PAGE <= port:
                 r = self._k.expand_array(self.domid)
                 if r < 0:
                     raise EvtchnError(
                         -r, f"the event array of domain {self.domid} cannot grow to port {port}"
                     )
-        finally:
-            self._unlock_domains(self.domid)
 
     def _set_affinity(self, port: int, vcpu: int) -> None:
         """Linux bind_evtchn_to_cpu: the port's bit moves to `vcpu`'s cpu_evtchn_mask.
@@ -239,12 +275,16 @@ class Domain:
 
     # -- EVTCHNOP_alloc_unbound, bind_interdomain, bind_virq, bind_ipi -------------------------
     def alloc_unbound(self, remote_domid: int) -> int:
-        """A port waiting for `remote_domid` (DOMID_SELF: this domain) to bind to it."""
+        """A port waiting for `remote_domid` (DOMID_SELF: this domain) to bind to it. As Xen's
+        evtchn_alloc_unbound, the remote domid is stored unchecked: any domid_t, also one no
+        domain has (then nobody can bind the port)."""
+        if self.host._closed:
+            raise self.host._closed_error()
         rd = _int(remote_domid, "remote domid")
+        if not 0 <= rd <= 0xFFFF:
+            raise EvtchnError(E.EINVAL, f"remote domid {rd} is not a domid_t (16 bits)")
         if rd == L.DOMID_SELF:
             rd = self.domid
-        if not 0 <= rd < L.DOMID_FIRST_RESERVED:
-            raise EvtchnError(E.ESRCH, f"remote domid {rd} is not a valid domid")
 
         def fill(port):
             self._dm.set_port_u16(port, L.P_REMOTE_DOM, rd)
@@ -256,12 +296,15 @@ class Domain:
 
     def bind_interdomain(self, remote_domid: int, remote_port: int) -> int:
         """Connect a fresh local port to `remote_port`, which `remote_domid` allocated for us.
-        The new local port is always set pending (covers sends made while it was unbound)."""
+        The new local port is always set pending (covers sends made while it was unbound).
+        As Xen's evtchn_bind_interdomain, the local port is allocated (get_free_port, which
+        grows the port buckets) before the remote port is checked: with no port free that is
+        ENOSPC even for a bad remote port, and a refused bind still grows valid_evtchns."""
         rdom = self._remote(remote_domid)
         rdm = self.host._dm(rdom)
         rport = _int(remote_port, "remote port")
-        self._lock_domains(self.domid, rdom)
-        try:
+        with self._domains_locked(self.domid, rdom):
+            lport = self._get_free_port()
             if not 0 <= rport < rdm.hdr(L.H_VALID):
                 raise EvtchnError(E.EINVAL, f"remote port {rport} is not valid in domain {rdom}")
             if rdm.state(rport) != L.ECS_UNBOUND:
@@ -277,10 +320,7 @@ class Domain:
                     f"remote port {rport} of domain {rdom} accepts a "
                     f"bind from domain {allowed} only",
                 )
-            lport = self._get_free_port()
-            chans = ((self.domid, lport), (rdom, rport))
-            self._lock_chans(*chans)
-            try:
+            with self._chans_locked((self.domid, lport), (rdom, rport)):
                 self._dm.set_port_u16(lport, L.P_REMOTE_DOM, rdom)
                 self._dm.set_port_u32(lport, L.P_REMOTE_PORT, rport)
                 self._init_port(lport, L.ECS_INTERDOMAIN, 0)
@@ -288,16 +328,14 @@ class Domain:
                 rdm.set_port_u32(rport, L.P_REMOTE_PORT, lport)
                 rdm.set_port_u8(rport, L.P_STATE, L.ECS_INTERDOMAIN)
                 self._k.set_pending(self.domid, 0, lport)
-            finally:
-                self._unlock_chans(*chans)
             self._set_affinity(lport, 0)
-        finally:
-            self._unlock_domains(self.domid, rdom)
         self._guest_bind(lport)
         return lport
 
     def bind_virq(self, virq: int, vcpu: int = 0) -> int:
         """Bind VIRQ `virq` (per-vCPU ones on `vcpu`; others on vCPU 0 only)."""
+        if self.host._closed:
+            raise self.host._closed_error()
         v_ = _int(virq, "virq")
         if not 0 <= v_ < L.NR_VIRQS:
             raise EvtchnError(E.EINVAL, f"virq {v_} is out of range (0..{L.NR_VIRQS - 1})")
@@ -311,22 +349,18 @@ class Domain:
                 E.EBUSY,
                 f"global virq {v_} is handled by domain {L.HARDWARE_DOMID}, not {self.domid}",
             )
-        self._lock_domains(self.domid)
-        try:
+        with self._domains_locked(self.domid):
             if self._dm.virq_port(vc, v_):
                 raise EvtchnError(
                     E.EEXIST,
                     f"virq {v_} is already bound on vcpu {vc} (port {self._dm.virq_port(vc, v_)})",
                 )
             port = self._get_free_port()
-            self._lock_chans((self.domid, port))
-            self._dm.set_port_u32(port, L.P_REMOTE_PORT, v_)
-            self._init_port(port, L.ECS_VIRQ, vc)
-            self._unlock_chans((self.domid, port))
+            with self._chans_locked((self.domid, port)):
+                self._dm.set_port_u32(port, L.P_REMOTE_PORT, v_)
+                self._init_port(port, L.ECS_VIRQ, vc)
             self._dm.set_virq_port(vc, v_, port)
             self._set_affinity(port, vc)
-        finally:
-            self._unlock_domains(self.domid)
         self._guest_bind(port)
         return port
 
@@ -339,28 +373,32 @@ class Domain:
 
     # -- EVTCHNOP_close ------------------------------------------------------------------------
     def close(self, port: int) -> int:
-        """Close `port`; an interdomain peer goes back to unbound, waiting for us. Returns 1
-        if the port was pending (Xen clears it: that event is never delivered), else 0."""
+        """Close `port` as a Linux guest unbinds it (unbind_from_irqhandler): free_irq shuts the
+        IRQ down, which masks the port (irq_shutdown -> disable_dynirq -> mask_evtchn), then
+        EVTCHNOP_close; the mask stays set. An interdomain peer goes back to unbound, waiting
+        for us. Returns 1 if the port was pending (Xen clears it: that event is never
+        delivered), else 0."""
         p = self._valid_port(port)
+        if self._dm.state(p) > L.ECS_RESERVED:  # Linux only unbinds what it bound
+            self.mask(p)
+        return self._close_port(p)
+
+    def _close_port(self, p: int) -> int:
+        """EVTCHNOP_close itself (__evtchn_close): under this domain's event lock, and for an
+        interdomain port its peer's too, retaken in domid order (the port may change
+        meanwhile: then look again)."""
         dm = self._dm
         while True:
-            rdom = None
-            self._lock_domains(self.domid)
-            state = dm.state(p)
-            if state == L.ECS_INTERDOMAIN:
-                rdom = dm.port_u16(p, L.P_REMOTE_DOM)
-                if rdom != self.domid:  # retake both locks in domid order
-                    self._unlock_domains(self.domid)
-                    self._lock_domains(self.domid, rdom)
-                    if dm.state(p) != L.ECS_INTERDOMAIN or dm.port_u16(p, L.P_REMOTE_DOM) != rdom:
-                        self._unlock_domains(self.domid, rdom)
-                        continue
-            try:
-                destroyed = self._close_locked(p, state)
-                self._set_affinity(p, 0)  # Linux resets the affinity (R4)
-            finally:
-                self._unlock_domains(self.domid, *(() if rdom is None else (rdom,)))
-            return destroyed
+            with self._domains_locked(self.domid):
+                state = dm.state(p)
+                rdom = self.domid
+                if state == L.ECS_INTERDOMAIN:
+                    rdom = dm.port_u16(p, L.P_REMOTE_DOM)
+                if rdom == self.domid:
+                    return self._close_locked(p, state)
+            with self._domains_locked(self.domid, rdom):
+                if dm.state(p) == L.ECS_INTERDOMAIN and dm.port_u16(p, L.P_REMOTE_DOM) == rdom:
+                    return self._close_locked(p, L.ECS_INTERDOMAIN)
 
     def _close_locked(self, p: int, state: int) -> int:
         dm = self._dm
@@ -370,8 +408,7 @@ class Domain:
         if state == L.ECS_INTERDOMAIN:
             rdom, rport = dm.port_u16(p, L.P_REMOTE_DOM), dm.port_u32(p, L.P_REMOTE_PORT)
             chans.append((rdom, rport))
-        self._lock_chans(*chans)
-        try:
+        with self._chans_locked(*chans):
             if state == L.ECS_VIRQ:
                 virq = dm.port_u32(p, L.P_REMOTE_PORT)
                 vc = dm.notify_vcpu(p) if virq in L.VIRQ_PER_VCPU else 0
@@ -381,9 +418,9 @@ class Domain:
                 rdm = self.host._dm(rdom)
                 rdm.set_port_u16(rport, L.P_REMOTE_DOM, self.domid)
                 rdm.set_port_u8(rport, L.P_STATE, L.ECS_UNBOUND)
-            return self._free_port(p)
-        finally:
-            self._unlock_chans(*chans)
+            destroyed = self._free_port(p)
+        self._set_affinity(p, 0)  # Linux resets the affinity (R4)
+        return destroyed
 
     # -- EVTCHNOP_send and friends -------------------------------------------------------------
     def send(self, port: int) -> None:
@@ -399,13 +436,9 @@ class Domain:
         """send() each port in order without a Python call per event. `edges`, if given, is a
         uint8 array that receives 1 where that send set PENDING 0 -> 1 (a new event) and 0
         where it coalesced or was dropped. On a refused port, the sends before it stand and
-        EvtchnError names the index."""
-        arr = np.ascontiguousarray(ports)
-        if arr.dtype != np.uint32:
-            if arr.size and (arr.min() < 0 or arr.max() >= 1 << 32):
-                bad = int(arr[(arr < 0) | (arr >= 1 << 32)][0])
-                raise EvtchnError(E.EINVAL, f"port {bad} is not a valid port number")
-            arr = arr.astype(np.uint32)
+        EvtchnError names the index. `ports` is an integer numpy array or a sequence of ints:
+        floats, bools and other objects are refused (numpy would make port 4.9 port 4)."""
+        arr = _port_array(ports)
         if edges is not None and (edges.dtype != np.uint8 or len(edges) < len(arr)):
             raise ValueError("edges must be a uint8 array at least as long as ports")
         self.host._sync()
@@ -436,6 +469,8 @@ class Domain:
     def raise_virq(self, virq: int, vcpu: int = 0) -> None:
         """What Xen does when VIRQ `virq` fires (send_guest_vcpu_virq / _domain_virq): a
         no-op when nothing is bound to it."""
+        if self.host._closed:
+            raise self.host._closed_error()
         v_ = _int(virq, "virq")
         if not 0 <= v_ < L.NR_VIRQS:
             raise EvtchnError(E.EINVAL, f"virq {v_} is out of range (0..{L.NR_VIRQS - 1})")
@@ -466,8 +501,7 @@ class Domain:
         vc = self._vcpu(vcpu)
         p = self._valid_port(port)
         dm = self._dm
-        self._lock_domains(self.domid)
-        try:
+        with self._domains_locked(self.domid):
             state = dm.state(p)
             fixed = state == L.ECS_IPI or (
                 state == L.ECS_VIRQ and dm.port_u32(p, L.P_REMOTE_PORT) in L.VIRQ_PER_VCPU
@@ -489,12 +523,9 @@ class Domain:
             chans = [(self.domid, p)]
             if state == L.ECS_INTERDOMAIN:
                 chans.append((dm.port_u16(p, L.P_REMOTE_DOM), dm.port_u32(p, L.P_REMOTE_PORT)))
-            self._lock_chans(*chans, reader=True)
-            dm.set_port_u16(p, L.P_NOTIFY_VCPU, vc)
-            self._unlock_chans(*chans)
+            with self._chans_locked(*chans, reader=True):
+                dm.set_port_u16(p, L.P_NOTIFY_VCPU, vc)
             self._set_affinity(p, vc)
-        finally:
-            self._unlock_domains(self.domid)
         return 0 if was_masked else self.unmask(p)
 
     def set_priority(self, port: int, priority: int) -> None:
@@ -524,13 +555,12 @@ class Domain:
     def expand_array(self) -> None:
         """EVTCHNOP_expand_array: add the next event-array page (the guest fills it with
         MASKED first); events sent to its ports while it was missing are raised now."""
+        if self.host._closed:
+            raise self.host._closed_error()
         if self._dm.abi != L.ABI_FIFO:
             raise EvtchnError(E.EOPNOTSUPP, f"domain {self.domid} uses {self.abi}, not fifo")
-        self._lock_domains(self.domid)
-        try:
+        with self._domains_locked(self.domid):
             r = self._k.expand_array(self.domid)
-        finally:
-            self._unlock_domains(self.domid)
         if r < 0:
             raise EvtchnError(
                 -r,
@@ -539,32 +569,66 @@ class Domain:
             )
 
     def reset(self) -> None:
-        """EVTCHNOP_reset on this domain: close every port. Xen then returns a FIFO domain to
-        2-level; the guest here re-initialises its own ABI at once (as Linux does after kexec),
-        with an empty event array."""
-        dm = self._dm
-        if self._k.trylock(self._base + L.H_RESET_BUSY) is False:
-            raise EvtchnError(E.EBUSY, f"a reset of domain {self.domid} is in progress")
-        try:
-            for p in range(1, self.valid_ports):
-                if dm.state(p) > L.ECS_RESERVED:
-                    try:
-                        self.close(p)
-                    except EvtchnError as exc:  # closed concurrently by someone else
-                        if exc.errno != E.EINVAL:
-                            raise
-            if dm.abi == L.ABI_FIFO:
-                self._reset_fifo()
+        """EVTCHNOP_reset on this domain, as Xen's evtchn_reset: close every port, then under
+        the event lock check that none is open; if a port was (re)opened meanwhile, EAGAIN and
+        the domain's ABI state is left alone (8d385b247b, XSA-343), else the FIFO state is torn
+        down. Xen then returns the domain to 2-level; the guest here re-initialises FIFO at
+        once (as Linux does after kexec), with an empty event array. EBUSY while another reset
+        of the domain runs; the reset lock of one that died is taken over."""
+        if self.host._closed:
+            raise self.host._closed_error()
+        lock = self._base + L.H_RESET_LOCK
+        try:  # the trylock inside: a signal right after it succeeds still releases it
+            if not self._k.trylock(lock):
+                raise EvtchnError(E.EBUSY, f"a reset of domain {self.domid} is in progress")
+            p = self._next_open_port(1)
+            while p:
+                try:
+                    self._close_port(p)  # evtchn_close(d, i, 1): no guest mask
+                except EvtchnError as exc:  # closed concurrently by someone else
+                    if exc.errno != E.EINVAL:
+                        raise
+                p = self._next_open_port(p + 1)
+            with self._domains_locked(self.domid):
+                reopened = self._next_open_port(1)
+                if reopened:
+                    raise EvtchnError(
+                        E.EAGAIN,
+                        f"reset of domain {self.domid}: port {reopened} was opened while the "
+                        f"reset closed the others; the ports it closed stay closed, retry",
+                    )
+                if self._dm.abi == L.ABI_FIFO:
+                    self._fifo_reinit()
         finally:
-            self._k.unlock(self._base + L.H_RESET_BUSY)
+            self._k.unlock_owned([lock])
 
-    def _reset_fifo(self) -> None:
+    def _next_open_port(self, start: int) -> int:
+        """The lowest port >= start that is in use (not FREE or RESERVED), or 0; vectorised
+        over the port table, one chunk at a time, up to valid_evtchns as it is now."""
+        dm = self._dm
+        stride, chunk = L.PORT_SIZE, 4096
+        base = dm.layout.port(0) + L.P_STATE
+        lo = start
+        while lo < dm.hdr(L.H_VALID):
+            hi = min(lo + chunk, dm.hdr(L.H_VALID))
+            states = dm.u8[base + lo * stride : base + hi * stride : stride]
+            used = np.flatnonzero(states > L.ECS_RESERVED)
+            if used.size:
+                return lo + int(used[0])
+            lo = hi
+        return 0
+
+    def _fifo_reinit(self) -> None:
+        """The FIFO teardown of evtchn_reset (evtchn_fifo_destroy) and the guest's FIFO
+        re-initialisation right after it: no control blocks, queues or local heads, an empty
+        event array, and setup_ports' priority 7 for every port below the 2-level limit
+        (evtchn_fifo_init_control: prev_evtchns = max_evtchns(d) of the 2-level domain). The
+        caller holds the event lock and has checked that no port is open: every bind takes
+        that lock, so no channel can be left bound without its event-array page. The vCPUs'
+        handler locks keep the upcall handlers out meanwhile."""
         dm, lay = self._dm, self._dm.layout
-        self._lock_domains(self.domid)
         handlers = [self._base + lay.guest_vcpu(v) + L.G_HANDLER_LOCK for v in range(dm.vcpus)]
-        for h in handlers:  # no upcall handler runs meanwhile
-            self._k.lock(h)
-        try:
+        with Held(self._k, handlers):
             words = dm.array_pages() * L.FIFO_WORDS_PER_PAGE
             dm.set_hdr(L.H_ARRAY_PAGES, 0)  # unpublish the array before clearing it
             for v in range(dm.vcpus):
@@ -581,10 +645,7 @@ class Domain:
             dm.u32[ports + L.P_LASTQ // 4 : end : stride] = 0
             ea = lay.event_word(0) // 4
             dm.u32[ea : ea + words] = 0
-        finally:
-            for h in reversed(handlers):
-                self._k.unlock(h)
-            self._unlock_domains(self.domid)
+            fifo_setup_ports(dm, dm.word_bits**2)
 
     # -- guest side: mask, unmask, tests ------------------------------------------------------
     def mask(self, port: int) -> None:
@@ -704,11 +765,15 @@ class Domain:
         """Pages Xen maps for this domain's event state: 2l the shared_info page; 3l also the
         2 or 16 bitmap pages and the L2 selector pages; fifo one page per 1024 ports of the
         event array added so far plus one control-block page per vCPU."""
+        if self.host._closed:
+            raise self.host._closed_error()
         return self._dm.mapped_pages()
 
     def layout(self) -> dict:
         """Region name -> (segment name, offset, size) for every guest-visible region; the
         segment is /dev/shm/<segment name>."""
+        if self.host._closed:
+            raise self.host._closed_error()
         dm, lay, seg = self._dm, self._dm.layout, self._dm.seg.name
         regions = {"shared_info": (seg, lay.offsets["shared_info"], L.PAGE_SIZE)}
         for v in range(L.LEGACY_MAX_VCPUS, dm.vcpus):
@@ -737,7 +802,19 @@ class Domain:
         return regions
 
 
-def _attach_domain(name: str, backend: str, domid: int) -> Domain:
-    from .host import Host
+def fifo_setup_ports(dm, prev_evtchns: int) -> None:
+    """evtchn_fifo_init_control's setup_ports: ports 1 .. prev_evtchns - 1 that are valid get
+    the default priority 7. Ports of buckets allocated later stay at the 0 of a fresh bucket
+    (alloc_evtchn_bucket zeroes it) until they are bound (evtchn_fifo_init)."""
+    stride = L.PORT_SIZE
+    first = dm.layout.port(1) + L.P_PRIORITY
+    n = min(dm.hdr(L.H_VALID), prev_evtchns) - 1
+    if n > 0:
+        dm.u8[first : first + n * stride : stride] = L.FIFO_PRIORITY_DEFAULT
 
-    return Host.attach(name, backend).domain(domid)
+
+def _attach_domain(name: str, backend: str, domid: int) -> Domain:
+    """Unpickle a Domain: on this process's one attachment of the host (evtchn.host)."""
+    from .host import attached_host
+
+    return attached_host(name, backend).domain(domid)

@@ -11,14 +11,17 @@ from __future__ import annotations
 import errno as E
 import os
 import secrets
+import threading
 import weakref
 
 import numpy as np
 
 from . import layout as L
-from .domain import Domain
+from .domain import Domain, fifo_setup_ports
 from .errors import EvtchnError, HostGoneError, as_int
+from .locks import Held
 from .memory import DomainMemory, Segment, check_name
+from .owner import pid_namespace
 from .results import PollResult, PortStatus  # noqa: F401  (re-exported)
 
 BACKENDS = ("cython", "numba", "reference")
@@ -76,6 +79,7 @@ class Host:
             u32[L.HH_VERSION // 4] = L.LAYOUT_VERSION
             u32[L.HH_CREATOR // 4] = self._pid
             u32[L.HH_INJECT // 4] = L.INJECTIONS[inject] if inject else 0
+            self._hseg.u64[L.HH_PIDNS // 8] = pid_namespace()
             self._hseg.u64[L.HH_MAGIC // 8] = L.HOST_MAGIC
             # Runs on close(), on garbage collection and at interpreter exit; only in this pid
             # (a forked child inherits the object but must not unlink its parent's memory).
@@ -84,6 +88,7 @@ class Host:
             self._owner = False
             self._hseg = Segment(check_name(_attach))
             self._check_host_header()
+        _remember(self)
 
     @classmethod
     def attach(cls, name: str, backend: str | None = None) -> Host:
@@ -100,6 +105,14 @@ class Host:
                 E.EINVAL,
                 f"host {seg.name!r} has layout version {version}; "
                 f"this evtchn reads version {L.LAYOUT_VERSION}",
+            )
+        theirs, ours = int(seg.u64[L.HH_PIDNS // 8]), pid_namespace()
+        if theirs != ours:
+            raise HostGoneError(
+                E.EXDEV,
+                f"host {seg.name!r} was created in another pid namespace (inode {theirs}; this "
+                f"process's is {ours}): its lock owners are thread ids of that namespace, "
+                f"which mean nothing here, so a live owner would look dead and lose its lock",
             )
 
     def __reduce__(self):
@@ -123,12 +136,14 @@ class Host:
     def warm_up(self) -> None:
         """Make the backend ready to run every operation at full speed: numba loads (or
         compiles) all its kernels now rather than on their first call; a no-op otherwise."""
+        self._check_open()
         warm = getattr(self._k, "warm_up", None)
         if warm is not None:
             warm()
 
     def close(self) -> None:
-        """Release this process's handle; the creator also unlinks every segment."""
+        """Release this process's handle; the creator also unlinks every segment. Every later
+        call through this Host or a Domain of it raises EvtchnError(EBADF)."""
         if self._closed:
             return
         self._closed = True
@@ -141,13 +156,21 @@ class Host:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _closed_error(self) -> EvtchnError:
+        return EvtchnError(
+            E.EBADF,
+            f"host {self.name!r} is closed: its Domain handles cannot be used any more"
+            + (" (its shared memory is unlinked)" if self._owner else ""),
+        )
+
     def _check_open(self) -> None:
         if self._closed:
-            raise EvtchnError(E.EBADF, f"host {self.name!r} is closed")
+            raise self._closed_error()
 
     # -- domains ------------------------------------------------------------------------------
     @property
     def ndomains(self) -> int:
+        self._check_open()
         return int(self._hseg.u32[L.HH_NDOMAINS // 4])
 
     def create_domain(
@@ -168,9 +191,7 @@ class Host:
         """
         self._check_open()
         code, lay = _domain_layout(abi, vcpus, word_bits, link_bits, max_ports)
-        hlock = self._hseg.address + L.HH_LOCK
-        self._k.lock(hlock)
-        try:
+        with Held(self._k, [self._hseg.address + L.HH_LOCK]):
             domid = self.ndomains
             if domid >= L.MAX_DOMAINS:
                 raise EvtchnError(
@@ -185,11 +206,10 @@ class Host:
             self._doms[domid] = dm
             self._k.map_domain(dm)
             self._hseg.u32[L.HH_NDOMAINS // 4] = domid + 1  # publish after the init
-        finally:
-            self._k.unlock(hlock)
         return Domain(self, domid)
 
     def domain(self, domid: int) -> Domain:
+        self._check_open()
         self._dm(domid)
         return Domain(self, domid)
 
@@ -213,16 +233,18 @@ class Host:
         return dm
 
     def _sync(self) -> None:
-        """Map domains created by other processes, so a send can reach any peer."""
-        if len(self._doms) != self.ndomains:
+        """Map domains created by other processes, so a send can reach any peer (and refuse
+        a closed host: send and send_many come through here)."""
+        if self._closed:
+            raise self._closed_error()
+        if len(self._doms) != int(self._hseg.u32[L.HH_NDOMAINS // 4]):
             for domid in range(self.ndomains):
                 self._dm(domid)
 
     def __repr__(self) -> str:
-        return (
-            f"<evtchn.Host {self.name} backend={self.backend} domains={self.ndomains}"
-            f"{' closed' if self._closed else ''}>"
-        )
+        if self._closed:
+            return f"<evtchn.Host {self.name} backend={self.backend} closed>"
+        return f"<evtchn.Host {self.name} backend={self.backend} domains={self.ndomains}>"
 
 
 def _unlink_host(name: str, creator: int) -> None:
@@ -274,12 +296,16 @@ def _domain_layout(abi, vcpus, word_bits, link_bits, max_ports):
 
 
 def _init_domain_state(dm: DomainMemory) -> None:
-    """What Xen's evtchn_init and a Linux guest's event init leave in a fresh domain."""
+    """What Xen's evtchn_init and a Linux guest's event init leave in a fresh domain: port 0
+    reserved, one bucket of ports; a FIFO guest switches to FIFO first thing
+    (evtchn_fifo_init_control, whose setup_ports gives the ports valid then priority 7); a
+    2l/3l guest masks every port and binds them all to vCPU 0."""
     lay = dm.layout
     dm.set_hdr(L.H_VALID, min(L.EVTCHNS_PER_BUCKET, _bucket_round(dm.max_ports)))
     dm.set_hdr(L.H_ALLOC_HINT, 1)
     dm.set_port_u8(0, L.P_STATE, L.ECS_RESERVED)  # port 0 is never handed out
     if dm.abi == L.ABI_FIFO:
+        fifo_setup_ports(dm, dm.word_bits**2)  # max_evtchns of the 2-level domain it was
         return
     wbytes = dm.word_bits // 8
     if dm.abi == L.ABI_2L:
@@ -294,3 +320,41 @@ def _init_domain_state(dm: DomainMemory) -> None:
 
 def _bucket_round(n: int) -> int:
     return -(-n // L.EVTCHNS_PER_BUCKET) * L.EVTCHNS_PER_BUCKET
+
+
+# -- one attachment per host per process (unpickled Domains share it) ---------------------------
+_hosts: dict[tuple[str, str], weakref.ref] = {}
+_hosts_lock = threading.RLock()
+
+
+def _remember(host: Host) -> None:
+    """Make `host` the one unpickling uses, unless an open one is known already."""
+    key = (host.name, host.backend)
+    with _hosts_lock:
+        ref = _hosts.get(key)
+        known = ref() if ref is not None else None
+        if known is None or known._closed:
+            _hosts[key] = weakref.ref(host)
+
+
+def attached_host(name: str, backend: str) -> Host:
+    """This process's Host for `name` on `backend`: the one it created or attached before if
+    it is still open and alive (held weakly: it goes when its last Domain does), else a new
+    attachment. Unpickled Domains come through here, so a process maps each host once."""
+    with _hosts_lock:  # re-entrant: Host.attach remembers itself under it
+        ref = _hosts.get((name, backend))
+        host = ref() if ref is not None else None
+        if host is None or host._closed:
+            host = Host.attach(name, backend)
+        return host
+
+
+def _forget_hosts_in_child() -> None:
+    """A forked child starts with no attachment of its own (and a fresh lock: the parent's
+    may have been held by another thread at the fork)."""
+    global _hosts_lock
+    _hosts.clear()
+    _hosts_lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_forget_hosts_in_child)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 
 PAGE_SIZE = 4096
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 # --- ABIs ------------------------------------------------------------------------------------
 ABI_2L, ABI_3L, ABI_FIFO = 0, 1, 2
@@ -106,22 +106,44 @@ def si_mask(word_bits: int) -> int:
     return SI_PENDING + word_bits * word_bits // 8
 
 
-# --- Hypervisor-private struct evtchn, one per port -------------------------------------------
-PORT_SIZE = 32
-P_LOCK = 0  # u32: per-channel lock (owner pid)
-P_REMOTE_PORT = 4  # u32: interdomain peer port, or the VIRQ number
-P_REMOTE_DOM = 8  # u16: interdomain/unbound peer domain
-P_NOTIFY_VCPU = 10  # u16: notify_vcpu_id
-P_STATE = 12  # u8: ECS_*
-P_PRIORITY = 13  # u8: FIFO priority
-P_PENDING = 14  # u8: FIFO "pending while the array page was missing"
-P_LASTQ = 16  # u32: FIFO last queue: byte 0 priority, bytes 2-3 vCPU
+# --- Lock words and their owners ---------------------------------------------------------------
+# Every lock word (per-channel lock, event lock, FIFO queue locks, handler lock, host create lock,
+# reset lock) is a u64 holding its owner, 0 when free. An owner is one THREAD: low 32 bits its tid
+# (gettid), high 32 bits its start time in clock ticks since boot (/proc/<tid>/stat field 22,
+# masked to 31 bits so that an owner id is a positive int64). A waiter takes a lock over when the
+# owner is dead: /proc/<tid>/stat is gone, says zombie, or shows another start time (the tid was
+# reused). Owner ids mean nothing across pid namespaces (Host.attach refuses that).
+OWNER_TID_MASK = 0x7FFFFFFF  # bit 31 of the low word is free: tids are < 2^22
+OWNER_START_MASK = 0x7FFFFFFF  # start time kept to 31 bits: 248 days of uptime at 100 Hz
 # Xen's channel lock is a rwlock: senders, EVTCHNOP_unmask and VIRQ raisers read-lock it, the
-# control plane write-locks it. Here it is one owner word; a read-type holder stores its pid |
+# control plane write-locks it. Here it is one owner word; a read-type holder stores its owner |
 # this bit, so that a VIRQ raiser (Xen: read_trylock, which fails only against a writer) can
 # tell a reader, whom it waits for, from a writer, against whom it drops the event.
 CHANNEL_LOCK_READER = 1 << 31
-LOCK_PID_MASK = CHANNEL_LOCK_READER - 1
+
+# One spin policy for every lock and bounded spin, in every backend: LOCK_SPINS looks at the word
+# with a CPU relax between them, then a sched_yield per look, and every LOCK_YIELDS_PER_CHECK
+# yields the owner's liveness is checked (a dead owner's lock is taken over). A lock taken from
+# Python waits in slices of LOCK_SLICE_NS without the GIL and looks for signals between them.
+LOCK_SPINS = 100
+LOCK_YIELDS_PER_CHECK = 256
+LOCK_SLICE_NS = 20_000_000
+# The guest's FIFO unmask spins while BUSY is set (Xen retrying a LINK, at most 4 cmpxchgs);
+# after UNMASK_BUSY_SPINS relaxes and UNMASK_BUSY_YIELDS yields it takes the queue lock the
+# BUSY holder must hold, so that a sender killed inside set_link cannot hang the guest.
+UNMASK_BUSY_SPINS = 4096
+UNMASK_BUSY_YIELDS = 256
+
+# --- Hypervisor-private struct evtchn, one per port -------------------------------------------
+PORT_SIZE = 32
+P_LOCK = 0  # u64: per-channel lock (owner id, | CHANNEL_LOCK_READER when read-type)
+P_REMOTE_PORT = 8  # u32: interdomain peer port, or the VIRQ number
+P_REMOTE_DOM = 12  # u16: interdomain/unbound peer domain
+P_NOTIFY_VCPU = 14  # u16: notify_vcpu_id
+P_STATE = 16  # u8: ECS_*
+P_PRIORITY = 17  # u8: FIFO priority
+P_PENDING = 18  # u8: FIFO "pending while the array page was missing"
+P_LASTQ = 20  # u32: FIFO last queue: byte 0 priority, bytes 2-3 vCPU
 
 
 def lastq_pack(vcpu: int, priority: int) -> int:
@@ -129,15 +151,19 @@ def lastq_pack(vcpu: int, priority: int) -> int:
 
 
 # --- Hypervisor-private per-vCPU state ---------------------------------------------------------
-XEN_VCPU_SIZE = 256
+XEN_VCPU_SIZE = 512
 X_KICK = 0  # u32 futex word, bumped when a blocked vCPU is kicked
-X_BLOCKED = 4  # u32 number of waiters blocked in wait()
-X_QUEUES = 16  # 16 x {u32 tail, u32 lock}
-QUEUE_SIZE = 8
-Q_TAIL, Q_LOCK = 0, 4
+X_WAITERS = 4  # u32 bitmap: bit i set while waiter slot i's owner is blocked in wait()/poll()
+X_POLL_EVTCHN = 8  # i32 poll_evtchn: 0, -1 (several), or port
+X_POLL = 12  # u32: this vCPU's bit of d->poll_mask (POLL_* values)
+WAITER_SLOTS = 16
+X_WAITER = 16  # u64[WAITER_SLOTS]: owner id of each blocked waiter, 0 = free slot
+X_QUEUES = X_WAITER + 8 * WAITER_SLOTS  # 16 x {u32 tail, u32 pad, u64 lock}
+QUEUE_SIZE = 16
+Q_TAIL, Q_LOCK = 0, 8
 X_VIRQ = X_QUEUES + FIFO_MAX_QUEUES * QUEUE_SIZE  # u32 virq_to_evtchn[NR_VIRQS]
-X_POLL_EVTCHN = X_VIRQ + 4 * NR_VIRQS  # i32 poll_evtchn: 0, -1 (several), or port
-X_POLL = X_POLL_EVTCHN + 4  # u32: this vCPU's bit of d->poll_mask (POLL_* values)
+WAIT_SLICE_NS = 50_000_000  # wait() and poll() sleep at most this long between signal checks
+WAIT_FALLBACK_NS = 1_000_000  # all waiter slots taken: poll the upcall flag this often
 
 # --- SCHEDOP_poll (xen/common/sched/core.c do_poll, event_channel.c evtchn_check_pollers) -----
 SCHED_POLL_MAX_PORTS = 128  # "fairly arbitrary limit": more is -EINVAL
@@ -155,11 +181,11 @@ POLL_REASONS = {
 
 # --- Guest-private per-vCPU state (Linux per-CPU variables) ------------------------------------
 GUEST_VCPU_SIZE = 128
-G_HANDLER_LOCK = 0  # u32: the upcall handler runs on one CPU at a time
-G_LOCAL_READY = 4  # u32: READY bits taken but not yet served (consume stopped early)
-G_LOCAL_HEAD = 8  # u32[16]: Linux's per-queue local head
-G_RESUME_WORD = 72  # u32: 2l/3l current_word_idx (3l: index of the L3 word)
-G_RESUME_BIT = 76  # u32: 2l/3l current_bit_idx
+G_HANDLER_LOCK = 0  # u64 lock: the upcall handler runs on one CPU at a time
+G_LOCAL_READY = 8  # u32: READY bits taken but not yet served (consume stopped early)
+G_LOCAL_HEAD = 12  # u32[16]: Linux's per-queue local head
+G_RESUME_WORD = 76  # u32: 2l/3l current_word_idx (3l: index of the L3 word)
+G_RESUME_BIT = 80  # u32: 2l/3l current_bit_idx
 
 # --- Domain header (page 0) --------------------------------------------------------------------
 DOMAIN_MAGIC = 0x31444E4843545645  # b"EVTCHND1" little-endian
@@ -172,13 +198,13 @@ H_WORD_BITS = 24
 H_LINK_BITS = 28
 H_MAX_PORTS = 32  # effective limit: ports 0 .. max_ports-1
 H_VALID = 36  # valid_evtchns: grows by buckets, never shrinks (XSA-338)
-H_EVENT_LOCK = 40  # per-domain event_lock (owner pid)
-H_ARRAY_PAGES = 44  # FIFO event-array pages added so far (num_evtchns / 1024)
-H_ALLOC_HINT = 48  # no FREE port below this one
-H_AUTO_EXPAND = 52  # guest expands the event array on bind (Linux behaviour)
-H_RESET_BUSY = 56  # EVTCHNOP_reset in progress
+H_EVENT_LOCK = 40  # u64 lock: per-domain event_lock
+H_ARRAY_PAGES = 48  # FIFO event-array pages added so far (num_evtchns / 1024)
+H_ALLOC_HINT = 52  # no FREE port below this one
+H_AUTO_EXPAND = 56  # guest expands the event array on bind (Linux behaviour)
 H_INJECT = 60  # a known historical bug put back (INJECTIONS), 0 = none
-H_LAYOUT = 64  # u64 region offsets, in REGIONS order
+H_RESET_LOCK = 64  # u64 lock: EVTCHNOP_reset in progress (Xen: d->next_evtchn != 0)
+H_LAYOUT = 72  # u64 region offsets, in REGIONS order
 REGIONS = (
     "shared_info",
     "vcpu_info_ext",
@@ -203,8 +229,9 @@ HH_MAGIC = 0  # u64
 HH_VERSION = 8
 HH_NDOMAINS = 12  # published (release) after the domain segment is initialised
 HH_CREATOR = 16  # pid of the creating process: the only one that unlinks
-HH_LOCK = 20  # serialises create_domain
-HH_INJECT = 24  # copied into each new domain's H_INJECT
+HH_INJECT = 20  # copied into each new domain's H_INJECT
+HH_LOCK = 24  # u64 lock: serialises create_domain
+HH_PIDNS = 32  # u64: inode of the creator's pid namespace (owner ids are tids in it)
 HOST_SIZE = PAGE_SIZE
 MAX_DOMAINS = DOMID_FIRST_RESERVED
 SEGMENT_PREFIX = "evtchn-"
@@ -304,3 +331,30 @@ def domain_layout(
 
 def _round(n: int, to: int) -> int:
     return -(-n // to) * to
+
+
+def _check_alignment() -> None:
+    """Every u64 lock word is naturally aligned and every region fits its slot: a misaligned
+    atomic is not atomic, so a layout edit that breaks this must fail at import."""
+    u64s = {
+        "P_LOCK": P_LOCK,
+        "H_EVENT_LOCK": H_EVENT_LOCK,
+        "H_RESET_LOCK": H_RESET_LOCK,
+        "H_LAYOUT": H_LAYOUT,
+        "HH_LOCK": HH_LOCK,
+        "HH_PIDNS": HH_PIDNS,
+        "X_WAITER": X_WAITER,
+        "X_QUEUES + Q_LOCK": X_QUEUES + Q_LOCK,
+        "G_HANDLER_LOCK": G_HANDLER_LOCK,
+    }
+    bad = [name for name, off in u64s.items() if off % 8]
+    bad += [n for n, size in (("PORT_SIZE", PORT_SIZE), ("QUEUE_SIZE", QUEUE_SIZE)) if size % 8]
+    if X_VIRQ + 4 * NR_VIRQS > XEN_VCPU_SIZE or P_LASTQ + 4 > PORT_SIZE:
+        bad.append("a per-vCPU or per-port field beyond its slot")
+    if G_RESUME_BIT + 4 > GUEST_VCPU_SIZE or H_POLLERS + 4 > PAGE_SIZE:
+        bad.append("a guest per-vCPU or header field beyond its slot")
+    if bad:
+        raise ImportError(f"evtchn.layout is inconsistent: {', '.join(bad)}")
+
+
+_check_alignment()

@@ -164,6 +164,33 @@ class DomainMemory:
     def queue_lock_off(self, vcpu: int, priority: int) -> int:
         return self.layout.xen_vcpu(vcpu) + L.X_QUEUES + L.QUEUE_SIZE * priority + L.Q_LOCK
 
+    def u64_at(self, off: int) -> int:
+        return int(self.u64[off // 8])
+
+    def lock_words(self) -> dict[str, int]:
+        """Every lock word of the domain that is held (owner id != 0), by name: the event and
+        reset locks, the channel locks of the valid ports, the vCPUs' queue and handler locks.
+        An empty dict when nothing is held (what tests check after an operation)."""
+        lay, held = self.layout, {}
+        for name, off in (("event", L.H_EVENT_LOCK), ("reset", L.H_RESET_LOCK)):
+            held[name] = self.u64_at(off)
+        stride = L.PORT_SIZE // 8
+        first = (lay.port(0) + L.P_LOCK) // 8
+        chans = self.u64[first : first + stride * self.hdr(L.H_VALID) : stride]
+        for port in map(int, chans.nonzero()[0]):
+            held[f"channel {port}"] = int(chans[port])
+        for v in range(self.vcpus):
+            held[f"handler {v}"] = self.u64_at(lay.guest_vcpu(v) + L.G_HANDLER_LOCK)
+            for q in range(L.FIFO_MAX_QUEUES):
+                held[f"queue {v}/{q}"] = self.u64_at(self.queue_lock_off(v, q))
+        return {name: owner for name, owner in held.items() if owner}
+
+    def waiters(self, vcpu: int) -> tuple[int, list[int]]:
+        """(bitmap, slot owner ids) of the vCPU's registered waiters (X_WAITERS, X_WAITER)."""
+        x = self.layout.xen_vcpu(vcpu)
+        slots = self.u64[(x + L.X_WAITER) // 8 : (x + L.X_WAITER) // 8 + L.WAITER_SLOTS]
+        return self.xen_vcpu_u32(vcpu, L.X_WAITERS), [int(o) for o in slots]
+
     def cpumask_word_index(self, vcpu: int, word: int) -> int:
         """Index into self.words of word `word` of vCPU's cpu_evtchn_mask."""
         return (self.layout.cpumask(vcpu)) // (self.word_bits // 8) + word

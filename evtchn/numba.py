@@ -2,7 +2,8 @@
 
 A simulator written in Numba can send, consume, mask and unmask inside its jitted loop, without
 a Python call per event. ``views(domain)`` packs what a kernel needs into a ``Views`` tuple
-(the domain table of every domain of the host, this domain's id, this process's pid); pass it to
+(the domain table of every domain of the host, this domain's id, the calling thread's lock owner
+id); pass it to
 your jitted function and call the kernels below on it. They are the same kernels as
 ``Host(backend="numba")`` runs, on the same shared memory, so they interoperate with every
 other process and backend attached to the host.
@@ -58,9 +59,10 @@ beyond the domain's limit or a vCPU it does not have makes the other functions d
 return 0 / False (is_masked: True), where the Python Domain methods would raise EvtchnError.
 
 Rules:
-- Build views in the process that uses them (they hold raw addresses and the pid that owns the
-  locks), after the domains you reach exist: a domain created later, by any process, is not in
-  the table until you call ``views()`` again.
+- Build views in the thread that uses them (they hold raw addresses and the owner id of the
+  thread that takes the locks: two threads sharing one Views would be one lock owner), after the
+  domains you reach exist: a domain created later, by any process, is not in the table until you
+  call ``views()`` again.
 - The views keep the host mapped while they live; ``host.close()`` by the creator unlinks the
   shared memory, after which no other process can attach, but existing mappings stay valid.
 - Numba compiles your function including these kernels; with ``@njit(cache=True)`` on your
@@ -70,7 +72,6 @@ Rules:
 
 from __future__ import annotations
 
-import os
 import weakref
 from typing import NamedTuple
 
@@ -78,6 +79,7 @@ import numpy as np
 from numba import njit
 
 from . import numba_kernels as _k
+from .owner import owner_id
 
 __all__ = [
     "Views",
@@ -99,11 +101,12 @@ __all__ = [
 
 class Views(NamedTuple):
     """What a kernel needs to act as one domain: the host's domain table (int64, one row per
-    domain), this domain's id, and the pid that owns the locks this process takes."""
+    domain), this domain's id, and the owner id of the thread that takes the locks
+    (evtchn.owner.owner_id of the thread that built the views)."""
 
     table: np.ndarray
     domid: int
-    pid: int
+    owner: int
 
 
 _KEEP: dict[int, object] = {}  # id(table) -> host: the mapping outlives the table
@@ -121,7 +124,7 @@ def views(domain) -> Views:
     key = id(table)
     _KEEP[key] = host
     weakref.finalize(table, _KEEP.pop, key, None)
-    return Views(table, int(domain.domid), os.getpid())
+    return Views(table, int(domain.domid), owner_id())
 
 
 # The wrappers are inlined into the caller (inline="always"): the Views tuple is unpacked in
@@ -135,7 +138,7 @@ def _tb(v):
 
 @njit(inline="always", cache=True)
 def send(v, port):
-    return _k._send(_tb(v), v.table.shape[0], v.domid, port, v.pid)
+    return _k._send(_tb(v), v.table.shape[0], v.domid, port, v.owner)
 
 
 @njit(inline="always", cache=True)
@@ -148,7 +151,7 @@ def send_many(v, ports, edges):
         ports.shape[0],
         np.int64(edges.ctypes.data),
         edges.shape[0],
-        v.pid,
+        v.owner,
     )
 
 
@@ -156,14 +159,14 @@ def send_many(v, ports, edges):
 def consume(v, vcpu, out):
     if not _k._vcpu_ok(_tb(v), v.domid, vcpu):
         return np.int64(0)
-    return _k._consume(_tb(v), v.domid, vcpu, np.int64(out.ctypes.data), out.shape[0], v.pid)
+    return _k._consume(_tb(v), v.domid, vcpu, np.int64(out.ctypes.data), out.shape[0], v.owner)
 
 
 @njit(inline="always", cache=True)
 def wait(v, vcpu, timeout_ns):
     if not _k._vcpu_ok(_tb(v), v.domid, vcpu):
         return False
-    return _k._wait(_tb(v), v.domid, vcpu, timeout_ns)
+    return _k._wait(_tb(v), v.domid, vcpu, timeout_ns, v.owner, True)
 
 
 @njit(inline="always", cache=True)
@@ -183,7 +186,7 @@ def mask(v, port):
 def unmask(v, port):
     if not _k._port_ok(_tb(v), v.domid, port):
         return np.int64(0)
-    return _k._guest_unmask(_tb(v), v.domid, port, v.pid)
+    return _k._guest_unmask(_tb(v), v.domid, port, v.owner)
 
 
 @njit(inline="always", cache=True)
@@ -205,14 +208,14 @@ def is_linked(v, port):
 def set_pending(v, vcpu, port):
     if not (_k._vcpu_ok(_tb(v), v.domid, vcpu) and _k._port_ok(_tb(v), v.domid, port)):
         return np.int64(0)
-    return _k._set_pending(_tb(v), v.domid, vcpu, port, v.pid)
+    return _k._set_pending(_tb(v), v.domid, vcpu, port, v.owner)
 
 
 @njit(inline="always", cache=True)
 def raise_virq(v, virq, vcpu):
     if not (_k._vcpu_ok(_tb(v), v.domid, vcpu) and 0 <= virq < _k.NR_VIRQS):
         return np.int64(0)
-    return _k._raise_virq(_tb(v), v.domid, virq, vcpu, v.pid)
+    return _k._raise_virq(_tb(v), v.domid, virq, vcpu, v.owner)
 
 
-_k.refresh_cache_guard(globals(), "numba.deps")
+_k.refresh_cache_guard(globals(), "numba.deps", _k.CACHE_DEPS)

@@ -13,19 +13,23 @@ every domain first, so only user code holding an old table can see that). Below 
 kernels everything takes the table as an address and integers only (no array crosses a call, so
 no reference counting), and evtchn.numba exposes the same internals to users' @njit code.
 
-Multi-process protocol, shared with the Cython kernels (same lock words, same order), so
-processes on either backend drive one host: EVTCHNOP_send holds the sender's channel lock
-(``P_LOCK``), EVTCHNOP_unmask the port's own, both read-type (owner pid | CHANNEL_LOCK_READER); a
+Multi-process protocol, shared with the Cython kernels (same lock words, same order, same spin
+policy), so processes and threads on either backend drive one host: EVTCHNOP_send holds the
+sender's channel lock (``P_LOCK``), EVTCHNOP_unmask the port's own, both read-type (owner id |
+CHANNEL_LOCK_READER); a
 VIRQ tries it, waits for a reader, drops the event for a writer, and re-checks its binding under
 it; FIFO set_pending locks the (new, old) queue pair in address order, re-checks and gives
 up after 3 tries; set_link retries with BUSY at most 4 times; a send to a port whose array page
 is missing and expand_array pair up with fences (neither can miss the other); the upcall handler
 runs under the robust per-vCPU handler lock (``G_HANDLER_LOCK``); a vCPU blocked in wait()
-counts itself in ``X_BLOCKED`` and sleeps on the ``X_KICK`` futex, which mark_upcall_pending
-bumps and wakes only when someone is blocked. A vCPU in SCHEDOP_poll (``poll``) is blocked the
+takes a waiter slot (its owner id in ``X_WAITER``, its bit in ``X_WAITERS``) and sleeps on the
+``X_KICK`` futex, which mark_upcall_pending bumps and wakes only when a bit is set; wait() and
+poll() free the slots of waiters that died blocked. A vCPU in SCHEDOP_poll (``poll``) is blocked the
 same way and also sets its ``X_POLL`` word and counts itself in ``H_POLLERS``; every PENDING
 0 -> 1 edge then checks the pollers (evtchn_check_pollers), and one cmpxchg on ``X_POLL`` decides
-who ends a poll. Locks are robust spinlocks holding the owner's pid (see _numba_atomics).
+who ends a poll. Locks are robust spinlocks holding the owner id of a thread (see
+_numba_atomics); every kernel that takes one gets the caller's id as ``me`` (NumbaKernels passes
+evtchn.owner.owner_id()).
 
 Guest-private per-vCPU state (resume position, FIFO local heads and local READY) is accessed
 only under the handler lock, so it uses relaxed atomics; everything another process reads
@@ -40,10 +44,7 @@ are baked in) change.
 from __future__ import annotations
 
 import errno as _errno
-import hashlib
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 from llvmlite import ir
@@ -56,6 +57,7 @@ from numba.extending import intrinsic
 from . import layout as L
 from ._numba_atomics import (
     cas_u32,
+    cas_u64,
     cpu_relax,
     fence,
     fetch_add_u32,
@@ -72,15 +74,23 @@ from ._numba_atomics import (
     load_u32,
     load_u64,
     lock_acquire,
+    lock_acquire_for,
     lock_release,
     lock_try,
+    lock_try_robust,
     monotonic_ns,
+    owner_alive,
     sched_yield,
     store_u8,
     store_u32,
+    store_u64,
     xchg_u32,
     xchg_u64,
 )
+from ._numba_cache import HERE as _HERE
+from ._numba_cache import refresh_cache_guard
+from .errors import EvtchnError
+from .owner import owner_id
 
 # --- domain table columns -----------------------------------------------------------------------
 (
@@ -134,13 +144,15 @@ P_NOTIFY_VCPU, P_STATE, P_PRIORITY, P_PENDING, P_LASTQ = (
     L.P_PENDING,
     L.P_LASTQ,
 )
-XEN_VCPU_SIZE, X_KICK, X_BLOCKED, X_QUEUES, X_VIRQ = (
+XEN_VCPU_SIZE, X_KICK, X_WAITERS, X_WAITER, X_QUEUES, X_VIRQ = (
     L.XEN_VCPU_SIZE,
     L.X_KICK,
-    L.X_BLOCKED,
+    L.X_WAITERS,
+    L.X_WAITER,
     L.X_QUEUES,
     L.X_VIRQ,
 )
+WAITER_SLOTS = L.WAITER_SLOTS
 QUEUE_SIZE, Q_TAIL, Q_LOCK = L.QUEUE_SIZE, L.Q_TAIL, L.Q_LOCK
 GUEST_VCPU_SIZE, G_HANDLER_LOCK, G_LOCAL_READY = (
     L.GUEST_VCPU_SIZE,
@@ -178,7 +190,12 @@ INJ_PENDING_BEFORE_LOCK = L.INJECTIONS["fifo-pending-before-lock"]  # R9
 R9_PAUSE_SET_NS, R9_PAUSE_LINK_NS = L.R9_PAUSE_SET_NS, L.R9_PAUSE_LINK_NS
 EINVAL, ESRCH, ENOSPC, EINTR = _errno.EINVAL, _errno.ESRCH, _errno.ENOSPC, _errno.EINTR
 FUTEX_WAKE_ALL = 0x7FFFFFFF
-WAIT_SLICE_NS = 50_000_000  # wait() and poll() return to Python this often (Ctrl-C)
+# The spin policy (evtchn.layout), the same constants as the Cython kernels.
+WAIT_SLICE_NS = L.WAIT_SLICE_NS  # wait() and poll() return to Python this often (Ctrl-C)
+WAIT_FALLBACK_NS = L.WAIT_FALLBACK_NS  # all waiter slots taken: poll the flag this often
+LOCK_SLICE_NS = L.LOCK_SLICE_NS  # a lock taken from Python looks for signals this often
+UNMASK_BUSY_SPINS, UNMASK_BUSY_YIELDS = L.UNMASK_BUSY_SPINS, L.UNMASK_BUSY_YIELDS
+TID_MASK = L.OWNER_TID_MASK
 
 _U64_ONE = np.uint64(1)
 _U64_ZERO = np.uint64(0)
@@ -473,12 +490,63 @@ def _fifo_word(tb, d, port):
 
 @njit(inline="always", cache=True)
 def _mark_upcall_pending(tb, d, v):
+    """vcpu_mark_events_pending: test_and_set the upcall flag; on 0 -> 1 vcpu_kick, which
+    wakes the vCPU's waiters only if one is registered. The fence orders the flag RMW before
+    the bitmap load (Dekker with _waiter_enter: set the bit, fence, re-read the flag)."""
     if _bts8(_vcpu_info(tb, d, v) + VI_UPCALL_PENDING, 0):
         return
     x = _xen_vcpu(tb, d, v)
-    if load_u32(x + X_BLOCKED) != 0:  # kick only a vCPU blocked in wait()
+    fence()
+    if load_u32(x + X_WAITERS) != 0:  # kick only a vCPU with a registered waiter
         fetch_add_u32(x + X_KICK, 1)
         futex_wake(x + X_KICK, FUTEX_WAKE_ALL)
+
+
+# --- waiters of a vCPU (as _core.pyx: waiter_enter, waiter_leave, waiter_repair) ---------------
+
+
+@njit(cache=True)
+def _waiter_enter(tb, d, v, me):
+    """Register as blocked on vCPU v: claim a free slot (CAS 0 -> me), set its bit, fence (the
+    caller re-reads the upcall flag next). The slot, or -1 when all are taken (the caller then
+    polls the flag every WAIT_FALLBACK_NS instead)."""
+    x = _xen_vcpu(tb, d, v)
+    for i in range(WAITER_SLOTS):
+        slot = x + X_WAITER + 8 * i
+        if load_u64(slot) == 0 and cas_u64(slot, 0, me) == 0:
+            fetch_or_u32(x + X_WAITERS, np.uint32(1) << np.uint32(i))
+            fence()
+            return np.int64(i)
+    return np.int64(-1)
+
+
+@njit(cache=True)
+def _waiter_leave(tb, d, v, i):
+    """Clear the slot's bit, then free the slot (a leaver never clears a newcomer's bit)."""
+    if i < 0:
+        return
+    x = _xen_vcpu(tb, d, v)
+    fetch_and_u32(x + X_WAITERS, ~(np.uint32(1) << np.uint32(i)))
+    store_u64(x + X_WAITER + 8 * i, 0)
+
+
+@njit(cache=True)
+def _waiter_repair(tb, d, v, me):
+    """Free the slots of waiters of vCPU v that died blocked (or of this thread, which is not
+    blocked since it is here): claim the slot (CAS dead -> me), then clear its bit and zero it,
+    so two repairers never both act on one slot and a newcomer never loses its bit. Returns
+    the number of slots repaired."""
+    x = _xen_vcpu(tb, d, v)
+    repaired = 0
+    for i in range(WAITER_SLOTS):
+        slot = x + X_WAITER + 8 * i
+        owner = np.int64(load_u64(slot))
+        if owner == 0:
+            continue
+        if (owner == me or not owner_alive(owner)) and np.int64(cas_u64(slot, owner, me)) == owner:
+            _waiter_leave(tb, d, v, i)
+            repaired += 1
+    return repaired
 
 
 @njit(cache=True)
@@ -578,23 +646,23 @@ def _fifo_set_link(tb, d, tail_port, port):
 
 
 @njit(cache=True)
-def _lock(addr, pid):
+def _lock(addr, me):
     """lock_acquire with its uncontended path inlined (one cmpxchg, no call)."""
-    if load_u32(addr) == 0 and cas_u32(addr, 0, pid) == 0:
+    if load_u64(addr) == 0 and cas_u64(addr, 0, me) == 0:
         return
-    lock_acquire(addr, pid)
+    lock_acquire(addr, me)
 
 
 @njit(cache=True)
-def _lock_pair(a, b, pid):
+def _lock_pair(a, b, me):
     if a == b:
-        _lock(a, pid)
+        _lock(a, me)
     elif a < b:
-        _lock(a, pid)
-        _lock(b, pid)
+        _lock(a, me)
+        _lock(b, me)
     else:
-        _lock(b, pid)
-        _lock(a, pid)
+        _lock(b, me)
+        _lock(a, me)
 
 
 @njit(cache=True)
@@ -618,14 +686,14 @@ def _fifo_ready(tb, d, v, prio):
 
 
 @njit(cache=True)
-def _fifo_set_pending(tb, d, v, port, pid):
+def _fifo_set_pending(tb, d, v, port, me):
     """evtchn_fifo_set_pending; pollers are checked last, after the event is queued and the
     queue unlocked, and only for a PENDING 0 -> 1 edge. Returns 1 for such an edge."""
     inject = _hdr(tb, d, H_INJECT)
     if inject == INJ_PENDING_BEFORE_LOCK:
-        first = _fifo_set_pending_r9(tb, d, v, port, pid)
+        first = _fifo_set_pending_r9(tb, d, v, port, me)
     else:
-        first = _fifo_queue_event(tb, d, v, port, pid, inject)
+        first = _fifo_queue_event(tb, d, v, port, me, inject)
     if first:
         _check_pollers(tb, d, port)
     return first
@@ -646,7 +714,7 @@ def _fifo_word_or_defer(tb, d, port, pe):
 
 
 @njit(cache=True)
-def _fifo_queue_event(tb, d, v, port, pid, inject):
+def _fifo_queue_event(tb, d, v, port, me, inject):
     """The body of evtchn_fifo_set_pending, as in Xen after 71ac522909 (queue locks first).
     Returns 1 if PENDING went 0 -> 1."""
     pe = _port(tb, d, port)
@@ -663,8 +731,13 @@ def _fifo_queue_event(tb, d, v, port, pid, inject):
         prio = np.int64(load_u8(pe + P_PRIORITY))
         q = _queue(tb, d, v, prio)
         oq = _queue(tb, d, lastq >> 16, lastq & 0xFF)
-        _lock_pair(q + Q_LOCK, oq + Q_LOCK, pid)
-        if lastq == load_u32(pe + P_LASTQ) and prio == load_u8(pe + P_PRIORITY):
+        _lock_pair(q + Q_LOCK, oq + Q_LOCK, me)
+        # Xen's re-check (71ac522909): the priority and lastq still name the same two queues,
+        # comparing queue addresses.
+        lastq = np.int64(load_u32(pe + P_LASTQ))
+        if q == _queue(tb, d, v, np.int64(load_u8(pe + P_PRIORITY))) and oq == _queue(
+            tb, d, lastq >> 16, lastq & 0xFF
+        ):
             locked = True
             break
         if oq != q:
@@ -708,13 +781,13 @@ def _pause_ns(ns):
 
 
 @njit(cache=True)
-def _fifo_lock_old_queue(tb, d, pe, pid):
+def _fifo_lock_old_queue(tb, d, pe, me):
     """Xen before 71ac522909 (lock_old_queue): lock only the queue the event was last on,
     re-checked under the lock, 3 tries. Returns its address, locked, or 0."""
     for _ in range(LOCK_TRIES):
         lastq = np.int64(load_u32(pe + P_LASTQ))
         oq = _queue(tb, d, lastq >> 16, lastq & 0xFF)
-        _lock(oq + Q_LOCK, pid)
+        _lock(oq + Q_LOCK, me)
         lastq = np.int64(load_u32(pe + P_LASTQ))
         if oq == _queue(tb, d, lastq >> 16, lastq & 0xFF):
             return oq
@@ -723,7 +796,7 @@ def _fifo_lock_old_queue(tb, d, pe, pid):
 
 
 @njit(cache=True)
-def _fifo_set_pending_r9(tb, d, v, port, pid):
+def _fifo_set_pending_r9(tb, d, v, port, me):
     """R9 put back: evtchn_fifo_set_pending as Xen had it before 71ac522909. PENDING is set and
     MASKED/LINKED tested before any queue lock, so a sender that set PENDING can see LINKED
     set by a concurrent linker (an unmask) that has not queued the event yet, and return:
@@ -742,7 +815,7 @@ def _fifo_set_pending_r9(tb, d, v, port, pid):
         return np.int64(first)
     prio = np.int64(load_u8(pe + P_PRIORITY))  # no lock: may race a priority change
     q = _queue(tb, d, v, prio)
-    oq = _fifo_lock_old_queue(tb, d, pe, pid)
+    oq = _fifo_lock_old_queue(tb, d, pe, me)
     if oq == 0:
         return np.int64(first)
     if _bts32(wa, LINKED_BIT):
@@ -755,7 +828,7 @@ def _fifo_set_pending_r9(tb, d, v, port, pid):
     if oq != q:  # moved: switch to the new queue's lock
         _store_rel_u32(pe + P_LASTQ, (v << 16) | prio)
         lock_release(oq + Q_LOCK)
-        _lock(q + Q_LOCK, pid)
+        _lock(q + Q_LOCK, me)
     linked = _fifo_link_tail(tb, d, v, prio, q, port)
     lock_release(q + Q_LOCK)
     if not linked:
@@ -764,29 +837,29 @@ def _fifo_set_pending_r9(tb, d, v, port, pid):
 
 
 @njit(inline="always", cache=True)
-def _set_pending(tb, d, v, port, pid):
+def _set_pending(tb, d, v, port, me):
     if _state(tb, d, port) <= ECS_RESERVED:  # evtchn_usable()
         return np.int64(0)
     if _T(tb, d, C_ABI) == ABI_FIFO:
-        return _fifo_set_pending(tb, d, v, port, pid)
+        return _fifo_set_pending(tb, d, v, port, me)
     return _bitmap_set_pending(tb, d, v, port)
 
 
 @njit(cache=True)
-def _hyp_unmask(tb, d, port, pid):
+def _hyp_unmask(tb, d, port, me):
     """EVTCHNOP_unmask (evtchn_unmask) under the port's channel lock, so it cannot relink a
     port that a concurrent close is freeing; the caller checked that the port is valid.
     Returns 1 if it set PENDING 0 -> 1 itself (FIFO: the guest acked between its test of
     PENDING and set_pending, as can happen in Xen), else 0."""
     lk = _port(tb, d, port) + P_LOCK
-    _lock(lk, pid | CHANNEL_LOCK_READER)
-    edge = _hyp_unmask_locked(tb, d, port, pid)
+    _lock(lk, me | CHANNEL_LOCK_READER)
+    edge = _hyp_unmask_locked(tb, d, port, me)
     lock_release(lk)
     return edge
 
 
 @njit(cache=True)
-def _hyp_unmask_locked(tb, d, port, pid):
+def _hyp_unmask_locked(tb, d, port, me):
     if _state(tb, d, port) <= ECS_RESERVED:
         return np.int64(0)
     v = _notify_vcpu(tb, d, port)
@@ -796,7 +869,7 @@ def _hyp_unmask_locked(tb, d, port, pid):
             return np.int64(0)
         fetch_and_u32(wa, ~MASKED)
         if load_u32(wa) & PENDING:  # relink if pending
-            return _fifo_set_pending(tb, d, v, port, pid)
+            return _fifo_set_pending(tb, d, v, port, me)
         return np.int64(0)
     w = _T(tb, d, C_WB)
     ws = _T(tb, d, C_WSHIFT)
@@ -852,7 +925,7 @@ def _is_linked(tb, d, port):
 
 
 @njit(cache=True)
-def _expand_array(tb, d, pid):
+def _expand_array(tb, d, me):
     """Linux fills the new page with MASKED; EVTCHNOP_expand_array publishes it and re-raises
     the ports of its range sent to while it was missing. 0 or -ENOSPC; the caller holds the
     event lock."""
@@ -868,18 +941,18 @@ def _expand_array(tb, d, pid):
     valid = _hdr(tb, d, H_VALID)
     for port in range(first, min(first + WORDS_PER_PAGE, valid)):
         if load_u8(_port(tb, d, port) + P_PENDING):
-            _fifo_set_pending(tb, d, _notify_vcpu(tb, d, port), port, pid)
+            _fifo_set_pending(tb, d, _notify_vcpu(tb, d, port), port, me)
     return np.int64(0)
 
 
 @njit(inline="always", cache=True)
-def _send(tb, nrows, d, port, pid):
+def _send(tb, nrows, d, port, me):
     """EVTCHNOP_send under the sender's channel lock: 1 new edge, 0 coalesced or dropped,
     -errno when refused."""
     if port < 0 or port >= _hdr(tb, d, H_VALID):
         return np.int64(-EINVAL)
     pe = _port(tb, d, port)
-    _lock(pe + P_LOCK, pid | CHANNEL_LOCK_READER)
+    _lock(pe + P_LOCK, me | CHANNEL_LOCK_READER)
     state = np.int64(load_u8(pe + P_STATE))
     if state == ECS_INTERDOMAIN:
         rd = np.int64(load_u16(pe + P_REMOTE_DOM))
@@ -887,9 +960,9 @@ def _send(tb, nrows, d, port, pid):
         if rd >= nrows or _T(tb, rd, C_BASE) == 0:
             r = np.int64(-ESRCH)  # a peer this table does not map
         else:
-            r = _set_pending(tb, rd, _notify_vcpu(tb, rd, rport), rport, pid)
+            r = _set_pending(tb, rd, _notify_vcpu(tb, rd, rport), rport, me)
     elif state == ECS_IPI:
-        r = _set_pending(tb, d, _notify_vcpu(tb, d, port), port, pid)
+        r = _set_pending(tb, d, _notify_vcpu(tb, d, port), port, me)
     elif state == ECS_UNBOUND:
         r = np.int64(0)  # dropped silently, as Xen does
     else:
@@ -918,7 +991,7 @@ def _channel_read_trylock(lk, me):
 
 
 @njit(cache=True)
-def _raise_virq(tb, d, virq, v, pid):
+def _raise_virq(tb, d, virq, v, me):
     """send_guest_vcpu_virq / send_guest_domain_virq under a *try* of the channel lock
     (evtchn_read_trylock): dropped when a writer (close, bind) holds it, as in Xen."""
     per_vcpu = (
@@ -931,14 +1004,14 @@ def _raise_virq(tb, d, virq, v, pid):
     if port == 0:
         return np.int64(0)
     lk = _port(tb, d, port) + P_LOCK
-    locked = _channel_read_trylock(lk, pid | CHANNEL_LOCK_READER)
+    locked = _channel_read_trylock(lk, me | CHANNEL_LOCK_READER)
     if not locked:
         return np.int64(0)
     r = np.int64(0)
     # Xen's virq_lock keeps the binding stable; here re-check under the channel lock that the
     # port still serves this VIRQ (it may have been closed and re-bound since the lookup).
     if load_u32(_xen_vcpu(tb, d, v if per_vcpu else 0) + X_VIRQ + 4 * virq) == port:
-        r = _set_pending(tb, d, v if per_vcpu else _notify_vcpu(tb, d, port), port, pid)
+        r = _set_pending(tb, d, v if per_vcpu else _notify_vcpu(tb, d, port), port, me)
     if locked == 1:
         lock_release(lk)
     return r
@@ -960,26 +1033,13 @@ def _guest_mask(tb, d, port):
 
 
 @njit(cache=True)
-def _guest_unmask(tb, d, port, pid):
-    """Linux: clear the mask locally; a pending port is unmasked by Xen (EVTCHNOP_unmask),
-    which re-raises it (evtchn_2l_unmask HVM path; events_fifo clear_masked_cond)."""
-    fence()  # XSA-332: earlier writes first
+def _guest_unmask(tb, d, port, me):
+    """Linux unmask_evtchn after the XSA-332 series (as _core.guest_unmask): a barrier first
+    (evtchn_2l_unmask's smp_wmb, 4d3fe31bd993); FIFO: clear_masked_cond (f01337197419);
+    2l/3l: evtchn_2l_unmask's HVM path (clear the mask, test pending, re-mask, hypercall)."""
+    fence()  # XSA-332: every earlier write is visible before the port can be handled
     if _T(tb, d, C_ABI) == ABI_FIFO:
-        wa = _fifo_word(tb, d, port)
-        if wa == 0:
-            return np.int64(0)
-        w = load_u32(wa)
-        while True:
-            if not w & MASKED:
-                return np.int64(0)
-            if w & PENDING:
-                return _hyp_unmask(tb, d, port, pid)
-            expected = w & ~BUSY  # fails while Xen holds BUSY: spin
-            old = cas_u32(wa, expected, expected & ~MASKED)
-            if old == expected:
-                return np.int64(0)
-            w = old
-            cpu_relax()
+        return _fifo_guest_unmask(tb, d, port, me)
     w = _T(tb, d, C_WB)
     ws = _T(tb, d, C_WSHIFT)
     mask = _T(tb, d, C_MASK)
@@ -991,8 +1051,64 @@ def _guest_unmask(tb, d, port, pid):
         pending = _test(tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1))
     if pending:
         _test_and_set(tb, d, mask, port >> ws, port & (w - 1))
-        return _hyp_unmask(tb, d, port, pid)
+        return _hyp_unmask(tb, d, port, me)
     return np.int64(0)
+
+
+@njit(cache=True)
+def _fifo_guest_unmask(tb, d, port, me):
+    """events_fifo.c clear_masked_cond (as _core.fifo_guest_unmask): clear MASKED by a cmpxchg
+    expecting BUSY clear, spinning with a CPU relax while Xen retries a LINK with BUSY set
+    (dae2a1c5f9); a PENDING port goes to EVTCHNOP_unmask. After UNMASK_BUSY_SPINS relaxes and
+    UNMASK_BUSY_YIELDS yields, BUSY may have been left by a sender killed in set_link:
+    _fifo_clear_stale_busy."""
+    wa = _fifo_word(tb, d, port)
+    if wa == 0:
+        return np.int64(0)
+    w = load_u32(wa)
+    busy = 0
+    while True:
+        if not w & MASKED:
+            return np.int64(0)
+        if w & PENDING:
+            return _hyp_unmask(tb, d, port, me)
+        expected = w & ~BUSY
+        old = cas_u32(wa, expected, expected & ~MASKED)
+        if old == expected:
+            return np.int64(0)
+        w = old
+        if not w & BUSY:
+            continue  # another change: retry at once
+        busy += 1
+        if busy <= UNMASK_BUSY_SPINS:
+            cpu_relax()
+        elif busy <= UNMASK_BUSY_SPINS + UNMASK_BUSY_YIELDS:
+            sched_yield()
+        else:
+            _fifo_clear_stale_busy(tb, d, port, wa, me)
+            busy = 0
+            w = load_u32(wa)
+
+
+@njit(cache=True)
+def _fifo_clear_stale_busy(tb, d, port, wa, me):
+    """As _core.fifo_clear_stale_busy: BUSY is only set by a linker holding the lock of the
+    queue this event was last linked on (its lastq); once we hold that lock (lastq re-checked
+    under it) no live linker is in set_link on this word, so a BUSY still set was left by a
+    dead one: clear it."""
+    pe = _port(tb, d, port)
+    while True:
+        lastq = np.int64(load_u32(pe + P_LASTQ))
+        if (lastq >> 16) >= _T(tb, d, C_VCPUS):  # never written so by Xen: nothing to lock
+            fetch_and_u32(wa, ~BUSY)
+            return
+        lk = _queue(tb, d, lastq >> 16, lastq & 0xFF) + Q_LOCK
+        _lock(lk, me)
+        if np.int64(load_u32(pe + P_LASTQ)) == lastq:
+            break
+        lock_release(lk)
+    fetch_and_u32(wa, ~BUSY)
+    lock_release(lk)
 
 
 # --- guest side: the upcall handler --------------------------------------------------------------
@@ -1184,11 +1300,11 @@ def _fifo_handle(tb, d, v, out, cap, n):
 
 
 @njit(cache=True)
-def _consume(tb, d, v, out, cap, pid):
+def _consume(tb, d, v, out, cap, me):
     """__xen_evtchn_do_upcall under the vCPU's handler lock: clear upcall_pending, handle
     events, repeat while it was set again; stops early when out (cap ports) is full."""
     hl = _guest_vcpu(tb, d, v) + G_HANDLER_LOCK
-    _lock(hl, pid)
+    _lock(hl, me)
     flag = _vcpu_info(tb, d, v) + VI_UPCALL_PENDING
     abi = _T(tb, d, C_ABI)
     pw = _scratch64()
@@ -1213,16 +1329,24 @@ def _consume(tb, d, v, out, cap, pid):
 
 
 @njit(nogil=True, cache=True)
-def _wait(tb, d, v, timeout_ns):
+def _wait(tb, d, v, timeout_ns, me, repair):
     """Sleep on the vCPU's kick futex until its upcall flag is set (True) or timeout_ns passed
-    (False; < 0 waits forever). Returns early (False) when a signal interrupts the futex."""
+    (False; < 0 waits forever). Returns early (False) when a signal interrupts the futex. With
+    `repair`, first frees the waiter slots of waiters that died blocked. The caller is
+    registered in a waiter slot for the whole call (kicks wake registered waiters only); with
+    all slots taken it polls the flag every WAIT_FALLBACK_NS instead."""
     x = _xen_vcpu(tb, d, v)
     flag = _vcpu_info(tb, d, v) + VI_UPCALL_PENDING
-    fetch_add_u32(x + X_BLOCKED, 1)
+    if load_u8(flag) & 1:
+        return True
+    if repair:
+        _waiter_repair(tb, d, v, me)
+    slot = _waiter_enter(tb, d, v, me)  # fences: Dekker with _mark_upcall_pending
     deadline = monotonic_ns() + timeout_ns
     got = False
     while True:
         seen = load_u32(x + X_KICK)
+        fence()
         if load_u8(flag) & 1:
             got = True
             break
@@ -1232,9 +1356,11 @@ def _wait(tb, d, v, timeout_ns):
             left = deadline - monotonic_ns()
             if left <= 0:
                 break
-        if futex_wait(x + X_KICK, seen, left) == -EINTR:
+        if slot < 0:
+            _pause_ns(WAIT_FALLBACK_NS if left < 0 or left > WAIT_FALLBACK_NS else left)
+        elif futex_wait(x + X_KICK, seen, left) == -EINTR:
             break
-    fetch_sub_u32(x + X_BLOCKED, 1)
+    _waiter_leave(tb, d, v, slot)
     return got
 
 
@@ -1251,14 +1377,16 @@ def _upcall_pending(tb, d, v):
 
 
 @njit(cache=True)
-def _poll_begin(tb, d, v, ports, nports, st):
-    """do_poll up to the sleep: count the vCPU blocked, count it in the pollers and set its
-    poll_mask bit, then test local events and each of the nports u32 ports at `ports` in the
-    guest's order (-EINVAL for one beyond valid_evtchns or not in use). -> (reason, port), or
-    (POLL_AGAIN, 0) when the caller is to sleep."""
+def _poll_begin(tb, d, v, ports, nports, st, me):
+    """do_poll up to the sleep: block the vCPU (repair dead waiters' slots, take one; its index
+    is kept at st + 16), count it in the pollers and set its poll_mask bit, then test local
+    events and each of the nports u32 ports at `ports` in the guest's order (-EINVAL for one
+    beyond valid_evtchns or not in use). -> (reason, port), or (POLL_AGAIN, 0) when the caller
+    is to sleep."""
     x = _xen_vcpu(tb, d, v)
     pollers = _T(tb, d, C_BASE) + H_POLLERS
-    fetch_add_u32(x + X_BLOCKED, 1)  # before the kick snapshot: kicks count
+    _waiter_repair(tb, d, v, me)
+    _pstore_u64(st + 16, _waiter_enter(tb, d, v, me))  # before the kick snapshot: kicks count
     _pstore_u64(st + 8, load_u32(x + X_KICK))
     if xchg_u32(x + X_POLL, POLL_IDLE) == POLL_ACTIVE:
         fetch_sub_u32(pollers, 1)  # left by a poller of this vCPU that died
@@ -1288,9 +1416,11 @@ def _poll_sleep(tb, d, v, st, deadline):
     """One slice of do_poll's block: (POLL_EVENT, port) if a pollers check cleared our bit,
     (POLL_UPCALL, 0) if a kick unblocked the vCPU, (POLL_TIMEOUT, 0) at `deadline` (monotonic
     ns; < 0: none); else sleep on the kick futex, at most WAIT_SLICE_NS, and return
-    (POLL_AGAIN, 0). The kick count last seen is kept at st + 8."""
+    (POLL_AGAIN, 0). The kick count last seen is kept at st + 8, the waiter slot at st + 16
+    (-1: none, so kicks do not see us: poll the upcall flag every WAIT_FALLBACK_NS)."""
     x = _xen_vcpu(tb, d, v)
     vi = _vcpu_info(tb, d, v)
+    slot = np.int64(_pload_u64(st + 16))
     while True:
         seen = load_u32(x + X_KICK)
         fence()
@@ -1305,6 +1435,8 @@ def _poll_sleep(tb, d, v, st, deadline):
         if load_u8(vi + VI_UPCALL_PENDING) & 1:
             return np.int64(POLL_UPCALL), np.int64(0)
         _pstore_u64(st + 8, seen)
+    if slot < 0 and load_u8(vi + VI_UPCALL_PENDING) & 1:
+        return np.int64(POLL_UPCALL), np.int64(0)  # no waiter slot: a kick may have missed us
     slice_ns = np.int64(WAIT_SLICE_NS)
     if deadline >= 0:
         left = deadline - monotonic_ns()
@@ -1312,20 +1444,24 @@ def _poll_sleep(tb, d, v, st, deadline):
             return np.int64(POLL_TIMEOUT), np.int64(0)
         if left < slice_ns:
             slice_ns = left
-    futex_wait(x + X_KICK, seen, slice_ns)
+    if slot < 0:
+        _pause_ns(WAIT_FALLBACK_NS if slice_ns > WAIT_FALLBACK_NS else slice_ns)
+    else:
+        futex_wait(x + X_KICK, seen, slice_ns)
     return np.int64(POLL_AGAIN), np.int64(0)
 
 
 @njit(cache=True)
-def _poll_end(tb, d, v):
+def _poll_end(tb, d, v, st):
     """Leave the poll -> the X_POLL value taken. Whoever clears the poll_mask bit ends the
-    poll: if a pollers check cleared it, it counted us out and the poll ended with its event."""
+    poll: if a pollers check cleared it, it counted us out and the poll ended with its event.
+    Then the vCPU is unblocked (its waiter slot, kept at st + 16, freed)."""
     x = _xen_vcpu(tb, d, v)
     state = xchg_u32(x + X_POLL, POLL_IDLE)
     if state == POLL_ACTIVE:
         fetch_sub_u32(_T(tb, d, C_BASE) + H_POLLERS, 1)
     _store_rel_u32(x + X_POLL_EVTCHN, 0)
-    fetch_sub_u32(x + X_BLOCKED, 1)
+    _waiter_leave(tb, d, v, np.int64(_pload_u64(st + 16)))
     return np.int64(state)
 
 
@@ -1338,9 +1474,9 @@ def _tb(dt):
 
 
 @njit(nogil=True, cache=True)
-def k_set_pending(dt, d, v, port, pid):
+def k_set_pending(dt, d, v, port, me):
     """set_pending on (domain d, vCPU v, port) -> 1 if PENDING went 0 -> 1, else 0."""
-    return _set_pending(_tb(dt), d, v, port, pid)
+    return _set_pending(_tb(dt), d, v, port, me)
 
 
 @njit(cache=True)
@@ -1349,8 +1485,8 @@ def k_clear_pending(dt, d, port):
 
 
 @njit(nogil=True, cache=True)
-def k_hyp_unmask(dt, d, port, pid):
-    return _hyp_unmask(_tb(dt), d, port, pid)
+def k_hyp_unmask(dt, d, port, me):
+    return _hyp_unmask(_tb(dt), d, port, me)
 
 
 @njit(cache=True)
@@ -1369,23 +1505,23 @@ def k_is_linked(dt, d, port):
 
 
 @njit(nogil=True, cache=True)
-def k_expand_array(dt, d, pid):
-    return _expand_array(_tb(dt), d, pid)
+def k_expand_array(dt, d, me):
+    return _expand_array(_tb(dt), d, me)
 
 
 @njit(nogil=True, cache=True)
-def k_send(dt, d, port, pid):
-    return _send(_tb(dt), dt.shape[0], d, port, pid)
+def k_send(dt, d, port, me):
+    return _send(_tb(dt), dt.shape[0], d, port, me)
 
 
 @njit(nogil=True, cache=True)
-def _send_many(tb, nrows, d, ports, nports, edges, nedges, pid):
+def _send_many(tb, nrows, d, ports, nports, edges, nedges, me):
     """send() each port of the uint32 array at `ports`; the uint8 array at `edges` gets 1 where
     that send was a new edge (skipped when nedges < nports). Stops at the first refusal:
     (number sent, errno or 0)."""
     write = nedges >= nports
     for i in range(nports):
-        r = _send(tb, nrows, d, np.int64(_pload_u32(ports + 4 * i)), pid)
+        r = _send(tb, nrows, d, np.int64(_pload_u32(ports + 4 * i)), me)
         if r < 0:
             return np.int64(i), -r
         if write:
@@ -1394,7 +1530,7 @@ def _send_many(tb, nrows, d, ports, nports, edges, nedges, pid):
 
 
 @njit(nogil=True, cache=True)
-def k_send_many(dt, d, ports, edges, pid):
+def k_send_many(dt, d, ports, edges, me):
     return _send_many(
         _tb(dt),
         dt.shape[0],
@@ -1403,13 +1539,13 @@ def k_send_many(dt, d, ports, edges, pid):
         ports.shape[0],
         np.int64(edges.ctypes.data),
         edges.shape[0],
-        pid,
+        me,
     )
 
 
 @njit(nogil=True, cache=True)
-def k_raise_virq(dt, d, virq, v, pid):
-    return _raise_virq(_tb(dt), d, virq, v, pid)
+def k_raise_virq(dt, d, virq, v, me):
+    return _raise_virq(_tb(dt), d, virq, v, me)
 
 
 @njit(cache=True)
@@ -1418,18 +1554,18 @@ def k_guest_mask(dt, d, port):
 
 
 @njit(nogil=True, cache=True)
-def k_guest_unmask(dt, d, port, pid):
-    return _guest_unmask(_tb(dt), d, port, pid)
+def k_guest_unmask(dt, d, port, me):
+    return _guest_unmask(_tb(dt), d, port, me)
 
 
 @njit(nogil=True, cache=True)
-def k_consume(dt, d, v, out, pid):
-    return _consume(_tb(dt), d, v, np.int64(out.ctypes.data), out.shape[0], pid)
+def k_consume(dt, d, v, out, me):
+    return _consume(_tb(dt), d, v, np.int64(out.ctypes.data), out.shape[0], me)
 
 
 @njit(nogil=True, cache=True)
-def k_wait(dt, d, v, timeout_ns):
-    return _wait(_tb(dt), d, v, timeout_ns)
+def k_wait(dt, d, v, timeout_ns, me, repair):
+    return _wait(_tb(dt), d, v, timeout_ns, me, repair)
 
 
 @njit(cache=True)
@@ -1438,9 +1574,9 @@ def k_upcall_pending(dt, d, v):
 
 
 @njit(cache=True)
-def k_poll_begin(dt, d, v, ports, st):
+def k_poll_begin(dt, d, v, ports, st, me):
     return _poll_begin(
-        _tb(dt), d, v, np.int64(ports.ctypes.data), ports.shape[0], np.int64(st.ctypes.data)
+        _tb(dt), d, v, np.int64(ports.ctypes.data), ports.shape[0], np.int64(st.ctypes.data), me
     )
 
 
@@ -1450,26 +1586,46 @@ def k_poll_sleep(dt, d, v, st, deadline):
 
 
 @njit(cache=True)
-def k_poll_end(dt, d, v):
-    return _poll_end(_tb(dt), d, v)
+def k_poll_end(dt, d, v, st):
+    return _poll_end(_tb(dt), d, v, np.int64(st.ctypes.data))
 
 
 # --- locks and guest bitops at raw addresses (the control plane's primitives) --------------------
 
 
 @njit(nogil=True, cache=True)
-def k_lock(addr, pid):
-    return lock_acquire(addr, pid)
+def k_lock(addr, me, slice_ns):
+    """One slice of a lock wait from Python: 1 taken, 0 not yet (slice_ns passed), -1 this
+    thread already holds it (read-type or not: EDEADLK)."""
+    if lock_try(addr, me):
+        return np.int64(1)
+    owner = np.int64(load_u64(addr))
+    if owner != 0 and (owner | CHANNEL_LOCK_READER) == (me | CHANNEL_LOCK_READER):
+        return np.int64(-1)
+    return np.int64(0) if lock_acquire_for(addr, me, slice_ns) < 0 else np.int64(1)
 
 
 @njit(cache=True)
-def k_trylock(addr, pid):
-    return lock_try(addr, pid)
+def k_trylock(addr, me):
+    return lock_try_robust(addr, me)
 
 
 @njit(cache=True)
 def k_unlock(addr):
     lock_release(addr)
+
+
+@njit(cache=True)
+def k_unlock_owned(addrs, me):
+    """Release each lock at the addresses in the int64 array `addrs` that `me` holds
+    (read-type or not); the number released."""
+    released = 0
+    for i in range(addrs.shape[0]):
+        owner = np.int64(load_u64(addrs[i]))
+        if owner != 0 and (owner | CHANNEL_LOCK_READER) == (me | CHANNEL_LOCK_READER):
+            lock_release(addrs[i])
+            released += 1
+    return released
 
 
 @njit(cache=True)
@@ -1555,14 +1711,30 @@ class NumbaKernels:
 
     # -- locks and bitops at raw addresses ------------------------------------------------------
     def lock(self, address: int, reader: bool = False) -> None:
-        """Take the lock (a channel lock read-type with `reader`, as a sender holds it)."""
-        k_lock(address, os.getpid() | (CHANNEL_LOCK_READER if reader else 0))
+        """Take the lock for the calling thread (a channel lock read-type with `reader`, as a
+        sender holds it), as CythonKernels.lock: without the GIL in slices of LOCK_SLICE_NS,
+        Python signal handlers running between them; EDEADLK if this thread holds it."""
+        me = owner_id() | (CHANNEL_LOCK_READER if reader else 0)
+        while True:
+            got = k_lock(address, me, LOCK_SLICE_NS)
+            if got > 0:
+                return
+            if got < 0:
+                raise EvtchnError(
+                    _errno.EDEADLK, f"this thread already holds the lock at {address:#x}"
+                )
 
     def trylock(self, address: int) -> bool:
-        return bool(k_trylock(address, os.getpid()))
+        """Take the lock if it is free or its owner is dead; False if a live owner holds it."""
+        return bool(k_trylock(address, owner_id()))
 
     def unlock(self, address: int) -> None:
         k_unlock(address)
+
+    def unlock_owned(self, addresses) -> int:
+        """Release each lock at `addresses` that the calling thread holds, in one kernel call
+        (no signal can stop it halfway); returns how many it released."""
+        return int(k_unlock_owned(np.asarray(addresses, np.int64), owner_id()))
 
     def set_bit(self, address: int, bit: int, word_bits: int) -> None:
         k_set_bit(address, bit, word_bits)
@@ -1572,13 +1744,13 @@ class NumbaKernels:
 
     # -- hypervisor side --------------------------------------------------------------------------
     def set_pending(self, domid: int, vcpu: int, port: int) -> int:
-        return k_set_pending(self.table, domid, vcpu, port, os.getpid())
+        return k_set_pending(self.table, domid, vcpu, port, owner_id())
 
     def clear_pending(self, domid: int, port: int) -> int:
         return k_clear_pending(self.table, domid, port)
 
     def hyp_unmask(self, domid: int, port: int) -> int:
-        return k_hyp_unmask(self.table, domid, port, os.getpid())
+        return k_hyp_unmask(self.table, domid, port, owner_id())
 
     def is_pending(self, domid: int, port: int) -> bool:
         return bool(k_is_pending(self.table, domid, port))
@@ -1590,10 +1762,10 @@ class NumbaKernels:
         return bool(k_is_linked(self.table, domid, port))
 
     def expand_array(self, domid: int) -> int:
-        return k_expand_array(self.table, domid, os.getpid())
+        return k_expand_array(self.table, domid, owner_id())
 
     def send(self, domid: int, port: int) -> int:
-        return k_send(self.table, domid, port, os.getpid())
+        return k_send(self.table, domid, port, owner_id())
 
     def warm_up(self) -> None:
         """Load every entry kernel from numba's cache (compiling what is missing) without
@@ -1601,7 +1773,8 @@ class NumbaKernels:
         second per process with a warm cache. The stress harness's workers call this before
         they report ready, so the racing clock does not count it."""
         t, i = self.table, 0
-        u32, u8, st = np.zeros(1, np.uint32), np.zeros(1, np.uint8), np.zeros(2, np.int64)
+        u32, u8, st = np.zeros(1, np.uint32), np.zeros(1, np.uint8), np.zeros(3, np.int64)
+        me = owner_id()
         for kernel, args in (
             (k_set_pending, (t, i, i, i, i)),
             (k_clear_pending, (t, i, i)),
@@ -1616,14 +1789,15 @@ class NumbaKernels:
             (k_guest_mask, (t, i, i)),
             (k_guest_unmask, (t, i, i, i)),
             (k_consume, (t, i, i, u32, i)),
-            (k_wait, (t, i, i, i)),
+            (k_wait, (t, i, i, i, me, True)),
             (k_upcall_pending, (t, i, i)),
-            (k_poll_begin, (t, i, i, u32, st)),
+            (k_poll_begin, (t, i, i, u32, st, me)),
             (k_poll_sleep, (t, i, i, st, i)),
-            (k_poll_end, (t, i, i)),
-            (k_lock, (i, i)),
-            (k_trylock, (i, i)),
+            (k_poll_end, (t, i, i, st)),
+            (k_lock, (i, me, i)),
+            (k_trylock, (i, me)),
             (k_unlock, (i,)),
+            (k_unlock_owned, (np.zeros(1, np.int64), me)),
             (k_set_bit, (i, i, i)),
             (k_clear_bit, (i, i, i)),
         ):
@@ -1632,35 +1806,40 @@ class NumbaKernels:
 
     def send_many(self, domid: int, ports, edges=None) -> tuple[int, int]:
         n, err = k_send_many(
-            self.table, domid, ports, _NO_EDGES if edges is None else edges, os.getpid()
+            self.table, domid, ports, _NO_EDGES if edges is None else edges, owner_id()
         )
         return int(n), int(err)
 
     def raise_virq(self, domid: int, virq: int, vcpu: int) -> int:
-        return k_raise_virq(self.table, domid, virq, vcpu, os.getpid())
+        return k_raise_virq(self.table, domid, virq, vcpu, owner_id())
 
     # -- guest side -------------------------------------------------------------------------------
     def guest_mask(self, domid: int, port: int) -> None:
         k_guest_mask(self.table, domid, port)
 
     def guest_unmask(self, domid: int, port: int) -> int:
-        return k_guest_unmask(self.table, domid, port, os.getpid())
+        return k_guest_unmask(self.table, domid, port, owner_id())
 
     def consume(self, domid: int, vcpu: int, out) -> int:
-        return k_consume(self.table, domid, vcpu, out, os.getpid())
+        return k_consume(self.table, domid, vcpu, out, owner_id())
 
     def wait(self, domid: int, vcpu: int, timeout: float | None) -> bool:
-        """Futex waits of at most 50 ms each, so Python sees Ctrl-C between them."""
+        """Futex waits of at most WAIT_SLICE_NS each, so Python sees Ctrl-C between them; each
+        slice is one kernel call that registers the waiter and leaves again, so a signal
+        between calls cannot leave a waiter slot taken. The first repairs dead waiters'
+        slots."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        me, repair = owner_id(), True
         while True:
             if deadline is None:
                 slice_ns = WAIT_SLICE_NS
             else:
                 slice_ns = min(WAIT_SLICE_NS, max(0, int((deadline - time.monotonic()) * 1e9)))
-            if k_wait(self.table, domid, vcpu, slice_ns):
+            if k_wait(self.table, domid, vcpu, slice_ns, me, repair):
                 return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
+            repair = False
 
     def upcall_pending(self, domid: int, vcpu: int) -> bool:
         return bool(k_upcall_pending(self.table, domid, vcpu))
@@ -1677,21 +1856,22 @@ class NumbaKernels:
         deadline = -1  # CLOCK_MONOTONIC ns, as the kernels' monotonic_ns
         if timeout is not None and float(timeout) < 1e9:  # longer: as good as forever
             deadline = time.monotonic_ns() + int(max(0.0, float(timeout)) * 1e9)
-        st = np.zeros(2, np.int64)  # entered, kick count: see _poll_begin
+        st = np.zeros(3, np.int64)  # entered, kick count, waiter slot: see _poll_begin
+        me = owner_id()
         reason, port, state = POLL_AGAIN, 0, POLL_IDLE
         if not self._poll_ready:
             # Compile (or load) the sleep and the clean-up before entering: done lazily in
             # the finally clause, Ctrl-C could interrupt it and leave the vCPU counted in.
             k_poll_sleep.compile(tuple(typeof(a) for a in (self.table, domid, vcpu, st, deadline)))
-            k_poll_end.compile(tuple(typeof(a) for a in (self.table, domid, vcpu)))
+            k_poll_end.compile(tuple(typeof(a) for a in (self.table, domid, vcpu, st)))
             self._poll_ready = True
         try:
-            reason, port = k_poll_begin(self.table, domid, vcpu, ports, st)
+            reason, port = k_poll_begin(self.table, domid, vcpu, ports, st, me)
             while reason == POLL_AGAIN:
                 reason, port = k_poll_sleep(self.table, domid, vcpu, st, deadline)
         finally:
             if st[0]:
-                state = k_poll_end(self.table, domid, vcpu)
+                state = k_poll_end(self.table, domid, vcpu, st)
         # A pollers check that cleared the bit while we timed out or were kicked ended the
         # poll with its event (it already counted us out).
         if state & POLL_WOKEN and reason in (POLL_TIMEOUT, POLL_UPCALL):
@@ -1699,50 +1879,27 @@ class NumbaKernels:
         return reason, port
 
 
-# --- cache guard ---------------------------------------------------------------------------------
+# --- cache guard ----------------------------------------------------------------------------------
 
-_HERE = Path(__file__).resolve().parent
 CACHE_DEPS = (_HERE / "layout.py", _HERE / "_numba_atomics.py", _HERE / "numba_kernels.py")
 
 
-def refresh_cache_guard(namespace: dict, stamp_name: str, deps=CACHE_DEPS) -> bool:
-    """Numba invalidates a cached function only when its own file changes. Drop the cache of
-    every dispatcher in `namespace` when one of `deps` (baked-in constants, inlined callees)
-    changed since the stamp beside that cache was written. Returns True if it flushed."""
-    dispatchers = [
-        obj
-        for obj in namespace.values()
-        if hasattr(obj, "py_func") and hasattr(getattr(obj, "_cache", None), "flush")
-    ]
-    cache_path = next((getattr(d._cache, "cache_path", None) for d in dispatchers), None)
-    if not cache_path:
-        return False
-    digest = hashlib.sha256()
-    for path in deps:
-        try:
-            digest.update(path.read_bytes())
-        except OSError:
-            return False
-    want = digest.hexdigest()
-    stamp = Path(cache_path) / stamp_name
-    try:
-        if stamp.read_text() == want:
-            return False
-    except OSError:
-        pass
-    try:  # where numba cannot write, it caches nothing either
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        tmp = stamp.with_name(f"{stamp_name}.{os.getpid()}.tmp")
-        tmp.write_text(want)
-    except OSError:
-        return False
-    for disp in dispatchers:
-        try:
-            disp._cache.flush()
-        except OSError:
-            pass
-    os.replace(tmp, stamp)
-    return True
+def spin_policy() -> dict:
+    """The spin and wait constants these kernels run with (compare _core.spin_policy)."""
+    from . import _numba_atomics as A
+
+    return {
+        "LOCK_SPINS": A.LOCK_SPINS,
+        "LOCK_YIELDS_PER_CHECK": A.LOCK_YIELDS_PER_CHECK,
+        "LOCK_SLICE_NS": LOCK_SLICE_NS,
+        "UNMASK_BUSY_SPINS": UNMASK_BUSY_SPINS,
+        "UNMASK_BUSY_YIELDS": UNMASK_BUSY_YIELDS,
+        "WAIT_SLICE_NS": WAIT_SLICE_NS,
+        "WAIT_FALLBACK_NS": WAIT_FALLBACK_NS,
+        "WAITER_SLOTS": WAITER_SLOTS,
+        "FIFO_LOCK_TRIES": LOCK_TRIES,
+        "FIFO_LINK_RETRIES": LINK_RETRIES,
+    }
 
 
 refresh_cache_guard(globals(), "numba_kernels.deps", CACHE_DEPS[:2])

@@ -31,7 +31,7 @@ class ReferenceKernels:
     def map_domain(self, dm) -> None:
         self.doms[dm.domid] = dm
 
-    # -- locks: one process, nothing to exclude ------------------------------------------------
+    # -- locks: one process and thread, nothing to exclude (the words stay 0) -----------------
     def lock(self, address: int, reader: bool = False) -> None:
         pass
 
@@ -40,6 +40,9 @@ class ReferenceKernels:
 
     def unlock(self, address: int) -> None:
         pass
+
+    def unlock_owned(self, addresses) -> int:
+        return 0
 
     def set_bit(self, address: int, bit: int, word_bits: int) -> None:
         """Atomically set `bit` of the W-bit word at `address` (guest bitops on shared data)."""
@@ -99,7 +102,8 @@ class ReferenceKernels:
             self._kick(d, vcpu)
 
     def _kick(self, d, vcpu: int) -> None:
-        if d.xen_vcpu_u32(vcpu, L.X_BLOCKED):
+        """vcpu_kick: only a vCPU with a registered waiter (X_WAITERS) is woken."""
+        if d.xen_vcpu_u32(vcpu, L.X_WAITERS):
             d.set_xen_vcpu_u32(vcpu, L.X_KICK, (d.xen_vcpu_u32(vcpu, L.X_KICK) + 1) & 0xFFFFFFFF)
 
     def upcall_pending(self, domid: int, vcpu: int) -> bool:
@@ -346,8 +350,9 @@ class ReferenceKernels:
         self._test_and_set(d.words, mask + port // d.word_bits, port % d.word_bits)
 
     def guest_unmask(self, domid: int, port: int) -> int:
-        """Linux: clear MASKED locally; when the port is pending, let Xen unmask it
-        (evtchn_2l_unmask, HVM path; events_fifo clear_masked_cond, XSA-332 version)."""
+        """Linux unmask_evtchn after the XSA-332 series: when the port is pending, let Xen
+        unmask it, else clear the mask locally (evtchn_2l_unmask, HVM path, 4d3fe31bd993;
+        events_fifo clear_masked_cond, f01337197419)."""
         d = self.doms[domid]
         if d.abi == L.ABI_FIFO:
             wi = self._fifo_word(d, port)
@@ -358,7 +363,10 @@ class ReferenceKernels:
                 return 0
             if w & L.FIFO_PENDING:
                 return self.hyp_unmask(domid, port)
-            d.u32[wi] = w & ~L.FIFO_MASKED  # BUSY is never set with one process
+            # With one process nobody can be inside set_link: a BUSY bit was left by a linker
+            # that died there, and the compiled kernels clear it after their bounded spin
+            # (fifo_clear_stale_busy); so does this.
+            d.u32[wi] = w & ~(L.FIFO_MASKED | L.FIFO_BUSY)
             return 0
         w = d.word_bits
         pend, mask = self._bitmaps(d)

@@ -14,6 +14,7 @@ import multiprocessing
 import operator
 import os
 import signal
+import threading
 import time
 import uuid
 
@@ -26,13 +27,16 @@ from hypothesis import strategies as st
 # EVTCHN_REQUIRE_COMPILED is what makes CI insist on them).
 at = pytest.importorskip("evtchn._atomics_test", reason="Cython extensions not built")
 
+from evtchn import layout as L  # noqa: E402
+from evtchn.owner import owner_alive, owner_id  # noqa: E402
+
 CTX = multiprocessing.get_context("spawn")  # no inherited locks or threads, as in production
 DTYPES = [np.uint8, np.uint16, np.uint32, np.uint64]
 JOIN_TIMEOUT = 60.0  # generous: spawn start-up plus a loaded CI box
 
 # Segment layout, in element indices of the uint32 / uint64 views; one cache line apiece.
 SHM_SIZE = 4096
-LOCK = 0  # u32: lock word (owner pid)
+LOCK = 0  # u64: lock word (owner id)
 FUTEX = 16  # u32: futex word
 COUNTER = 16  # u64: counter
 RESULT = 24  # u64 [2]: values a child reports back
@@ -130,14 +134,55 @@ def test_fence_relax_clock():
 
 
 def test_lock_try_release():
-    w = np.zeros(1, np.uint32)
-    me = os.getpid()
+    w = np.zeros(1, np.uint64)
+    me = at.owner_self()
     assert at.lock_try(w, 0, me) == 1 and w[0] == me
     assert at.lock_try(w, 0, me) == 0  # not re-entrant
     at.lock_release(w, 0)
     assert w[0] == 0
     at.lock_acquire(w, 0, me)  # uncontended: immediate
     assert w[0] == me
+
+
+def test_owner_id_is_tid_and_start_time():
+    """The C owner id is the one evtchn.owner computes: (start time << 32) | tid, per
+    thread."""
+    me = at.owner_self()
+    assert me == owner_id() and me & L.OWNER_TID_MASK == threading.get_native_id()
+    other = []
+    t = threading.Thread(target=lambda: other.append((at.owner_self(), owner_id())))
+    t.start()
+    t.join()
+    assert other[0][0] == other[0][1] != me
+
+
+def test_owner_liveness():
+    """Alive: this thread. Dead: a finished thread, a tid with another start time (a reused
+    tid), a tid that does not exist."""
+    me = at.owner_self()
+    assert not at.owner_dead(me) and owner_alive(me)
+    assert at.owner_dead(me + (1 << 32)) and not owner_alive(me + (1 << 32))
+    ids = []
+    t = threading.Thread(target=lambda: ids.append(at.owner_self()))
+    t.start()
+    t.join()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{ids[0] & L.OWNER_TID_MASK}") and time.monotonic() < deadline:
+        time.sleep(0.01)  # the thread is joined before its task is gone
+    assert at.owner_dead(ids[0]) and not owner_alive(ids[0])
+    assert at.owner_dead(L.OWNER_TID_MASK) and not owner_alive(L.OWNER_TID_MASK)
+
+
+def test_lock_acquire_for_times_out_and_robust_try_takes_a_dead_lock():
+    w = np.zeros(1, np.uint64)
+    live = at.owner_self()
+    w[0] = live + 1  # held by a thread of another start time on our tid: dead
+    assert at.lock_try_robust(w, 0, live) == 1 and w[0] == live
+    assert at.lock_try_robust(w, 0, live + 5) == 0  # live owner: refused
+    t0 = time.monotonic()
+    assert at.lock_acquire_for(w, 0, live + 5, 50_000_000) == 0  # live owner: timed out
+    assert 0.04 <= time.monotonic() - t0 < 5
+    assert w[0] == live
 
 
 def test_futex_wait_times_out():
@@ -228,7 +273,7 @@ def _join(procs, timeout=JOIN_TIMEOUT):
 def _child_locked_increment(path, n, barrier):
     u32, u64 = _views(path)
     barrier.wait(JOIN_TIMEOUT)  # start together, or they might never contend
-    at.locked_increment(u32, LOCK, u64, COUNTER, n, os.getpid())
+    at.locked_increment(u64, LOCK, u64, COUNTER, n, at.owner_self())
 
 
 def _child_fetch_add(path, n, barrier):
@@ -238,21 +283,21 @@ def _child_fetch_add(path, n, barrier):
 
 
 def _child_hold_lock(path, held):
-    u32, _ = _views(path)
-    at.lock_acquire(u32, LOCK, os.getpid())
+    _, u64 = _views(path)
+    at.lock_acquire(u64, LOCK, at.owner_self())
     held.set()
     time.sleep(3600)  # until SIGKILLed
 
 
 def _child_acquire_timed(path, waiting):
     u32, u64 = _views(path)
-    me = os.getpid()
+    me = at.owner_self()
     waiting.set()
     t0 = at.clock_ns()
-    at.lock_acquire(u32, LOCK, me)
+    at.lock_acquire(u64, LOCK, me)
     at.store(u64, RESULT, at.clock_ns() - t0)
-    assert at.load(u32, LOCK) == me
-    at.lock_release(u32, LOCK)
+    assert at.load(u64, LOCK) == me
+    at.lock_release(u64, LOCK)
 
 
 def _child_futex_wait(path, ready):
@@ -272,7 +317,7 @@ def test_lock_mutual_exclusion_across_processes(shm):
     with _processes(*[(_child_locked_increment, (path, N_INCREMENTS, barrier))] * 2) as procs:
         _join(procs)
     assert u64[COUNTER] == 2 * N_INCREMENTS
-    assert u32[LOCK] == 0
+    assert u64[LOCK] == 0
 
 
 def test_fetch_add_across_processes(shm):
@@ -285,16 +330,17 @@ def test_fetch_add_across_processes(shm):
 
 def test_live_owner_keeps_lock(shm):
     path, u32, u64 = shm
-    assert at.lock_try(u32, LOCK, os.getpid())
+    me = at.owner_self()
+    assert at.lock_try(u64, LOCK, me)
     waiting = CTX.Event()
     with _processes((_child_acquire_timed, (path, waiting))) as (waiter,):
         assert waiting.wait(JOIN_TIMEOUT)
         time.sleep(0.3)  # hundreds of liveness checks by the waiter
-        assert waiter.is_alive() and u32[LOCK] == os.getpid()
-        at.lock_release(u32, LOCK)
+        assert waiter.is_alive() and u64[LOCK] == me
+        at.lock_release(u64, LOCK)
         _join([waiter])
     assert u64[RESULT] >= 250_000_000
-    assert u32[LOCK] == 0
+    assert u64[LOCK] == 0
 
 
 def test_dead_owner_lock_is_stolen(shm):
@@ -302,15 +348,15 @@ def test_dead_owner_lock_is_stolen(shm):
     held = CTX.Event()
     with _processes((_child_hold_lock, (path, held))) as (owner,):
         assert held.wait(JOIN_TIMEOUT)
-        assert u32[LOCK] == owner.pid
+        assert int(u64[LOCK]) & L.OWNER_TID_MASK == owner.pid  # its main thread's tid
         owner.kill()
-        owner.join(JOIN_TIMEOUT)  # reap it: a zombie still answers kill(pid, 0)
+        owner.join(JOIN_TIMEOUT)  # reap it
         assert owner.exitcode == -signal.SIGKILL
-    assert u32[LOCK] == owner.pid  # the dead process still "holds" it
+    assert int(u64[LOCK]) & L.OWNER_TID_MASK == owner.pid  # the dead process still "holds" it
     with _processes((_child_acquire_timed, (path, CTX.Event()))) as (thief,):
         _join([thief])
     assert u64[RESULT] < 2_000_000_000
-    assert u32[LOCK] == 0
+    assert u64[LOCK] == 0
 
 
 def test_futex_wake_across_processes(shm):

@@ -22,6 +22,8 @@ from conftest import join_all  # noqa: E402
 from numba import njit  # noqa: E402
 
 from evtchn import _numba_atomics as A  # noqa: E402
+from evtchn import layout as L  # noqa: E402
+from evtchn.owner import owner_id  # noqa: E402
 
 WIDTHS = (8, 16, 32, 64)
 MASK = {w: (1 << w) - 1 for w in WIDTHS}
@@ -347,13 +349,13 @@ def test_futex_wait_times_out_and_checks_value():
 
 # --- cross-process ------------------------------------------------------------------------------
 # Layout of the shared page used below (byte offsets).
-C_LOCK, C_LOCKED_COUNT, C_ATOMIC_COUNT, C_READY = 0, 4, 8, 12
+C_LOCK, C_LOCKED_COUNT, C_ATOMIC_COUNT, C_READY = 0, 8, 12, 16  # the lock is a u64
 C_FLAG, C_WORD, C_RESULT, C_ELAPSED, C_STOLEN = 64, 68, 128, 136, 144
 N_ITER = 200_000
 
 
 @njit(cache=True)
-def _counter_kernel(base, u32, n, mypid, nprocs):
+def _counter_kernel(base, u32, n, me, nprocs):
     # Start together so the two processes really contend.
     A.fetch_add_u32(base + C_READY, 1)
     t0 = A.monotonic_ns()
@@ -362,7 +364,7 @@ def _counter_kernel(base, u32, n, mypid, nprocs):
         if A.monotonic_ns() - t0 > 30_000_000_000:
             return -1
     for _ in range(n):
-        A.lock_acquire(base + C_LOCK, mypid)
+        A.lock_acquire(base + C_LOCK, me)
         u32[C_LOCKED_COUNT // 4] += 1  # plain read-modify-write, guarded by the lock
         A.lock_release(base + C_LOCK)
         A.fetch_add_u32(base + C_ATOMIC_COUNT, 1)
@@ -372,7 +374,7 @@ def _counter_kernel(base, u32, n, mypid, nprocs):
 def _counter_child(path, n, nprocs):
     mm, u8, base = _attach(path)
     u32 = u8.view(np.uint32)
-    if _counter_kernel(base, u32, n, os.getpid(), nprocs) != 0:
+    if _counter_kernel(base, u32, n, owner_id(), nprocs) != 0:
         sys.exit(3)
 
 
@@ -391,43 +393,62 @@ def test_lock_and_fetch_add_across_processes():
         assert u32[C_READY // 4] == 2
         assert u32[C_LOCKED_COUNT // 4] == 2 * N_ITER
         assert u32[C_ATOMIC_COUNT // 4] == 2 * N_ITER
-        assert u32[C_LOCK // 4] == 0
+        assert u8[C_LOCK : C_LOCK + 8].view(np.uint64)[0] == 0
     finally:
         _unlink(path)
 
 
 def test_lock_try_and_release():
     buf, addr = _buffer()
-    _put(buf, 32, 0)
+    _put(buf, 64, 0)
     try_ = _jit2(A.lock_try)
-    assert try_(addr, 1234)
-    assert _get(buf, 32) == 1234
+    big = (1234 << 32) | 77  # a u64 owner id: the high half counts too
+    assert try_(addr, big)
+    assert _get(buf, 64) == big
     assert not try_(addr, 99)  # held: fails, word unchanged
-    assert _get(buf, 32) == 1234
+    assert _get(buf, 64) == big
     _jit1(A.lock_release)(addr)
-    assert _get(buf, 32) == 0
-    assert A.lock_acquire(addr, os.getpid()) == 0  # free: taken at once, nothing stolen
-    assert _get(buf, 32) == os.getpid()
+    assert _get(buf, 64) == 0
+    me = owner_id()
+    assert A.lock_acquire(addr, me) == 0  # free: taken at once, nothing stolen
+    assert _get(buf, 64) == me
     A.lock_release(addr)
-    _assert_rest_untouched(buf, 32)
+    _assert_rest_untouched(buf, 64)
+
+
+def test_owner_alive_and_robust_lock():
+    """Alive: this thread. Dead: our tid with another start time (a reused tid), a tid that
+    does not exist. lock_try_robust takes a dead owner's lock, lock_acquire_for times out
+    against a live one."""
+    me = owner_id()
+    assert A.owner_alive(me)
+    assert not A.owner_alive(me + (1 << 32))
+    assert not A.owner_alive(L.OWNER_TID_MASK)
+    buf, addr = _buffer()
+    _put(buf, 64, me + (1 << 32))
+    assert A.lock_try_robust(addr, me) and _get(buf, 64) == me
+    assert not A.lock_try_robust(addr, me + 5)
+    assert A.lock_acquire_for(addr, me + 5, 30_000_000) == -1
+    assert _get(buf, 64) == me
+    _assert_rest_untouched(buf, 64)
 
 
 @njit(cache=True)
-def _hold_lock(base, mypid):
-    A.lock_acquire(base + C_LOCK, mypid)
+def _hold_lock(base, me):
+    A.lock_acquire(base + C_LOCK, me)
     A.store_u32(base + C_FLAG, 1)
 
 
 def _holder_child(path):
     mm, u8, base = _attach(path)
-    _hold_lock(base, os.getpid())
+    _hold_lock(base, owner_id())
     time.sleep(600)  # killed long before
 
 
 @njit(cache=True)
-def _steal_lock(base, mypid):
+def _steal_lock(base, me):
     A.store_u32(base + C_READY, 1)
-    stolen = A.lock_acquire(base + C_LOCK, mypid)
+    stolen = A.lock_acquire(base + C_LOCK, me)
     A.store_u64(base + C_ELAPSED, A.monotonic_ns())  # when it got the lock
     A.store_u64(base + C_STOLEN, stolen)
     A.store_u32(base + C_RESULT, 1)
@@ -435,7 +456,7 @@ def _steal_lock(base, mypid):
 
 def _stealer_child(path):
     mm, u8, base = _attach(path)
-    _steal_lock(base, os.getpid())
+    _steal_lock(base, owner_id())
 
 
 @pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
@@ -452,7 +473,8 @@ def test_lock_of_killed_holder_is_stolen(reaped):
             JOIN_TIMEOUT,
             "the holder to take the lock",
         )
-        assert u32[C_LOCK // 4] == holder.pid
+        assert u64[C_LOCK // 8] & L.OWNER_TID_MASK == holder.pid  # its main thread's tid
+        held_by = int(u64[C_LOCK // 8])
         # Started while the holder lives (Process.start() reaps finished children, which would
         # turn the zombie case into the reaped one); it waits in lock_acquire.
         stealer = SPAWN.Process(target=_stealer_child, args=(path,), name="stealer")
@@ -463,7 +485,7 @@ def test_lock_of_killed_holder_is_stolen(reaped):
             "the stealer to start waiting",
         )
         time.sleep(0.05)
-        assert u32[C_RESULT // 4] == 0 and u32[C_LOCK // 4] == holder.pid
+        assert u32[C_RESULT // 4] == 0 and u64[C_LOCK // 8] == held_by
         os.kill(holder.pid, signal.SIGKILL)
         killed_at = time.monotonic_ns()  # CLOCK_MONOTONIC, as monotonic_ns() in njit
         if reaped:
@@ -472,8 +494,8 @@ def test_lock_of_killed_holder_is_stolen(reaped):
         if not reaped:  # dead but unreaped: kill(pid, 0) succeeds
             assert _proc_state(holder.pid) == "Z"
         assert u32[C_RESULT // 4] == 1
-        assert u32[C_LOCK // 4] == stealer.pid
-        assert u64[C_STOLEN // 8] == holder.pid
+        assert u64[C_LOCK // 8] & L.OWNER_TID_MASK == stealer.pid
+        assert u64[C_STOLEN // 8] == held_by
         took = int(u64[C_ELAPSED // 8]) - killed_at
         assert took < 2_000_000_000, f"the steal took {took} ns"
     finally:
@@ -580,11 +602,11 @@ CACHE_KERNEL = textwrap.dedent("""
     def kernel(base, me):
         lock_acquire(base, me)
         fetch_add_u64(base + 8, 5)
-        cas_u32(base + 4, 0, 9)
+        cas_u32(base + 16, 0, 9)
         cpu_relax()
         lock_release(base)
-        futex_wake(base, 1)
-        return load_u32(base + 4) + monotonic_ns() * 0
+        futex_wake(base + 16, 1)
+        return load_u32(base + 16) + monotonic_ns() * 0
 
     a = np.zeros(4, np.uint64)
     t0 = time.perf_counter()

@@ -109,31 +109,66 @@ static inline void futex_wake(uint32_t *addr) {
     syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
-/* evtchn's lock word: the owner's pid, 0 when free (same protocol as evtchn/_atomics.pxd, so a
- * Python control-plane operation racing the benchmark would exclude us and we it). */
-static inline void lock_acquire(uint32_t *w, uint32_t me) {
+/* evtchn's lock word (evtchn/layout.py, "Lock words"): a u64 owner id, 0 when free: low 32 bits
+ * the thread's tid (bit 31: a read-type channel-lock holder), high 32 bits its start time in
+ * clock ticks (/proc/<tid>/stat field 22, 31 bits). Same protocol and spin policy as
+ * evtchn/_atomics.pxd, so a Python control-plane operation racing the benchmark would exclude
+ * us and we it. */
+static int proc_stat(uint32_t tid, char *state, uint64_t *start) {  /* 1 ok, -1 gone, 0 ? */
+    char path[40], buf[512], *p;
+    snprintf(path, sizeof path, "/proc/%u/stat", tid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return (errno == ENOENT || errno == ESRCH) ? -1 : 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    if ((p = strrchr(buf, ')')) == NULL || p[1] != ' ') return 0;
+    *state = p[2];
+    p += 2;
+    for (int field = 3; field < 22; field++)
+        if ((p = strchr(p, ' ')) == NULL) return 0; else p++;
+    *start = strtoull(p, NULL, 10);
+    return 1;
+}
+
+static uint64_t self_owner(void) {            /* this (single-threaded) process's owner id */
+    uint32_t tid = (uint32_t)syscall(SYS_gettid);
+    char state;
+    uint64_t start = 0;
+    proc_stat(tid, &state, &start);
+    return ((start & EVL_OWNER_START_MASK) << 32) | (tid & EVL_OWNER_TID_MASK);
+}
+
+static int owner_dead(uint64_t owner) {
+    char state = 0;
+    uint64_t start = 0;
+    int r = proc_stat((uint32_t)(owner & EVL_OWNER_TID_MASK), &state, &start);
+    if (r <= 0) return r < 0;
+    return state == 'Z' || state == 'X' || (start & EVL_OWNER_START_MASK) != (owner >> 32);
+}
+
+static inline void lock_acquire(uint64_t *w, uint64_t me) {
     unsigned spins = 0, yields = 0;
     for (;;) {
-        uint32_t owner = __atomic_load_n(w, RLX);
+        uint64_t owner = __atomic_load_n(w, RLX);
         if (owner == 0) {
             if (__atomic_compare_exchange_n(w, &owner, me, 0, ACQ, RLX)) return;
             continue;
         }
-        if (spins < 100) {
+        if (spins < EVL_LOCK_SPINS) {
             spins++;
             cpu_relax();
             continue;
         }
         sched_yield();
-        /* bit 31 of the owner marks a read-type channel-lock holder (CHANNEL_LOCK_READER) */
-        if (++yields % 256 == 0 && kill((pid_t)(owner & EVL_LOCK_PID_MASK), 0) == -1 &&
-            errno == ESRCH &&
+        if (++yields % EVL_LOCK_YIELDS_PER_CHECK == 0 && owner_dead(owner) &&
             __atomic_compare_exchange_n(w, &owner, me, 0, ACQ, RLX))
             return;                                     /* the owner died holding it */
     }
 }
 
-static inline void lock_release(uint32_t *w) { __atomic_store_n(w, 0, REL); }
+static inline void lock_release(uint64_t *w) { __atomic_store_n(w, 0, REL); }
 
 /* ---------------------------------------------------------------------------------------- */
 /* a mapped domain                                                                           */
@@ -274,8 +309,8 @@ static ctl_t *ctl;
 static inline void mark_upcall_pending(dom_t *d, uint32_t v, int64_t *kicks) {
     if (__atomic_fetch_or(upcall_flag(d, v), 1, SEQ) & 1) return;
     uint64_t x = xen_vcpu_off(d, v);
-    __atomic_thread_fence(SEQ);                 /* Dekker with wait: flag set, then BLOCKED */
-    if (__atomic_load_n(U32(d, x + EVL_X_BLOCKED), SEQ)) {
+    __atomic_thread_fence(SEQ);                 /* Dekker with wait: flag set, then WAITERS */
+    if (__atomic_load_n(U32(d, x + EVL_X_WAITERS), SEQ)) {
         __atomic_fetch_add(U32(d, x + EVL_X_KICK), 1, SEQ);
         futex_wake(U32(d, x + EVL_X_KICK));
         ++*kicks;
@@ -348,7 +383,7 @@ static inline int fifo_set_link(dom_t *d, uint32_t tail, uint32_t port) {
 }
 
 /* event_fifo.c evtchn_fifo_set_pending (after Xen 71ac522909). */
-static inline int fifo_set_pending(dom_t *d, uint32_t v, uint32_t port, uint32_t me,
+static inline int fifo_set_pending(dom_t *d, uint32_t v, uint32_t port, uint64_t me,
                                    int64_t *kicks) {
     uint8_t *pe = d->base + port_off(d, port);
     if (port >= hdr(d, EVL_H_ARRAY_PAGES) * (uint32_t)EVL_FIFO_WORDS_PER_PAGE) {
@@ -357,7 +392,8 @@ static inline int fifo_set_pending(dom_t *d, uint32_t v, uint32_t port, uint32_t
     }
     uint32_t *word = event_word(d, port);
     uint32_t *plastq = (uint32_t *)(pe + EVL_P_LASTQ);
-    uint32_t lastq = 0, q_prio = 0, *qlock = NULL, *oqlock = NULL;
+    uint32_t lastq = 0, q_prio = 0;
+    uint64_t *qlock = NULL, *oqlock = NULL;
     uint64_t q = 0, oq = 0;
     int tries;
     for (tries = 0; tries < EVL_FIFO_LOCK_TRIES; tries++) {
@@ -365,8 +401,8 @@ static inline int fifo_set_pending(dom_t *d, uint32_t v, uint32_t port, uint32_t
         q_prio = __atomic_load_n(pe + EVL_P_PRIORITY, ACQ);
         q = queue_off(d, v, q_prio);
         oq = queue_off(d, lastq >> 16, lastq & 0xFF);
-        qlock = U32(d, q + EVL_Q_LOCK);
-        oqlock = U32(d, oq + EVL_Q_LOCK);
+        qlock = U64(d, q + EVL_Q_LOCK);
+        oqlock = U64(d, oq + EVL_Q_LOCK);
         if (q == oq) {
             lock_acquire(qlock, me);
         } else if (q < oq) {
@@ -416,7 +452,7 @@ static inline int fifo_set_pending(dom_t *d, uint32_t v, uint32_t port, uint32_t
     return first;
 }
 
-static inline int set_pending(dom_t *d, uint32_t v, uint32_t port, uint32_t me, int64_t *kicks) {
+static inline int set_pending(dom_t *d, uint32_t v, uint32_t port, uint64_t me, int64_t *kicks) {
     if (__atomic_load_n(d->base + port_off(d, port) + EVL_P_STATE, ACQ) <= EVL_ECS_RESERVED)
         return 0;                               /* evtchn_usable() */
     if (d->abi == EVL_ABI_FIFO) return fifo_set_pending(d, v, port, me, kicks);
@@ -425,12 +461,12 @@ static inline int set_pending(dom_t *d, uint32_t v, uint32_t port, uint32_t me, 
 
 /* EVTCHNOP_send: the sender's channel lock around reading its state and peer. 1: new edge,
  * 0: coalesced or dropped, < 0: -errno. */
-static inline int send(dom_t *ld, uint32_t lport, uint32_t me, int64_t *kicks) {
+static inline int send(dom_t *ld, uint32_t lport, uint64_t me, int64_t *kicks) {
     if (lport >= hdr(ld, EVL_H_VALID)) return -EINVAL;
     uint8_t *pe = ld->base + port_off(ld, lport);
-    uint32_t *lock = (uint32_t *)(pe + EVL_P_LOCK);
+    uint64_t *lock = (uint64_t *)(pe + EVL_P_LOCK);
     int r;
-    lock_acquire(lock, me | (uint32_t)EVL_CHANNEL_LOCK_READER);   /* read-type, as evtchn */
+    lock_acquire(lock, me | (uint64_t)EVL_CHANNEL_LOCK_READER);   /* read-type, as evtchn */
     uint8_t state = __atomic_load_n(pe + EVL_P_STATE, ACQ);
     if (state == EVL_ECS_INTERDOMAIN) {
         uint32_t rdom = __atomic_load_n((uint16_t *)(pe + EVL_P_REMOTE_DOM), ACQ);
@@ -570,9 +606,9 @@ static uint32_t fifo_handle(dom_t *d, uint32_t v, uint32_t *out, uint32_t n, uin
 
 /* __xen_evtchn_do_upcall under the vCPU's handler lock: clear the upcall flag (xchg), handle
  * events, repeat while it was set again; stop early when `out` is full. */
-static uint32_t consume(dom_t *d, uint32_t v, uint32_t *out, uint32_t cap, uint32_t me) {
+static uint32_t consume(dom_t *d, uint32_t v, uint32_t *out, uint32_t cap, uint64_t me) {
     uint8_t *flag = upcall_flag(d, v);
-    uint32_t *hlock = U32(d, guest_vcpu_off(d, v) + EVL_G_HANDLER_LOCK);
+    uint64_t *hlock = U64(d, guest_vcpu_off(d, v) + EVL_G_HANDLER_LOCK);
     uint32_t n = 0;
     lock_acquire(hlock, me);
     for (;;) {
@@ -588,18 +624,31 @@ static uint32_t consume(dom_t *d, uint32_t v, uint32_t *out, uint32_t cap, uint3
     return n;
 }
 
-/* A halted vCPU: sleep on the kick futex until the upcall flag is set. 1: upcall, 0: timeout. */
-static int wait_upcall(dom_t *d, uint32_t v, int64_t timeout_ns) {
+/* A halted vCPU: sleep on the kick futex until the upcall flag is set. 1: upcall, 0: timeout.
+ * Registered as evtchn's wait() does: a waiter slot (CAS 0 -> owner id), then its bit in the
+ * bitmap that kicks read; left in the opposite order. */
+static int wait_upcall(dom_t *d, uint32_t v, int64_t timeout_ns, uint64_t me) {
     uint64_t x = xen_vcpu_off(d, v);
-    uint32_t *blocked = U32(d, x + EVL_X_BLOCKED), *kick = U32(d, x + EVL_X_KICK);
+    uint32_t *waiters = U32(d, x + EVL_X_WAITERS), *kick = U32(d, x + EVL_X_KICK);
     uint8_t *flag = upcall_flag(d, v);
     if (__atomic_load_n(flag, ACQ) & 1) return 1;
     int64_t deadline = now_ns() + timeout_ns;
-    int r = 0;
-    __atomic_fetch_add(blocked, 1, SEQ);
+    int r = 0, slot;
+    for (slot = 0; slot < EVL_WAITER_SLOTS; slot++) {
+        uint64_t free_ = 0;
+        if (__atomic_compare_exchange_n(U64(d, x + EVL_X_WAITER + 8 * slot), &free_, me, 0,
+                                        SEQ, SEQ))
+            break;
+    }
+    if (slot == EVL_WAITER_SLOTS) {             /* all taken: poll the flag, as evtchn does */
+        struct timespec ts = {0, EVL_WAIT_FALLBACK_NS};
+        nanosleep(&ts, NULL);
+        return __atomic_load_n(flag, ACQ) & 1;
+    }
+    __atomic_fetch_or(waiters, 1u << slot, SEQ);
     for (;;) {
         uint32_t seen = __atomic_load_n(kick, SEQ);
-        __atomic_thread_fence(SEQ);             /* Dekker with kick: BLOCKED++, then the flag */
+        __atomic_thread_fence(SEQ);             /* Dekker with kick: bit set, then the flag */
         if (__atomic_load_n(flag, SEQ) & 1) {
             r = 1;
             break;
@@ -609,7 +658,8 @@ static int wait_upcall(dom_t *d, uint32_t v, int64_t timeout_ns) {
         ctl->sleeps++;
         futex_wait(kick, seen, left);
     }
-    __atomic_fetch_sub(blocked, 1, SEQ);
+    __atomic_fetch_and(waiters, ~(1u << slot), SEQ);
+    __atomic_store_n(U64(d, x + EVL_X_WAITER + 8 * slot), 0, REL);
     return r;
 }
 
@@ -649,7 +699,7 @@ static void pin(int cpu) {
 static void run_sender(const args_t *a) {
     dom_t *ld = doms[a->sender];
     pin(a->sender_cpu);
-    uint32_t me = (uint32_t)getpid();
+    uint64_t me = self_owner();
     int64_t sent = 0, edges = 0, refused = 0, batches = 0, kicks = 0;
     __atomic_fetch_add(&ctl->ready, 1, SEQ);
     while (__atomic_load_n(&ctl->start_ns, ACQ) == 0) cpu_relax();
@@ -686,7 +736,7 @@ static void run_sender(const args_t *a) {
 
 static void run_consumer(const args_t *a) {
     dom_t *d = doms[a->receiver];
-    uint32_t me = (uint32_t)getpid();
+    uint64_t me = self_owner();
     pin(a->vcpu_cpu);
     uint32_t *buf = malloc(sizeof(uint32_t) * a->cap);
     int64_t delivered = 0, calls = 0, nonempty = 0, fulls = 0, waits = 0, last = 0;
@@ -718,7 +768,7 @@ static void run_consumer(const args_t *a) {
         }
         if (a->spin_ns > 0 && poll_upcall(d, a->vcpu, a->spin_ns)) continue;
         waits++;
-        wait_upcall(d, a->vcpu, timeout);
+        wait_upcall(d, a->vcpu, timeout, me);
     }
     ctl->delivered = delivered;
     ctl->calls = calls;
@@ -736,7 +786,7 @@ static int64_t left_pending(const args_t *a);
  * nothing races and no cache line moves between CPUs: the kernels' own cost per event. */
 static int run_isolated(const args_t *a) {
     dom_t *ld = doms[a->sender], *d = doms[a->receiver];
-    uint32_t me = (uint32_t)getpid();
+    uint64_t me = self_owner();
     uint32_t *buf = malloc(sizeof(uint32_t) * a->cap);
     int64_t kicks = 0, sent = 0, edges = 0, refused = 0, delivered = 0, calls = 0, batches = 0;
     int64_t send_ns = 0, consume_ns = 0;
