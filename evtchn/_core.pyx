@@ -1121,6 +1121,73 @@ cdef inline void block(uint32_t *kickw, uint32_t seen, int64_t slice_ns, int slo
         pause_ns(slice_ns if slice_ns < WAIT_FALLBACK_NS else WAIT_FALLBACK_NS)
 
 
+# -- locks held from Python (evtchn.locks) -------------------------------------------------------
+cpdef int release_owned(addresses) except -1:
+    """Release each lock at `addresses` that the calling thread holds (read-type or not) and
+    return how many it released. One C call: Python looks for signals only once it returned,
+    so a KeyboardInterrupt cannot stop it halfway. Callers pass every lock they meant to take:
+    those they did not get (a signal while waiting) or that another thread holds are left
+    alone. Lock words are the same in every backend, so this releases Numba's locks too."""
+    cdef uint64_t me = evtchn_self() | CHANNEL_LOCK_READER
+    cdef uint64_t owner
+    cdef uint64_t *w
+    cdef uintptr_t address
+    cdef int released = 0
+    for address in addresses:
+        w = <uint64_t *>address
+        owner = at_load64(w)
+        if owner != 0 and (owner | CHANNEL_LOCK_READER) == me:
+            evlock_release(w)
+            released += 1
+    return released
+
+
+@cython.final
+cdef class Held:
+    """Hold the locks at `addresses` for a ``with`` block (evtchn.locks.Held, compiled): taken
+    in the order given (read-type channel locks with `reader`; with `busy` only tried, and
+    EvtchnError(EBUSY, busy) if a live owner holds one), released on every way out.
+
+    Compiled so that no Python code runs between the block's end and the release: a Python
+    __exit__ would look for signals on entry, and a KeyboardInterrupt there would skip the
+    release. In __enter__ a signal raised in a lock call after it took the lock is caught and
+    the lock released (the address is recorded before the call)."""
+
+    cdef object _k
+    cdef list _addrs
+    cdef bint _reader
+    cdef object _busy
+
+    def __init__(self, kernels, addresses, bint reader=False, busy=None):
+        self._k = kernels
+        self._addrs = list(addresses)
+        self._reader = reader
+        self._busy = busy
+
+    def __enter__(self):
+        cdef list taken = []
+        try:
+            for address in self._addrs:
+                taken.append(address)
+                if self._busy is None:
+                    self._k.lock(address, self._reader)
+                elif not self._k.trylock(address):
+                    taken.pop()
+                    raise EvtchnError(E.EBUSY, self._busy)
+        except EvtchnError as exc:
+            if exc.errno == E.EDEADLK:          # held by this thread outside this block
+                taken.pop()
+            release_owned(taken)
+            raise
+        except BaseException:
+            release_owned(taken)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        release_owned(self._addrs)
+
+
 # -- the backend ---------------------------------------------------------------------------------
 @cython.final
 cdef class CythonKernels:
@@ -1264,22 +1331,9 @@ cdef class CythonKernels:
         evlock_release(<uint64_t *>address)
 
     def unlock_owned(self, addresses):
-        """Release each lock at `addresses` that the calling thread holds (read-type or not),
-        in one call: no signal is looked for until all are done. Returns how many it released.
-        Callers pass every lock they meant to take: those they did not get (a signal while
-        waiting) or that another thread holds are left alone."""
-        cdef uint64_t me = evtchn_self() | CHANNEL_LOCK_READER
-        cdef uint64_t owner
-        cdef uint64_t *w
-        cdef uintptr_t address
-        cdef int released = 0
-        for address in addresses:
-            w = <uint64_t *>address
-            owner = at_load64(w)
-            if owner != 0 and (owner | CHANNEL_LOCK_READER) == me:
-                evlock_release(w)
-                released += 1
-        return released
+        """Release each lock at `addresses` that the calling thread holds (see
+        release_owned)."""
+        return release_owned(addresses)
 
     # -- guest bitops on shared words (Linux set_bit / clear_bit on cpu_evtchn_mask) ---------
     cdef void *_word_at(self, uintptr_t address, unsigned bit, unsigned word_bits) except NULL:

@@ -577,10 +577,8 @@ class Domain:
         of the domain runs; the reset lock of one that died is taken over."""
         if self.host._closed:
             raise self.host._closed_error()
-        lock = self._base + L.H_RESET_LOCK
-        try:  # the trylock inside: a signal right after it succeeds still releases it
-            if not self._k.trylock(lock):
-                raise EvtchnError(E.EBUSY, f"a reset of domain {self.domid} is in progress")
+        busy = f"a reset of domain {self.domid} is in progress"
+        with Held(self._k, [self._base + L.H_RESET_LOCK], busy=busy):
             p = self._next_open_port(1)
             while p:
                 try:
@@ -599,8 +597,6 @@ class Domain:
                     )
                 if self._dm.abi == L.ABI_FIFO:
                     self._fifo_reinit()
-        finally:
-            self._k.unlock_owned([lock])
 
     def _next_open_port(self, start: int) -> int:
         """The lowest port >= start that is in use (not FREE or RESERVED), or 0; vectorised

@@ -19,7 +19,8 @@ class EvtchnError(OSError):
 
 
 class HostGoneError(EvtchnError):
-    """The named host does not exist (any more) or is not an evtchn host of this version."""
+    """The named host does not exist (any more), is not an evtchn host of this version, or was
+    created in another pid namespace (its lock owners are thread ids of that namespace)."""
 
 
 def fail(code: int, message: str) -> EvtchnError:

@@ -43,7 +43,9 @@ Python). ``v`` is a ``Views``; ports, vCPUs and VIRQs are integers; arrays are c
                                     sleep (futex, no spinning) until the vCPU has an upcall
                                     pending; False after timeout_ns (< 0: no limit) or when a
                                     signal arrives. Called from a function without nogil=True
-                                    it holds the GIL while it sleeps: keep timeout_ns short
+                                    it holds the GIL while it sleeps: keep timeout_ns short.
+                                    It first frees the waiter slots of waiters that died
+                                    blocked, then takes one (a kick wakes registered waiters)
     upcall_pending(v, vcpu) -> bool
     mask(v, port)                   the guest's mask
     unmask(v, port) -> int          the guest's unmask; a pending port is re-raised by Xen's

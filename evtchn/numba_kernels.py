@@ -605,6 +605,9 @@ def _raise_selectors(tb, d, v, port):
 
 @njit(inline="always", cache=True)
 def _bitmap_set_pending(tb, d, v, port):
+    """evtchn_2l_set_pending (event_2l.c): pending, then (if unmasked) selector(s), then the
+    upcall flag; the mask is read seq_cst after the pending RMW (the store-buffering pair with
+    the guest's unmask). Pollers are checked for a new edge only."""
     w = _T(tb, d, C_WB)
     ws = _T(tb, d, C_WSHIFT)
     if _test_and_set(tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1)):
@@ -620,7 +623,9 @@ def _bitmap_set_pending(tb, d, v, port):
 
 @njit(cache=True)
 def _fifo_set_link(tb, d, tail_port, port):
-    """evtchn_fifo_set_link: 1 linked, 0 the tail was already consumed (write HEAD)."""
+    """evtchn_fifo_set_link (dae2a1c5f9): link the tail to `port` iff it is still LINKED; after
+    one failed cmpxchg set BUSY and retry at most 4 times. 1 linked (or given up: "not
+    linked"), 0 the tail was already consumed (the caller writes HEAD)."""
     tw = _fifo_word(tb, d, tail_port)
     if tw == 0:
         return False
@@ -681,6 +686,7 @@ def _fifo_link_tail(tb, d, v, prio, q, port):
 
 @njit(cache=True)
 def _fifo_ready(tb, d, v, prio):
+    """Set the queue's READY bit; vcpu_mark_events_pending only if it was clear (70ccddb14a)."""
     if not _bts32(_control_block(tb, d, v) + CB_READY, prio):
         _mark_upcall_pending(tb, d, v)
 
@@ -838,6 +844,7 @@ def _fifo_set_pending_r9(tb, d, v, port, me):
 
 @njit(inline="always", cache=True)
 def _set_pending(tb, d, v, port, me):
+    """evtchn_port_set_pending: nothing for an unusable port (evtchn_usable), else the ABI's."""
     if _state(tb, d, port) <= ECS_RESERVED:  # evtchn_usable()
         return np.int64(0)
     if _T(tb, d, C_ABI) == ABI_FIFO:
@@ -860,6 +867,8 @@ def _hyp_unmask(tb, d, port, me):
 
 @njit(cache=True)
 def _hyp_unmask_locked(tb, d, port, me):
+    """evtchn_fifo_unmask (clear MASKED, relink if PENDING) or evtchn_2l_unmask (clear the
+    mask; if it was set and the port is pending, raise the selectors)."""
     if _state(tb, d, port) <= ECS_RESERVED:
         return np.int64(0)
     v = _notify_vcpu(tb, d, port)
@@ -926,9 +935,9 @@ def _is_linked(tb, d, port):
 
 @njit(cache=True)
 def _expand_array(tb, d, me):
-    """Linux fills the new page with MASKED; EVTCHNOP_expand_array publishes it and re-raises
-    the ports of its range sent to while it was missing. 0 or -ENOSPC; the caller holds the
-    event lock."""
+    """Linux fills the new page with MASKED; EVTCHNOP_expand_array (add_page_to_event_array)
+    publishes it and re-raises the ports of its range sent to while it was missing
+    (917c123029). 0 or -ENOSPC; the caller holds the event lock."""
     pages = _hdr(tb, d, H_ARRAY_PAGES)
     first = pages * WORDS_PER_PAGE
     if first >= np.int64(1) << _T(tb, d, C_LB):
@@ -973,18 +982,20 @@ def _send(tb, nrows, d, port, me):
 
 @njit(cache=True)
 def _channel_read_trylock(lk, me):
-    """evtchn_read_trylock on the exclusive owner word (as _core.channel_read_trylock): 0
-    against a writer; 1 after waiting for another process's reader (the caller releases); 2
-    beside a reader of this process, as in Xen (nothing to release)."""
+    """evtchn_read_trylock on the exclusive owner word (as _core.channel_read_trylock; `me` is
+    the caller's reader value, owner | CHANNEL_LOCK_READER): 0 against a writer; 1 after
+    waiting for a reader that is another thread or process (the caller releases); 2 beside a
+    reader that is the calling thread itself, whose read lock nests as in Xen (nothing to
+    release)."""
     while True:
         if lock_try(lk, me):
             return 1
-        owner = load_u32(lk)
+        owner = np.int64(load_u64(lk))
         if owner == 0:
             continue
         if not owner & CHANNEL_LOCK_READER:
             return 0
-        if owner == np.uint32(me):
+        if owner == me:
             return 2
         lock_acquire(lk, me)
         return 1
@@ -1022,6 +1033,7 @@ def _raise_virq(tb, d, virq, v, me):
 
 @njit(cache=True)
 def _guest_mask(tb, d, port):
+    """Linux mask_evtchn: set MASKED (FIFO, evtchn_fifo_mask) or the mask bit (2l/3l)."""
     if _T(tb, d, C_ABI) == ABI_FIFO:
         wa = _fifo_word(tb, d, port)
         if wa != 0:

@@ -175,6 +175,7 @@ CRITICAL_SECTIONS = {
     "bind_ipi": (Domain, "_set_affinity", lambda d0, du, p0: d0.bind_ipi(1)),
     "close": (Domain, "_free_port", lambda d0, du, p0: d0.close(p0)),
     "bind_vcpu": (Domain, "_set_affinity", lambda d0, du, p0: d0.bind_vcpu(p0, 1)),
+    "bind_vcpu_channels": (DomainMemory, "set_port_u16", lambda d0, du, p0: d0.bind_vcpu(p0, 1)),
     "expand_to": (DomainMemory, "array_pages", lambda d0, du, p0: d0.bind_ipi(0)),
     "reset": (Domain, "_fifo_reinit", lambda d0, du, p0: d0.reset()),
 }
@@ -268,3 +269,52 @@ def test_the_compiled_kernels_share_one_spin_policy(compiled):
     """Issue 9 item 12: every lock wait and bounded spin uses evtchn.layout's constants."""
     want = {name: getattr(L, name) for name in _spin_policy(compiled)}
     assert _spin_policy(compiled) == want
+
+
+@pytest.mark.parametrize("impl", ["compiled", "python"])
+def test_held_takes_and_releases_on_every_way_out(compiled, impl):
+    """evtchn.locks.Held (compiled, or the pure-Python fallback used without the Cython
+    extension): owned inside the block, free after it, also after an exception; EDEADLK for a
+    lock this thread already holds (which stays held); with `busy`, EBUSY against a live
+    owner."""
+    from evtchn import locks
+
+    held_cls = locks.Held if impl == "compiled" else locks._PyHeld
+    if impl == "compiled" and held_cls is locks._PyHeld:
+        pytest.skip("the Cython extension is not built")
+    with evtchn.Host(compiled) as host:
+        d = host.create_domain("fifo")
+        addrs = [d._base + L.H_EVENT_LOCK, d._base + L.H_RESET_LOCK]
+        with held_cls(host._k, addrs):
+            assert set(d._dm.lock_words()) == {"event", "reset"}
+        assert d._dm.lock_words() == {}
+        with pytest.raises(_Injected):
+            with held_cls(host._k, addrs):
+                raise _Injected
+        assert d._dm.lock_words() == {}
+        host._k.lock(addrs[1])
+        with pytest.raises(EvtchnError) as exc:
+            with held_cls(host._k, addrs):
+                pass
+        assert exc.value.errno == errno.EDEADLK
+        assert set(d._dm.lock_words()) == {"reset"}  # the outer hold is not released
+        host._k.unlock(addrs[1])
+        other = threading.Thread(target=host._k.lock, args=(addrs[1],))
+        other.start()
+        other.join()  # a finished thread: its lock is a dead owner's, once its task is gone
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{other.native_id}") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with held_cls(host._k, addrs[1:], busy="busy"):  # taken over
+            assert set(d._dm.lock_words()) == {"reset"}
+        stop = threading.Event()
+        holder = threading.Thread(target=lambda: (host._k.lock(addrs[1]), stop.wait(30)))
+        holder.start()
+        while "reset" not in d._dm.lock_words():
+            time.sleep(0.01)
+        with pytest.raises(EvtchnError) as exc:
+            with held_cls(host._k, addrs, busy="in progress"):
+                pass
+        assert exc.value.errno == errno.EBUSY and d._dm.lock_words().keys() == {"reset"}
+        stop.set()
+        holder.join()

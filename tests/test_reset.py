@@ -103,13 +103,19 @@ def test_binds_racing_resets_never_strand_a_channel(compiled, monkeypatch):
 
         monkeypatch.setattr(Domain, "_fifo_reinit", reinit)
 
+        pool = [peer.alloc_unbound(r.domid) for _ in range(64)]  # peer ports waiting for R
+
         def binder():
             try:
                 while not stop.is_set():
                     if counts["binds"] % 2:
                         p = r.alloc_unbound(peer.domid)
                     else:
-                        p = r.bind_interdomain(peer.domid, peer.alloc_unbound(r.domid))
+                        pp = pool[counts["binds"] // 2 % len(pool)]
+                        if peer.status(pp).state != "unbound":
+                            counts["binds"] += 1  # still bound to a port of R: next one
+                            continue
+                        p = r.bind_interdomain(peer.domid, pp)
                     counts["binds"] += 1
                     pages = r._dm.array_pages()  # then the state: open all along means no
                     if r._dm.state(p) > L.ECS_RESERVED:  # teardown in between
