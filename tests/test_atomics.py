@@ -176,7 +176,7 @@ def test_owner_liveness():
 def test_lock_acquire_for_times_out_and_robust_try_takes_a_dead_lock():
     w = np.zeros(1, np.uint64)
     live = at.owner_self()
-    w[0] = live + 1  # held by a thread of another start time on our tid: dead
+    w[0] = live + (1 << 32)  # our tid with another start time (a reused tid): dead
     assert at.lock_try_robust(w, 0, live) == 1 and w[0] == live
     assert at.lock_try_robust(w, 0, live + 5) == 0  # live owner: refused
     t0 = time.monotonic()
