@@ -142,9 +142,14 @@ def test_parse_defaults_and_caps():
     assert "--abi 2l" in replay
     # the headline command binds every port but port 0 and the closers' spare ones
     (cfg,), _ = cli.parse(["--abi", "fifo", "--ports", "131072", "--vcpus", "64"])
-    assert cfg.channels == 131071 - CF.spare_ports(131072) and "131072" in cfg.cap_note
+    k = CF.RESET_CHANNELS  # the resetting domain's channels take dom0 ports too
+    assert cfg.channels == 131071 - CF.spare_ports(131072) - k and "131072" in cfg.cap_note
     (cfg,), _ = cli.parse(["--abi", "fifo", "--ports", "131072", "--chaos", "none"])
-    assert cfg.channels == 131071
+    assert cfg.channels == 131071 - k
+    (cfg,), _ = cli.parse(
+        ["--abi", "fifo", "--ports", "131072", "--chaos", "none", "--resets", "0"]
+    )
+    assert cfg.channels == 131071 and cfg.kchans == 0
 
 
 def test_parse_chaos():
@@ -290,7 +295,7 @@ def test_short_run_of_each_abi_passes(abi, tmp_path):
     assert rec["mapped_pages"] >= 1
     assert rec["mode"] == "processes"
     want = (
-        {"drain-vs-link", "poll-vs-relink"}
+        {"drain-vs-link", "poll-vs-relink", "relink-old-tail"}
         if abi == "fifo"
         else {"consume-vs-send", "unmask-vs-send"}
     )
