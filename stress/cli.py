@@ -426,29 +426,38 @@ def main(argv: list[str] | None = None) -> int:
     except CF.ConfigError as exc:
         print(f"python -m stress: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from . import report
     from . import run as R
 
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
-    results = []
     try:
-        factory = _progress_factory(cfgs[0].progress)
-        for cfg in cfgs:
-            if cfg.cap_note:
-                print(f"note: {cfg.cap_note}")
-            print(
-                f"{cfg.abi}: {cfg.channels} channels, {cfg.vcpus} vcpus, {cfg.senders} "
-                f"senders, workload {cfg.workload}, chaos {cfg.chaos_text}, backend "
-                f"{cfg.backend}{', inject ' + cfg.inject if cfg.inject else ''}, "
-                f"seed {cfg.seed}",
-                flush=True,
-            )
-            res = R.run(cfg, factory)
-            results.append(res)
-            if res.error or res.interrupted:
-                break
+        return _main(argv, cfgs, args)
+    except (KeyboardInterrupt, R.Interrupted):  # between runs or while printing: each run
+        print("\nINTERRUPTED (exit 130)", flush=True)  # released what it had made
+        return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, old_term)
+
+
+def _main(argv: list[str], cfgs, args) -> int:
+    from . import report
+    from . import run as R
+
+    results = []
+    factory = _progress_factory(cfgs[0].progress)
+    for cfg in cfgs:
+        if cfg.cap_note:
+            print(f"note: {cfg.cap_note}")
+        print(
+            f"{cfg.abi}: {cfg.channels} channels, {cfg.vcpus} vcpus, {cfg.senders} "
+            f"senders, workload {cfg.workload}, chaos {cfg.chaos_text}, backend "
+            f"{cfg.backend}{', inject ' + cfg.inject if cfg.inject else ''}, "
+            f"seed {cfg.seed}",
+            flush=True,
+        )
+        res = R.run(cfg, factory)
+        results.append(res)
+        if res.error or res.interrupted:
+            break
     records = [r.record for r in results]
     if any(r.interrupted for r in results):
         code = EXIT_INTERRUPTED

@@ -90,6 +90,7 @@ D_BGO = 33  # B: entering its operation of iteration k now (aimed iterations)
 D_PORT_C = 34  # consume-vs-send: the trigger port (another word of v), 0 = none
 D_LPORT_C = 35
 D_AIMED = 36  # B: aimed iterations run
+D_PARENT = 37  # the stress run's main process: a duel ends when it is gone
 
 # violations recorded by B (codes continue stress.workers' list)
 V_DUEL_SELECTOR_NO_UPCALL = 20
@@ -124,16 +125,26 @@ def aimed(k: int) -> bool:
 
 def more(duel, k: int) -> bool:
     """B starts another iteration while the duel's time lasts, and past it (up to the hard
-    end) until the minimum number of iterations ran: a loaded machine runs fewer per second."""
+    end) until the minimum number of iterations ran: a loaded machine runs fewer per second.
+    Not once the run's main process is gone (looked at every 256 iterations)."""
+    if k & 255 == 255 and not S.pid_alive(int(duel[D_PARENT])):
+        return False
     now = time.monotonic_ns()
     if now < int(duel[D_END_NS]):
         return True
     return k < int(duel[D_MIN_ITERS]) and now < int(duel[D_HARD_END_NS])
 
 
+def _gave_up(duel, n: int, t_end: int) -> bool:
+    """A side's wait is over: too long, or (every 64K looks) the main process is gone."""
+    if time.monotonic_ns() > t_end:
+        return True
+    return n & 0xFFFF == 0 and not S.pid_alive(int(duel[D_PARENT]))
+
+
 def spin(word, idx: int, want: int, other_done=None) -> bool:
-    """Busy-wait until word[idx] == want; False if it took too long (the other side died or
-    the duel ended)."""
+    """Busy-wait until word[idx] == want (word is the duel block); False if it took too long
+    (the other side died or the duel ended)."""
     if word[idx] == want:
         return True
     t_end = time.monotonic_ns() + SPIN_LIMIT_NS
@@ -145,7 +156,7 @@ def spin(word, idx: int, want: int, other_done=None) -> bool:
             os.sched_yield()
             if other_done is not None and word[other_done]:
                 return False
-            if time.monotonic_ns() > t_end:
+            if _gave_up(word, n, t_end):
                 return False
     return True
 
@@ -158,7 +169,7 @@ def spin_until(pred, duel) -> bool:
         n += 1
         if n & 255 == 0:
             os.sched_yield()
-            if duel[D_DONE] or time.monotonic_ns() > t_end:
+            if duel[D_DONE] or _gave_up(duel, n, t_end):
                 return False
     return True
 

@@ -242,15 +242,16 @@ class ProcessCrew:
             + [(n.rsplit("-", 1)[0], int(n.rsplit("-", 1)[1])) for n in RS.names(cfg)]
         )
         args = (cfg, self.env.host.name, self.st.name, os.getpid())
-        for slot, (role, i) in enumerate(jobs):
-            p = ctx.Process(
-                target=W.worker_main, args=(role, i) + args, name=self.names[slot], daemon=True
-            )
-            p.start()
-            self.procs.append((slot, self.names[slot], p))
+        with _sigint_blocked_for_children():
+            for slot, (role, i) in enumerate(jobs):
+                p = ctx.Process(
+                    target=W.worker_main, args=(role, i) + args, name=self.names[slot], daemon=True
+                )
+                p.start()
+                self.procs.append((slot, self.names[slot], p))
         self.wait_for(
             lambda: (self.st.hdr[:, S.H_STATE] >= S.S_READY).all(),
-            max(60.0, 1.0 * len(jobs)),
+            max(120.0, 2.0 * len(jobs)),
             "workers starting",
         )
 
@@ -285,7 +286,10 @@ class ProcessCrew:
         changed = loops != self.beat
         self.beat[changed] = loops[changed]
         self.beat_t[changed] = now
-        stale = np.flatnonzero(now - self.beat_t > self.cfg.hang_timeout)
+        # a worker still starting (importing, numba loading its kernels) has no heartbeat
+        # yet: the start-up deadline of start() covers it
+        started = self.st.hdr[:, S.H_STATE] != S.S_STARTING
+        stale = np.flatnonzero((now - self.beat_t > self.cfg.hang_timeout) & started)
         if len(stale) and self.beat_t.min() > 0:
             slot = int(stale[0])
             state = S.STATE_NAMES[min(int(self.st.hdr[slot, S.H_STATE]), 7)]
@@ -402,6 +406,7 @@ class ProcessCrew:
         block[DU.D_LPORT_A], block[DU.D_LPORT_B] = d.get("la", 0), d.get("lb", 0)
         block[DU.D_PORT_C], block[DU.D_LPORT_C] = d.get("pc", 0), d.get("lc", 0)
         block[DU.D_JITTER] = 64
+        block[DU.D_PARENT] = os.getpid()
         block[DU.D_MIN_ITERS] = int(2000 * seconds)
         saved = []
         if d["kind"] in DU.FIFO_KINDS:
@@ -472,6 +477,27 @@ class ProcessCrew:
             return calm[0] >= 3
 
         self.wait_for(drained, self.cfg.hang_timeout, "draining the vCPUs")
+
+
+@contextlib.contextmanager
+def _sigint_blocked_for_children():
+    """Start processes with SIGINT blocked: the forkserver (or a spawned worker) inherits the
+    blocked mask across exec, so a Ctrl-C meant for the run cannot break its start-up with a
+    traceback, and the workers it forks cannot see one before they ignore it. This process
+    gets it (KeyboardInterrupt) when the block ends, after every started worker was recorded
+    to be killed. multiprocessing's resource tracker unblocks SIGINT after starting itself, so
+    it is started first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def _describe_exit(code: int) -> str:
