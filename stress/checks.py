@@ -618,8 +618,15 @@ def _k_detail(kind: int, port: int, a: int, b: int, stats: S.Stats) -> str:
     if kind == RS.V_K_OPEN:
         return f"{k} is {L.STATUS_NAMES.get(a, a)} after EVTCHNOP_reset returned success (R14)"
     if kind == RS.V_K_ERROR:
-        where = ("EVTCHNOP_reset", "K's sender's send_many", "bind_interdomain")[min(b, 2)]
-        return f"{where} failed with errno {a}" + (f" ({k})" if port else "")
+        if b == RS.WHERE_DOM0:
+            return (
+                f"dom0's end of the channel of {k} is {L.STATUS_NAMES.get(a, a)}: neither "
+                f"bound nor waiting for K (a reset must leave it unbound)"
+            )
+        where = {RS.WHERE_RESET: "EVTCHNOP_reset", RS.WHERE_SEND: "K's sender's send_many"}
+        return f"{where.get(b, 'bind_interdomain')} failed with errno {a}" + (
+            f" ({k})" if port else ""
+        )
     return f"{k} was delivered but its binding names no channel of K (R14)"
 
 

@@ -61,6 +61,9 @@ DESCRIPTIONS = {
     "reset-error": "EVTCHNOP_reset or a re-bind failed with an unexpected errno",
 }
 
+# where a V_K_ERROR happened (its second word)
+WHERE_RESET, WHERE_SEND, WHERE_BIND, WHERE_DOM0 = range(4)
+
 SEND_PERIOD = 0.001  # K's sender: one batch per millisecond
 RESET_TRIES = 50  # attempts per reset round (EAGAIN / EBUSY retries)
 QUIET_WAIT = 5.0  # seconds a binder waits for the sender's batch / the handler run to end
@@ -151,7 +154,7 @@ class KSender:
         try:
             self.env.dom0.send_many(self.dports[pick], edges)
         except EvtchnError as exc:
-            self.env.stats.record(self.slot, V_K_ERROR, 0, 0, exc.errno or 0, 1)
+            self.env.stats.record(self.slot, V_K_ERROR, 0, 0, exc.errno or 0, WHERE_SEND)
         else:
             np.add.at(self.kedges, pick, edges.astype(np.uint64))
             ne = int(np.count_nonzero(edges))
@@ -273,7 +276,7 @@ class Resetter:
                     elif exc.errno == errno.EBUSY:
                         h[S.H_EBUSY] += 1
                     else:
-                        self.st.record(self.slot, V_K_ERROR, 0, 0, exc.errno or 0, 0)
+                        self.st.record(self.slot, V_K_ERROR, 0, 0, exc.errno or 0, WHERE_RESET)
                         return False
                     if self._stop():
                         return False
@@ -303,14 +306,15 @@ class Resetter:
             if state == L.ECS_INTERDOMAIN:
                 continue
             if state != L.ECS_UNBOUND:  # dom0's end is never closed
-                st.record(self.slot, V_K_ERROR, int(st.kch_kport[i]), 0, 0, state)
+                st.record(self.slot, V_K_ERROR, int(st.kch_kport[i]), 0, state, WHERE_DOM0)
                 continue
-            self.end_binding(i)
+            if not self.end_binding(i):
+                continue  # tallies not settled yet: bind it again next round
             h[S.H_SEQ] += 1  # odd: a bind in progress (check_bound skips meanwhile)
             try:
                 kp = self.kdom.bind_interdomain(0, d)
             except EvtchnError as exc:
-                st.record(self.slot, V_K_ERROR, int(st.kch_kport[i]), 0, exc.errno or 0, 2)
+                st.record(self.slot, V_K_ERROR, int(st.kch_kport[i]), 0, exc.errno or 0, WHERE_BIND)
                 continue
             finally:
                 h[S.H_SEQ] += 1
@@ -318,12 +322,15 @@ class Resetter:
             st.kbinds[i] += 1
             h[S.H_BINDS] += 1
 
-    def end_binding(self, i: int) -> None:
-        """Channel i's binding was closed by a reset: settle its tallies (module docstring)."""
+    def end_binding(self, i: int) -> bool:
+        """Channel i's binding was closed by a reset: settle its tallies (module docstring).
+        False if K's sender or vCPU stayed inside a batch / handler run for QUIET_WAIT."""
         st = self.st
-        if not self.inline:
+        if not self.inline and not (
             quiet(self.sender_hdr, QUIET_WAIT, self._stop)
-            quiet(self.vcpu_hdr, QUIET_WAIT, self._stop)
+            and quiet(self.vcpu_hdr, QUIET_WAIT, self._stop)
+        ):
+            return False
         e, d = int(st.kedges[i]), int(st.kdeliv[i])
         x = 1 + (e - int(st.kbase_e[i])) - (d - int(st.kbase_d[i]))
         if 0 <= x <= 1:
@@ -334,6 +341,7 @@ class Resetter:
             kp = int(st.kch_kport[i])
             st.record(self.slot, code, kp, 0, e - int(st.kbase_e[i]), d - int(st.kbase_d[i]))
         st.kbase_e[i], st.kbase_d[i] = e, d
+        return True
 
     def check_bound(self) -> None:
         """No binding of K without its event-array word or masked (events parked for ever).

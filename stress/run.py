@@ -637,6 +637,9 @@ def run(cfg, progress_factory=None) -> Result:
     try:
         with interrupts_held():
             host = Host(cfg.backend, inject=cfg.inject)
+        # numba: compile (or load) every kernel once here, so that the workers load them from
+        # numba's cache instead of each compiling them at once (minutes on a loaded machine)
+        host.warm_up()
         rec["host"] = host.name
         su = setup(cfg, host)
         rec["setup_s"] = round(su.seconds, 3)

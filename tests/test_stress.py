@@ -105,6 +105,8 @@ def test_help_lists_every_injection_as_a_choice():
         (["--duration", "0"], "--duration must be a positive number"),
         (["--duration", "1", "--events", "5"], "not allowed with argument"),
         (["--ports", "many"], "--ports must be an integer"),
+        (["--resets", "-1"], "--resets must be from 0 to 1000"),
+        (["--resetters", "3"], "invalid choice: 3"),
     ],
 )
 def test_bad_arguments_get_one_line_and_exit_2(args, needle):
@@ -139,6 +141,8 @@ def test_parse_defaults_and_caps():
         ["--abi", "fifo", "--ports", "131072", "--chaos", "none", "--resets", "0"]
     )
     assert cfg.channels == 131071 and cfg.kchans == 0
+    (cfg,), _ = cli.parse(["--resets", "20", "--resetters", "2", "--seed", "1"])
+    assert "--resets 20 --resetters 2" in cli.replay_command(cfg)
 
 
 def test_parse_chaos():
@@ -382,9 +386,9 @@ def test_every_injected_bug_is_caught_on_the_numba_backend_too(bug, tmp_path):
         "--backend",
         "numba",
         "--ports",
-        "2048",
+        "1024",
         "--vcpus",
-        "16",
+        "4",
         "--duration",
         "2",
         "--no-progress",
