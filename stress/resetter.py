@@ -16,17 +16,22 @@ is destroyed, at most one per binding). So when its binder finds a binding close
 send edges and D its deliveries, X = 1 + E - D must be 0 or 1 (X < 0: a phantom delivery;
 X > 1: X - 1 events lost), and X is counted as destroyed. At a quiescent point (K's sender
 and resetters paused, K's vCPU drained) a live binding must have X == 0 exactly. Edges are
-counted by K's sender, deliveries by K's vCPU (the port's binding is read from K's port table
-inside the handler); a binder first lets an in-flight send batch and handler run finish (their
-seqcounts), so both tallies are complete when it reads them, and the next binding cannot
-start before. Also checked: after a successful reset (one resetter) no port of K is open, and
+counted by K's sender, deliveries by K's vCPU, which reads in K's port table which binding a
+delivered port belongs to (its dom0 port: the channel). A binder settles a binding and binds
+again under a lock that K's vCPU holds for each handler run (BindLock), once K's sender
+finished the send batch in flight (its seqcount): both tallies are complete when it reads
+them, and a port closed and bound to another channel meanwhile is never counted for the wrong
+one. Also checked: after a successful reset (one resetter) no port of K is open, and
 at any time no binding of K is without its FIFO event-array word or masked, so that its
 events would be parked for ever (a channel bound while a reset wiped K's array, R14).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
+import os
 import time
 
 import numpy as np
@@ -104,6 +109,25 @@ def setup(cfg, host, dom0, stats, kdom) -> None:
 def make(role: str, env, index: int, rng):
     cls = {"ksender": KSender, "kvcpu": KVCPU, "resetter": Resetter}[role]
     return cls(env, index, rng)
+
+
+class BindLock:
+    """K's vCPU runs its handler and reads which binding each delivered port belongs to under
+    this lock, and a binder settles a binding's tallies and binds again under it: so a port
+    that a reset closed and a bind gave to another channel meanwhile is never counted for the
+    wrong channel. An flock on the stats segment's file: the kernel drops it when its holder
+    dies, so a killed K process cannot block the others."""
+
+    def __init__(self, stats: S.Stats):
+        self.fd = os.open(os.path.join(S.SHM_DIR, stats.name), os.O_RDWR)
+
+    @contextlib.contextmanager
+    def held(self):
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
 def quiet(hdr_row, deadline_s: float, stop) -> bool:
@@ -185,6 +209,7 @@ class KVCPU:
         self.buf = np.zeros(1024, np.uint32)
         self.kchan_of = st.kchan_of
         self.kdeliv = st.kdeliv
+        self.lock = BindLock(st)
 
     def step(self) -> bool:
         h, kdom = self.hdr, self.kdom
@@ -194,17 +219,18 @@ class KVCPU:
         elif not kdom.wait(0, 0.05):
             return False
         h[S.H_WAKEUPS] += 1
-        h[S.H_SEQ] += 1  # odd: inside the handler
-        try:
-            while True:
-                n = kdom.consume_into(0, self.buf)
-                h[S.H_BATCHES] += 1
-                if n:
-                    self.account(self.buf[:n])
-                if n < len(self.buf):
-                    break
-        finally:
-            h[S.H_SEQ] += 1
+        with self.lock.held():
+            h[S.H_SEQ] += 1  # odd: inside the handler
+            try:
+                while True:
+                    n = kdom.consume_into(0, self.buf)
+                    h[S.H_BATCHES] += 1
+                    if n:
+                        self.account(self.buf[:n])
+                    if n < len(self.buf):
+                        break
+            finally:
+                h[S.H_SEQ] += 1
         return True
 
     def account(self, ports: np.ndarray) -> None:
@@ -242,9 +268,9 @@ class Resetter:
         self.period = cfg.resetters / cfg.resets
         self.next = time.monotonic() + self.period * rng.random()
         self.sender_hdr = st.hdr[st.k_slot(0)]
-        self.vcpu_hdr = st.hdr[st.k_slot(1)]
         self.binder_hdrs = [st.hdr[st.k_slot(2 + r)] for r in range(cfg.resetters)]
         self.inline = False  # stress.run's single-process crew: nothing runs meanwhile
+        self.lock = BindLock(st)
 
     def step(self) -> bool:
         now = time.monotonic()
@@ -266,6 +292,7 @@ class Resetter:
         """One reset of K, retried on EAGAIN and EBUSY; True if one succeeded."""
         h = self.hdr
         h[S.H_SEQ] += 1  # odd: a reset in progress (check_bound skips meanwhile)
+        h[S.H_IN_RESET] = 1
         try:
             for _ in range(RESET_TRIES):
                 try:
@@ -287,6 +314,7 @@ class Resetter:
             h[S.H_GAVE_UP] += 1
             return False
         finally:
+            h[S.H_IN_RESET] = 0
             h[S.H_SEQ] += 1
 
     def check_closed(self) -> None:
@@ -308,28 +336,34 @@ class Resetter:
             if state != L.ECS_UNBOUND:  # dom0's end is never closed
                 st.record(self.slot, V_K_ERROR, int(st.kch_kport[i]), 0, state, WHERE_DOM0)
                 continue
-            if not self.end_binding(i):
-                continue  # tallies not settled yet: bind it again next round
-            h[S.H_SEQ] += 1  # odd: a bind in progress (check_bound skips meanwhile)
-            try:
-                kp = self.kdom.bind_interdomain(0, d)
-            except EvtchnError as exc:
-                st.record(self.slot, V_K_ERROR, int(st.kch_kport[i]), 0, exc.errno or 0, WHERE_BIND)
-                continue
-            finally:
-                h[S.H_SEQ] += 1
+            with self.lock.held():  # K's vCPU is outside its handler meanwhile
+                if not self.end_binding(i):
+                    continue  # tallies not settled yet: bind it again next round
+                h[S.H_SEQ] += 1  # odd: a bind in progress (check_bound skips meanwhile)
+                raced = self._resetting()
+                try:
+                    kp = self.kdom.bind_interdomain(0, d)
+                except EvtchnError as exc:
+                    kp0 = int(st.kch_kport[i])
+                    st.record(self.slot, V_K_ERROR, kp0, 0, exc.errno or 0, WHERE_BIND)
+                    continue
+                finally:
+                    h[S.H_SEQ] += 1
             st.kch_kport[i] = kp
             st.kbinds[i] += 1
             h[S.H_BINDS] += 1
+            h[S.H_RACED] += raced or self._resetting()
+
+    def _resetting(self) -> bool:
+        """Is another resetter inside EVTCHNOP_reset now?"""
+        return any(hd[S.H_IN_RESET] for r, hd in enumerate(self.binder_hdrs) if r != self.index)
 
     def end_binding(self, i: int) -> bool:
         """Channel i's binding was closed by a reset: settle its tallies (module docstring).
-        False if K's sender or vCPU stayed inside a batch / handler run for QUIET_WAIT."""
+        The caller holds the bind lock (K's handler is not running); False if K's sender
+        stayed inside a send batch for QUIET_WAIT."""
         st = self.st
-        if not self.inline and not (
-            quiet(self.sender_hdr, QUIET_WAIT, self._stop)
-            and quiet(self.vcpu_hdr, QUIET_WAIT, self._stop)
-        ):
+        if not self.inline and not quiet(self.sender_hdr, QUIET_WAIT, self._stop):
             return False
         e, d = int(st.kedges[i]), int(st.kdeliv[i])
         x = 1 + (e - int(st.kbase_e[i])) - (d - int(st.kbase_d[i]))

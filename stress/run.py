@@ -49,6 +49,46 @@ class Interrupted(BaseException):
     """Ctrl-C or SIGTERM in the parent."""
 
 
+# Ctrl-C / SIGTERM that reached the main process during the current run. The signal is
+# raised where it lands (KeyboardInterrupt, Interrupted) and also remembered here, because
+# library code may swallow it (an exception raised while a Cython module initialises, on the
+# first use of numpy.random, is lost): checkpoint() raises it again, and the main process
+# passes one in every wait loop, between phases and every few channels of the setup.
+_caught: list[int] = []
+
+
+def _raise_for(signum: int):
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Interrupted("SIGTERM")
+
+
+def _on_signal(signum, frame):
+    _caught.append(signum)
+    _raise_for(signum)
+
+
+def checkpoint() -> None:
+    """Raise a Ctrl-C / SIGTERM of this run that something swallowed."""
+    if _caught:
+        _raise_for(_caught[0])
+
+
+@contextlib.contextmanager
+def signals_for_run():
+    """The run's own SIGINT and SIGTERM handlers (main thread only)."""
+    _caught.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 @contextlib.contextmanager
 def interrupts_held(raise_after: bool = True):
     """Hold Ctrl-C and SIGTERM back for a block that must not stop half-way: one that creates
@@ -63,6 +103,7 @@ def interrupts_held(raise_after: bool = True):
 
     def note(signum, frame):
         got.append(signum)
+        _caught.append(signum)
 
     old = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -71,9 +112,7 @@ def interrupts_held(raise_after: bool = True):
         for sig, handler in old.items():
             signal.signal(sig, handler)
         if got and raise_after:
-            if got[0] == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise Interrupted("SIGTERM")
+            _raise_for(got[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +178,8 @@ def setup(cfg, host: Host) -> Setup:
         fifo = cfg.abi == "fifo"
         spare, nxt = [], 1  # allocation is sequential here: nxt is the next port
         for c in range(n):
+            if c & 1023 == 0:
+                checkpoint()
             if cfg.closes > 0 and nxt % CF.SPARE_EVERY == CF.SPARE_EVERY - 1:
                 spare.append(dom0.alloc_unbound(L.DOMID_SELF))  # freed after the setup
                 nxt = spare[-1] + 1
@@ -275,6 +316,7 @@ class ProcessCrew:
 
     # -- the watchdog --------------------------------------------------------------------------
     def poll(self) -> None:
+        checkpoint()
         if self.stopping:
             return
         for _slot, name, p in self.procs:
@@ -572,6 +614,7 @@ class InlineCrew:
     def run_for(self, seconds: float, until=None) -> None:
         end = monotonic() + seconds
         while monotonic() < end:
+            checkpoint()
             self._round()
             if self.progress:
                 self.progress()
@@ -613,7 +656,12 @@ class Result:
 
 
 def run(cfg, progress_factory=None) -> Result:
-    """One ABI's run; never raises for worker trouble (the result says so)."""
+    """One ABI's run; never raises for worker trouble or an interrupt (the result says so)."""
+    with signals_for_run():
+        return _run(cfg, progress_factory)
+
+
+def _run(cfg, progress_factory) -> Result:
     col = C.Collector()
     rec: dict = {
         "abi": cfg.abi,
@@ -656,6 +704,7 @@ def run(cfg, progress_factory=None) -> Result:
         crew = crew_cls(cfg, su, progress=bar.update if bar else None)
         t = time.perf_counter()
         st.ctrl[S.C_PHASE] = S.PH_START
+        checkpoint()
         crew.start()
         rec["spawn_s"] = round(time.perf_counter() - t, 3)
         _race(cfg, su, crew, col, timing, delivered_now)
@@ -892,6 +941,7 @@ def _reset_metrics(cfg, st) -> dict:
         "ebusy": int(hdr[2:, S.H_EBUSY].sum()),
         "gave_up": int(hdr[2:, S.H_GAVE_UP].sum()),
         "rebinds": int(hdr[2:, S.H_BINDS].sum()),
+        "rebinds_racing_a_reset": int(hdr[2:, S.H_RACED].sum()),
         "sent": int(hdr[0, S.H_SENT]),
         "edges": int(st.kedges[:n].sum()),
         "delivered": int(st.kdeliv[:n].sum()),

@@ -70,7 +70,9 @@ H_EAGAIN = 27  # resetter: ... that returned EAGAIN (channels re-opened meanwhil
 H_EBUSY = 28  # resetter: ... that returned EBUSY (another reset in progress) and were retried
 H_GAVE_UP = 29  # resetter: rounds whose reset still failed after RESET_TRIES attempts
 H_BINDS = 30  # resetter: channels of K bound again after a reset closed them
-N_HDR = 32
+H_RACED = 31  # resetter: ... of them while another resetter's reset was in progress
+H_IN_RESET = 32  # resetter: 1 while inside EVTCHNOP_reset
+N_HDR = 40
 
 S_STARTING, S_READY, S_RUNNING, S_PAUSED, S_HELD, S_FINISHED, S_DONE, S_FAILED = range(8)
 STATE_NAMES = ("starting", "ready", "running", "paused", "held", "finished", "done", "failed")

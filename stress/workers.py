@@ -21,6 +21,7 @@ import time
 import traceback
 
 import numpy as np
+import numpy.random  # noqa: F401  (loaded now, not lazily in the middle of a run: stress.run)
 
 from evtchn import EvtchnError, Host
 from evtchn import layout as L
