@@ -153,6 +153,9 @@ cdef uint32_t INJ_PENDING_BEFORE_LOCK = L.INJECTIONS["fifo-pending-before-lock"]
 # linker that found PENDING already set pauses with LINKED set and the queue locked.
 cdef long R9_PAUSE_SET_NS = L.R9_PAUSE_SET_NS
 cdef long R9_PAUSE_LINK_NS = L.R9_PAUSE_LINK_NS
+cdef long R1_PAUSE_NS = L.R1_PAUSE_NS            # R1, R2, R6: the window widened (timing only)
+cdef long R2_PAUSE_NS = L.R2_PAUSE_NS
+cdef long R6_PAUSE_NS = L.R6_PAUSE_NS
 
 cdef int EINVAL = 22
 cdef int ESRCH = 3
@@ -628,9 +631,9 @@ cdef int fifo_queue_event(const dom_t *d, uint32_t v, uint32_t port, uint64_t me
     evlock_release(<uint64_t *>(q + Q_LOCK))
     if linked and do_link and d.inject == INJ_READY_EVERY_LINK:
         # R6: READY for a link onto a non-empty queue too. The damage needs the guest to drain
-        # the queue through our LINK before it sees this READY; give it the CPU here so that
-        # a stress run can hit that window of a few nanoseconds (timing only, no state).
-        sched_yield()
+        # the queue through our LINK before it sees this READY: pause here (as an interrupted
+        # CPU would) so that the drain-vs-link duel can do that every time (timing only).
+        pause_ns(R6_PAUSE_NS)
     if not linked or (do_link and d.inject == INJ_READY_EVERY_LINK):
         fifo_ready(d, v, prio)
     return first
@@ -794,6 +797,7 @@ cdef int guest_unmask(const dom_t *d, uint32_t port, uint64_t me) noexcept nogil
         return fifo_guest_unmask(d, port, me)
     if d.inject == INJ_UNMASK_TEST_FIRST:        # R2: a send in between is left stuck
         pending = bm_test_sc(d, d.pend, port)
+        pause_ns(R2_PAUSE_NS)                    # the window, widened (timing only)
         bm_test_and_clear(d, d.mask, port // wb, port % wb)
     else:                                        # clear the mask first, then test
         bm_test_and_clear(d, d.mask, port // wb, port % wb)
@@ -1092,6 +1096,7 @@ cdef Py_ssize_t consume(const dom_t *d, uint32_t v, uint32_t *out,
             full = fifo_handle(d, v, out, cap, &n)
         elif d.inject == INJ_SELECTOR_FIRST:     # R1: selector swapped, then the flag cleared
             summary = take_selectors(d, v, pw)
+            pause_ns(R1_PAUSE_NS)                # the window, widened (timing only)
             at_exchange8(flag, 0)
             full = bitmap_handle(d, v, out, cap, &n, pw, 1, summary)
         else:                                    # the master flag, then the selector

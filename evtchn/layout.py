@@ -87,6 +87,13 @@ INJECTIONS = {
 }
 R9_PAUSE_SET_NS = 20_000  # R9 injection: after setting PENDING 0 -> 1 (timing only)
 R9_PAUSE_LINK_NS = 300_000  # R9 injection: a relink holding LINKED and the queue lock
+# R1, R2 and R6 are windows between two consecutive atomic operations of one CPU: another CPU
+# lands in them only when the first is interrupted or descheduled there (in a VM, the host
+# preempting the vCPU). Their injections put such a pause in the window (timing only, no
+# state), so that stress.duels can put the other side's operation inside it every time.
+R1_PAUSE_NS = 20_000  # R1 injection: guest, between the selector swap and the flag clear
+R2_PAUSE_NS = 20_000  # R2 injection: guest unmask, between testing PENDING and clearing MASKED
+R6_PAUSE_NS = 20_000  # R6 injection: Xen, between a link onto a tail and the READY it sets
 
 # --- vcpu_info / shared_info (x86-64, and x86-32 compat when word_bits == 32) ----------------
 LEGACY_MAX_VCPUS = 32

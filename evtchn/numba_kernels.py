@@ -188,6 +188,7 @@ INJ_PENDING_BEFORE_LOCK = L.INJECTIONS["fifo-pending-before-lock"]  # R9
 # set PENDING pauses before testing LINKED (the interrupt in 71ac522909's message), and a
 # linker that found PENDING already set pauses with LINKED set and the queue locked.
 R9_PAUSE_SET_NS, R9_PAUSE_LINK_NS = L.R9_PAUSE_SET_NS, L.R9_PAUSE_LINK_NS
+R1_PAUSE_NS, R2_PAUSE_NS, R6_PAUSE_NS = L.R1_PAUSE_NS, L.R2_PAUSE_NS, L.R6_PAUSE_NS
 EINVAL, ESRCH, ENOSPC, EINTR = _errno.EINVAL, _errno.ESRCH, _errno.ENOSPC, _errno.EINTR
 FUTEX_WAKE_ALL = 0x7FFFFFFF
 # The spin policy (evtchn.layout), the same constants as the Cython kernels.
@@ -767,9 +768,9 @@ def _fifo_queue_event(tb, d, v, port, me, inject):
         lock_release(oq + Q_LOCK)
     lock_release(q + Q_LOCK)
     if linked and did_link and inject == INJ_READY_EVERY_LINK:
-        # R6 (as in _core.pyx): give the guest the CPU so that it can drain the queue through
-        # our LINK before it sees this READY, the window of a few nanoseconds (timing only).
-        sched_yield()
+        # R6 (as in _core.pyx): pause so that the guest can drain the queue through our LINK
+        # before it sees this READY, as when this CPU is interrupted here (timing only).
+        _pause_ns(R6_PAUSE_NS)
     if not linked or (did_link and inject == INJ_READY_EVERY_LINK):
         _fifo_ready(tb, d, v, prio)
     return np.int64(first)
@@ -1057,6 +1058,7 @@ def _guest_unmask(tb, d, port, me):
     mask = _T(tb, d, C_MASK)
     if _hdr(tb, d, H_INJECT) == INJ_UNMASK_TEST_FIRST:  # R2: pending tested too early
         pending = _test(tb, d, _T(tb, d, C_PEND), port >> ws, port & (w - 1))
+        _pause_ns(R2_PAUSE_NS)  # the window, widened (timing only)
         _test_and_clear(tb, d, mask, port >> ws, port & (w - 1))
     else:
         _test_and_clear(tb, d, mask, port >> ws, port & (w - 1))
@@ -1329,6 +1331,7 @@ def _consume(tb, d, v, out, cap, me):
             n, full = _fifo_handle(tb, d, v, out, cap, n)
         elif r1:  # R1: the selector swapped first
             _take_selectors(tb, d, v, pw, npw)
+            _pause_ns(R1_PAUSE_NS)  # the window, widened (timing only)
             store_u8(flag, 0)
             n, full = _bitmap_handle(tb, d, v, out, cap, n, pw, npw, True)
         else:

@@ -30,6 +30,7 @@ import numpy as np
 from evtchn import layout as L
 
 from . import duels as DU
+from . import resetter as RS
 from . import shm as S
 from . import workers as W
 
@@ -57,6 +58,8 @@ KINDS = {
     "left-masked": "a port left masked that nobody masked",
     "dead-delivered": "a port that is not a live channel's was delivered",
     "early-wake": "a poller woken by a port's event before the event was queued (R9)",
+    "old-tail": "an event relinked while its queue's tail still named it broke the queue (R7)",
+    **RS.DESCRIPTIONS,
 }
 WORKER_KINDS = {
     W.V_PERMA_DELIVERED: "perma-delivered",
@@ -69,6 +72,7 @@ WORKER_KINDS = {
     DU.V_DUEL_STUCK: "stuck-pending",
     DU.V_DUEL_ORDER: "priority",
     DU.V_DUEL_EARLY_WAKE: "early-wake",
+    DU.V_DUEL_OLD_TAIL: "old-tail",
 }
 
 
@@ -122,8 +126,8 @@ class Collector:
 class Snapshot:
     """dom0's guest-visible and Xen-private event state, copied at a quiescent moment."""
 
-    def __init__(self, host, nports: int):
-        dm = host._dm(0)
+    def __init__(self, host, nports: int, domid: int = 0):
+        dm = host._dm(domid)
         self.dm, lay = dm, dm.layout
         self.abi, self.vcpus, self.nports = dm.abi, dm.vcpus, nports
         self.wb = dm.word_bits
@@ -417,6 +421,30 @@ def drained_checks(
                 phase,
             )
         )
+    out += drained_state_checks(snap, phase)
+    if final:
+        odd = np.flatnonzero(snap.masked[: len(perma)] & ~perma)
+        if held_masked:
+            odd = np.array([p for p in odd if int(p) not in held_masked], np.int64)
+        live = stats.port_class[: len(perma)] & S.CL_LIVE
+        odd = np.array([p for p in odd if live[p]], np.int64)
+        for p in odd[:MAX_PER_KIND]:
+            out.append(
+                Violation(
+                    "left-masked",
+                    int(p),
+                    _vcpu_of(snap, p),
+                    f"masked at the end but no one holds it masked ({len(odd)} such ports)",
+                    phase,
+                )
+            )
+    return out
+
+
+def drained_state_checks(snap: Snapshot, phase: str) -> list[Violation]:
+    """After the drain, an empty event state: nothing pending and unmasked, nothing LINKED,
+    no READY bit or selector bit left."""
+    out: list[Violation] = []
     stuck = np.flatnonzero(snap.pending & ~snap.masked)
     for p in stuck[:MAX_PER_KIND]:
         out.append(
@@ -477,22 +505,6 @@ def drained_checks(
                     phase,
                 )
             )
-    if final:
-        odd = np.flatnonzero(snap.masked[: len(perma)] & ~perma)
-        if held_masked:
-            odd = np.array([p for p in odd if int(p) not in held_masked], np.int64)
-        live = stats.port_class[: len(perma)] & S.CL_LIVE
-        odd = np.array([p for p in odd if live[p]], np.int64)
-        for p in odd[:MAX_PER_KIND]:
-            out.append(
-                Violation(
-                    "left-masked",
-                    int(p),
-                    _vcpu_of(snap, p),
-                    f"masked at the end but no one holds it masked ({len(odd)} such ports)",
-                    phase,
-                )
-            )
     return out
 
 
@@ -546,6 +558,14 @@ def worker_violations(stats: S.Stats, names: list[str]) -> list[Violation]:
                     f"queue of the vCPU: the sender woke the poller before the event "
                     f"was queued (R9)"
                 )
+            if kind == DU.V_DUEL_OLD_TAIL:
+                moved = ("moved to a lower-priority queue", ", or after that queue's event")
+                how, order = moved if b & 1 else ("on its own queue", "")
+                detail = (
+                    f"duel {DU.NAMES.get(a, a)}, iteration {b}: the queue's last-consumed "
+                    f"tail was relinked ({how}) while another event was linked on the queue: "
+                    f"this port was not delivered exactly once{order} (R7)"
+                )
             if kind in (DU.V_DUEL_SELECTOR_NO_UPCALL, DU.V_DUEL_STUCK):
                 detail = f"duel {DU.NAMES.get(a, a)}, iteration {b}: pending and unmasked " + (
                     "with its selector bit set but no upcall pending"
@@ -553,10 +573,12 @@ def worker_violations(stats: S.Stats, names: list[str]) -> list[Violation]:
                     else "with no selector bit: no scan will reach it"
                 )
             phase = "duel" if kind >= DU.V_DUEL_SELECTOR_NO_UPCALL else "race"
+            if kind in RS.KINDS:
+                name, detail, phase = RS.KINDS[kind], _k_detail(kind, port, a, b, stats), "reset"
             out.append(
                 Violation(
                     name,
-                    port if name != "engine-error" else None,
+                    port if name != "engine-error" and (port or phase != "reset") else None,
                     vcpu if name not in ("engine-error",) else None,
                     f"{detail} (seen by {names[slot]})",
                     phase,
@@ -574,6 +596,74 @@ def worker_violations(stats: S.Stats, names: list[str]) -> list[Violation]:
                     "race",
                 )
             )
+    return out
+
+
+def _k_detail(kind: int, port: int, a: int, b: int, stats: S.Stats) -> str:
+    """What a violation found by K's processes (stress.resetter) means; `port` is K's."""
+    k = f"port {port} of the resetting domain K (domid {stats.shape.senders + 1})"
+    if kind in (RS.V_K_LOST, RS.V_K_PHANTOM):
+        x = 1 + a - b
+        what = f"{x - 1} event(s) lost" if x > 1 else f"{-x} phantom deliveries"
+        return (
+            f"the binding of {k} ended (closed by a reset) with {a} send edges + 1 bind "
+            f"event, {b} delivered: {what} (a close destroys at most the one pending event)"
+        )
+    if kind == RS.V_K_PARKED:
+        why = "has no event-array word" if b == RS.PARKED_NO_WORD else "is masked"
+        return (
+            f"{k} is bound (to dom0 port {a}) but {why}: its events are parked for ever "
+            f"(bound while a reset wiped K's event state, R14)"
+        )
+    if kind == RS.V_K_OPEN:
+        return f"{k} is {L.STATUS_NAMES.get(a, a)} after EVTCHNOP_reset returned success (R14)"
+    if kind == RS.V_K_ERROR:
+        if b == RS.WHERE_DOM0:
+            return (
+                f"dom0's end of the channel of {k} is {L.STATUS_NAMES.get(a, a)}: neither "
+                f"bound nor waiting for K (a reset must leave it unbound)"
+            )
+        where = {RS.WHERE_RESET: "EVTCHNOP_reset", RS.WHERE_SEND: "K's sender's send_many"}
+        return f"{where.get(b, 'bind_interdomain')} failed with errno {a}" + (
+            f" ({k})" if port else ""
+        )
+    return f"{k} was delivered but its binding names no channel of K (R14)"
+
+
+def k_checks(env, phase: str, held: bool) -> list[Violation]:
+    """The resetting domain K at a quiescent point (K's sender and resetters paused, between
+    two rounds; K's vCPU held, or drained): K's queues and selectors (held) or an empty event
+    state and the accounting of every live binding (drained), no binding parked for ever."""
+    kdom, st = env.kdom, env.stats
+    snap = Snapshot(env.host, kdom.max_ports, kdom.domid)
+    where = f"domain K (domid {kdom.domid}), {phase}"
+    out = held_checks(snap, where) if held else drained_state_checks(snap, where)
+    for kp, d, why in RS.parked(env, st):
+        detail = _k_detail(RS.V_K_PARKED, kp, d, why, st)
+        out.append(Violation("reset-parked", kp, 0, detail, phase))
+    if held:
+        return out
+    dm0 = env.dom0._dm
+    for i in range(env.cfg.kchans):
+        d = int(st.kch_dport[i])
+        e = int(st.kedges[i]) - int(st.kbase_e[i])
+        n = int(st.kdeliv[i]) - int(st.kbase_d[i])
+        x = 1 + e - n
+        live = dm0.state(d) == L.ECS_INTERDOMAIN
+        kp = dm0.port_u32(d, L.P_REMOTE_PORT) if live else int(st.kch_kport[i])
+        if (live and x == 0) or (not live and 0 <= x <= 1):
+            continue
+        kind = "reset-phantom" if x < 0 else "reset-lost"
+        if live:
+            detail = (
+                f"the live binding of port {kp} of the resetting domain K (domid "
+                f"{kdom.domid}, dom0 port {d}): {e} send edges + 1 bind event, {n} delivered "
+                f"after the drain: {abs(x)} {'phantom deliveries' if x < 0 else 'lost'}"
+            )
+        else:
+            code = RS.V_K_PHANTOM if x < 0 else RS.V_K_LOST
+            detail = _k_detail(code, kp, e, n, st) + " [not bound again yet]"
+        out.append(Violation(kind, kp, 0, detail, phase))
     return out
 
 

@@ -208,6 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 1; 0 = none)",
     )
     p.add_argument(
+        "--resets",
+        type=float,
+        default=CF.DEFAULT_RESETS,
+        metavar="RATE",
+        help="EVTCHNOP_reset calls per second on a resetting domain K (a kexec'ing guest with "
+        f"{CF.RESET_CHANNELS} channels from dom0, receiving while it is reset and binds "
+        f"again; default {CF.DEFAULT_RESETS:g}; 0 = no such domain)",
+    )
+    p.add_argument(
+        "--resetters",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="resetter processes of K (default 1; 2: resets race each other, EBUSY, and the "
+        "other's re-binds, EAGAIN)",
+    )
+    p.add_argument(
         "--start-method",
         choices=("forkserver", "spawn"),
         default="forkserver",
@@ -245,6 +262,8 @@ def parse(argv: list[str]) -> tuple[list[CF.Config], argparse.Namespace]:
             raise CF.ConfigError(f"--ports {args.ports} is above the {abi} limit of {limit} ports")
     if not 0 <= args.duel <= 3600:
         raise CF.ConfigError(f"--duel must be from 0 to 3600 seconds, not {args.duel:g}")
+    if not 0 <= args.resets <= 1000:
+        raise CF.ConfigError(f"--resets must be from 0 to 1000 per second, not {args.resets:g}")
     if not 0 <= args.nap <= 1000:
         raise CF.ConfigError(f"--nap must be from 0 to 1000 ms, not {args.nap:g}")
     if args.vcpus > 1024:
@@ -273,6 +292,8 @@ def parse(argv: list[str]) -> tuple[list[CF.Config], argparse.Namespace]:
         duel_seconds=args.duel,
         start_method=args.start_method,
         hang_timeout=args.hang_timeout,
+        resets=args.resets,
+        resetters=args.resetters,
         progress=not args.no_progress,
         json_path=args.json_path,
     )
@@ -331,6 +352,10 @@ def replay_command(cfg: CF.Config) -> str:
         parts += ["--duel", f"{cfg.duel_seconds:g}"]
     if cfg.nap != 0.008:
         parts += ["--nap", f"{cfg.nap * 1000:g}"]
+    if cfg.resets != CF.DEFAULT_RESETS:
+        parts += ["--resets", f"{cfg.resets:g}"]
+    if cfg.resetters != 1:
+        parts += ["--resetters", str(cfg.resetters)]
     return " ".join(shlex.quote(x) for x in parts)
 
 
@@ -401,29 +426,38 @@ def main(argv: list[str] | None = None) -> int:
     except CF.ConfigError as exc:
         print(f"python -m stress: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from . import report
     from . import run as R
 
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
-    results = []
     try:
-        factory = _progress_factory(cfgs[0].progress)
-        for cfg in cfgs:
-            if cfg.cap_note:
-                print(f"note: {cfg.cap_note}")
-            print(
-                f"{cfg.abi}: {cfg.channels} channels, {cfg.vcpus} vcpus, {cfg.senders} "
-                f"senders, workload {cfg.workload}, chaos {cfg.chaos_text}, backend "
-                f"{cfg.backend}{', inject ' + cfg.inject if cfg.inject else ''}, "
-                f"seed {cfg.seed}",
-                flush=True,
-            )
-            res = R.run(cfg, factory)
-            results.append(res)
-            if res.error or res.interrupted:
-                break
+        return _main(argv, cfgs, args)
+    except (KeyboardInterrupt, R.Interrupted):  # between runs or while printing: each run
+        print("\nINTERRUPTED (exit 130)", flush=True)  # released what it had made
+        return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, old_term)
+
+
+def _main(argv: list[str], cfgs, args) -> int:
+    from . import report
+    from . import run as R
+
+    results = []
+    factory = _progress_factory(cfgs[0].progress)
+    for cfg in cfgs:
+        if cfg.cap_note:
+            print(f"note: {cfg.cap_note}")
+        print(
+            f"{cfg.abi}: {cfg.channels} channels, {cfg.vcpus} vcpus, {cfg.senders} "
+            f"senders, workload {cfg.workload}, chaos {cfg.chaos_text}, backend "
+            f"{cfg.backend}{', inject ' + cfg.inject if cfg.inject else ''}, "
+            f"seed {cfg.seed}",
+            flush=True,
+        )
+        res = R.run(cfg, factory)
+        results.append(res)
+        if res.error or res.interrupted:
+            break
     records = [r.record for r in results]
     if any(r.interrupted for r in results):
         code = EXIT_INTERRUPTED

@@ -35,6 +35,12 @@ FRACTION_CLOSE = 1 / 32
 SPARE_EVERY = 256
 
 
+# The resetting domain K (stress.resetter): its channels to dom0, and the default rate of
+# EVTCHNOP_reset on it (resets per second over the whole run; --resets).
+RESET_CHANNELS = 32
+DEFAULT_RESETS = 5.0
+
+
 def spare_ports(limit: int) -> int:
     return limit // SPARE_EVERY
 
@@ -78,6 +84,8 @@ class Config:
     duel_seconds: float = 1.0  # each duel of stress.duels runs this long
     start_method: str = "forkserver"
     hang_timeout: float = 30.0  # a worker whose heartbeat stalls this long has hung
+    resets: float = DEFAULT_RESETS  # EVTCHNOP_reset calls per second on K (0: no K)
+    resetters: int = 1  # resetter processes of K (2: resets race each other and re-binds)
     progress: bool = True
     json_path: str | None = None
     argv_replay: str = ""  # the command line that replays this run
@@ -100,6 +108,11 @@ class Config:
         return self.chaos["closes"]
 
     @property
+    def kchans(self) -> int:
+        """Channels of the resetting domain K (stress.resetter), 0 when resets are off."""
+        return RESET_CHANNELS if self.resets > 0 else 0
+
+    @property
     def n_chaos(self) -> int:
         """Chaos worker processes: a masker and a mover when their rates are on (closers are
         part of the senders, which own their channels)."""
@@ -112,11 +125,14 @@ class Config:
         limit = abi_limit(abi)
         spare = spare_ports(limit) if self.closes > 0 else 0
         cfg.nports = limit
-        cfg.channels = min(self.ports, limit - 1 - spare)  # port 0 is reserved
+        # port 0 is reserved; K's channels take dom0 ports too
+        cfg.channels = min(self.ports, limit - 1 - spare - self.kchans)
         if cfg.channels < self.ports:
             why = "port 0 is reserved"
             if spare:
-                why += f" and {spare} ports stay free for the closers' rebinds"
+                why += f", {spare} ports stay free for the closers' rebinds"
+            if self.kchans:
+                why += f", {self.kchans} are the resetting domain's channels"
             cfg.cap_note = (
                 f"{abi}: {self.ports} ports requested, {cfg.channels} bound (the "
                 f"ABI addresses {limit} ports; {why})"

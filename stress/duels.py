@@ -1,22 +1,29 @@
-"""Duels: two real processes racing one known race over and over (spec section 5).
+"""Duels: two or three real processes racing one known race over and over (spec section 5).
 
 A random workload reaches the narrow races of the ABIs only now and then, and a later event
 often repairs the damage before a quiescent check sees it. A duel sets up the exact starting
-state, releases both sides through a spin barrier in shared memory, lets each side wait a
+state, releases the sides through a spin barrier in shared memory, lets each side wait a
 random few hundred nanoseconds (so that their relative timing sweeps across the race window),
-performs the two operations at once, and then checks the invariant right away:
+performs the operations at once, and then checks the invariant right away. Every other
+iteration is *aimed*: one side watches shared memory for the moment the other side has begun
+the racy sequence and acts right then, so that it lands inside the window every time the
+window is open (an injected bug's window is widened by a pause, evtchn.layout R*_PAUSE_NS,
+as an interrupt in it would; on a loaded machine that pause also hands the CPU over):
 
-* consume-vs-send (2l, 3l; R1): vCPU v runs its upcall handler while a sender raises a port of
-  v. Afterwards a pending unmasked port must have its selector bit(s) and an upcall pending.
+* consume-vs-send (2l, 3l; R1): vCPU v runs its upcall handler while a sender raises port pb
+  of v. Aimed: a trigger event on port pc (another selector word) makes the handler swap a
+  non-zero selector, and the sender sends pb as soon as it sees the selector become 0.
+  Afterwards a pending unmasked port must have its selector bit(s) and an upcall pending.
 * unmask-vs-send (2l, 3l; R2): the guest unmasks a masked port while a sender raises it.
-  Afterwards a pending port must have its selector bit(s) and an upcall pending.
-* drain-vs-link (fifo; R6): see _run_b_fifo.
-* poll-vs-relink (fifo; R9, 71ac522909): see run_poller. A third process takes part: another
-  vCPU's worker (side C) that keeps issuing EVTCHNOP_unmask on the port.
+  Aimed: the guest announces its unmask and the sender sends right after. Afterwards a
+  pending port must have its selector bit(s) and an upcall pending.
+* drain-vs-link (fifo; R6), poll-vs-relink (fifo; R9, 71ac522909) and relink-old-tail (fifo;
+  R7, e33d4257fc): stress.duels_fifo.
 
 Side A is a sender process (the hypervisor path of EVTCHNOP_send), side B the worker of the
-vCPU (the guest). Every other worker is paused or held meanwhile. Both sides count their
-events in their usual tallies, so the exact accounting still holds after a duel.
+vCPU (the guest), side C (when there is one) another vCPU's worker. Every other worker is
+paused or held meanwhile. Every side counts its events in the usual tallies, so the exact
+accounting still holds after a duel.
 
 The kernels are called directly (``host._k``) rather than through ``Domain``: the Python
 wrappers add a microsecond of jitter that would swamp a window of a few nanoseconds.
@@ -40,7 +47,7 @@ D_B_SLOT = 2
 D_VCPU = 3
 D_PORT_A = 4  # dom0 port raced on
 D_PORT_B = 5  # a second dom0 port in the same word (consume-vs-send)
-D_LPORT_A = 6  # the sender's local ports for them
+D_LPORT_A = 6  # the sender's local ports for them (fifo duels: the sender's domid)
 D_LPORT_B = 7
 D_END_NS = 8  # B stops starting iterations after this monotonic time
 D_BFLAG = 9  # B: ready for iteration k
@@ -56,63 +63,88 @@ DUEL_CONSUME_SEND = 1
 DUEL_UNMASK_SEND = 2
 DUEL_DRAIN_LINK = 3
 DUEL_POLL_RELINK = 4
+DUEL_OLD_TAIL = 5
 NAMES = {
     DUEL_CONSUME_SEND: "consume-vs-send",
     DUEL_UNMASK_SEND: "unmask-vs-send",
     DUEL_DRAIN_LINK: "drain-vs-link",
     DUEL_POLL_RELINK: "poll-vs-relink",
+    DUEL_OLD_TAIL: "relink-old-tail",
 }
+FIFO_KINDS = (DUEL_DRAIN_LINK, DUEL_POLL_RELINK, DUEL_OLD_TAIL)
 
-# drain-vs-link: ports (x, y, w, h, z) in the duel block after the common words
-D_PORTS = 16  # 5 dom0 ports, then their 5 local ports
-D_SENT = 26  # sends B made on the sender's domain (set-up of drain-vs-link)
+# fifo duels: their dom0 ports in the duel block after the common words
+D_PORTS = 16  # up to 5 dom0 ports, then their 5 local ports
+D_SENT = 26  # sends B and C made on the sender's domain (set-up, side C)
 D_HARD_END_NS = 27  # ... and after this one even if fewer than D_MIN_ITERS ran
 D_MIN_ITERS = 28
 PRIO_Q, PRIO_Q3, PRIO_Q2 = 4, 8, 12
 
-# poll-vs-relink: its two ports are D_PORTS, D_PORTS + 1 (local ports at D_PORTS + 5, + 6)
 D_C_SLOT = 29  # side C's worker slot (0: no side C)
-D_CFLAG = 30  # C: done with iteration k (no unmask in flight)
-D_CEDGES = 31  # C: PENDING 0 -> 1 edges its unmasks made in this iteration (B adds them)
-D_CHECKED = 32  # B: iterations whose poll the port's event ended (the check applied)
+D_CFLAG = 30  # C: done with iteration k
+D_CEDGES = 31  # C: PENDING 0 -> 1 edges C made in this iteration (B adds them)
+D_CHECKED = 32  # B: iterations whose check applied (poll-vs-relink: the poll was ended by it)
 PRIO_POLL = 7
 POLL_TIMEOUT_S = 0.5
+D_BGO = 33  # B: entering its operation of iteration k now (aimed iterations)
+D_PORT_C = 34  # consume-vs-send: the trigger port (another word of v), 0 = none
+D_LPORT_C = 35
+D_AIMED = 36  # B: aimed iterations run
+D_PARENT = 37  # the stress run's main process: a duel ends when it is gone
 
 # violations recorded by B (codes continue stress.workers' list)
 V_DUEL_SELECTOR_NO_UPCALL = 20
 V_DUEL_STUCK = 21
 V_DUEL_ORDER = 22
 V_DUEL_EARLY_WAKE = 23
+V_DUEL_OLD_TAIL = 24
 RECORDED = 4  # violations B records one by one; the rest are counted (D_HITS)
 KIND_OF = {
     DUEL_CONSUME_SEND: "selector-no-upcall",
     DUEL_UNMASK_SEND: "stuck-pending",
     DUEL_DRAIN_LINK: "priority",
     DUEL_POLL_RELINK: "early-wake",
+    DUEL_OLD_TAIL: "old-tail",
 }
 
-SPIN_LIMIT_NS = 2_000_000_000  # a side that waits this long for the other gives up
+SPIN_LIMIT_NS = 5_000_000_000  # a side that waits this long for the other gives up
+AIM_DELAY = 400  # aimed unmask-vs-send: the sender's delay after the guest's signal, at most
 
 
-def _delays(rng, jitter: int) -> list:
+def delays(rng, jitter: int) -> list:
     """Random delays (spin-loop iterations) at several scales: the race windows are a few
     nanoseconds wide and where they sit relative to the barrier depends on the machine."""
     scales = rng.choice([max(1, jitter // 16), max(1, jitter // 4), jitter, jitter * 4], 4096)
     return (rng.random(4096) * scales).astype(np.int64).tolist()
 
 
-def _more(duel, k: int) -> bool:
+def aimed(k: int) -> bool:
+    """Odd iterations are aimed at the window, even ones sweep across it at random."""
+    return bool(k & 1)
+
+
+def more(duel, k: int) -> bool:
     """B starts another iteration while the duel's time lasts, and past it (up to the hard
-    end) until the minimum number of iterations ran: a loaded machine runs fewer per second."""
+    end) until the minimum number of iterations ran: a loaded machine runs fewer per second.
+    Not once the run's main process is gone (looked at every 256 iterations)."""
+    if k & 255 == 255 and not S.pid_alive(int(duel[D_PARENT])):
+        return False
     now = time.monotonic_ns()
     if now < int(duel[D_END_NS]):
         return True
     return k < int(duel[D_MIN_ITERS]) and now < int(duel[D_HARD_END_NS])
 
 
-def _spin(word, idx: int, want: int, other_done=None) -> bool:
-    """Busy-wait until word[idx] == want; False if it took too long (the other side died or
-    the duel ended)."""
+def _gave_up(duel, n: int, t_end: int) -> bool:
+    """A side's wait is over: too long, or (every 64K looks) the main process is gone."""
+    if time.monotonic_ns() > t_end:
+        return True
+    return n & 0xFFFF == 0 and not S.pid_alive(int(duel[D_PARENT]))
+
+
+def spin(word, idx: int, want: int, other_done=None) -> bool:
+    """Busy-wait until word[idx] == want (word is the duel block); False if it took too long
+    (the other side died or the duel ended)."""
     if word[idx] == want:
         return True
     t_end = time.monotonic_ns() + SPIN_LIMIT_NS
@@ -124,7 +156,20 @@ def _spin(word, idx: int, want: int, other_done=None) -> bool:
             os.sched_yield()
             if other_done is not None and word[other_done]:
                 return False
-            if time.monotonic_ns() > t_end:
+            if _gave_up(word, n, t_end):
+                return False
+    return True
+
+
+def spin_until(pred, duel) -> bool:
+    """Busy-wait until pred() holds; False after SPIN_LIMIT_NS or once B is done."""
+    t_end = time.monotonic_ns() + SPIN_LIMIT_NS
+    n = 0
+    while not pred():
+        n += 1
+        if n & 255 == 0:
+            os.sched_yield()
+            if duel[D_DONE] or _gave_up(duel, n, t_end):
                 return False
     return True
 
@@ -141,10 +186,14 @@ class _Bits:
         self.l3 = dm.abi == L.ABI_3L
         self.lay = lay
 
+    def sel_index(self, v: int) -> int:
+        """Index in `words` of vCPU v's (first-level) selector word."""
+        return (self.lay.vcpu_info(v) + L.vi_pending_sel(self.w)) // self.wbytes
+
     def sel_ok(self, v: int, port: int) -> tuple[bool, bool, bool]:
         """(selector bit(s) for port set on v, upcall pending on v, L1 set)."""
         w, lay = self.w, self.lay
-        sel = int(self.words[(lay.vcpu_info(v) + L.vi_pending_sel(w)) // self.wbytes])
+        sel = int(self.words[self.sel_index(v)])
         up = bool(self.dm.u8[lay.vcpu_info(v) + L.VI_UPCALL_PENDING] & 1)
         if self.l3:
             l2w = port // w
@@ -158,77 +207,105 @@ class _Bits:
 def _a_ports(duel, kind: int, k: int) -> tuple[int, int]:
     """(dom0 port, sender's local port) that side A raises in iteration k."""
     if kind == DUEL_POLL_RELINK:
-        return _poll_port(duel, k)
+        return int(duel[D_PORTS + (k & 1)]), int(duel[D_PORTS + 5 + (k & 1)])
     if kind == DUEL_DRAIN_LINK:  # y
         return int(duel[D_PORTS + 1]), int(duel[D_PORTS + 5 + 1])
+    if kind == DUEL_OLD_TAIL:  # t, the old tail
+        return int(duel[D_PORTS]), int(duel[D_PORTS + 5])
     if kind == DUEL_CONSUME_SEND:
         return int(duel[D_PORT_B]), int(duel[D_LPORT_B])
     return int(duel[D_PORT_A]), int(duel[D_LPORT_A])
 
 
 def run_a(sender, duel) -> None:
-    """Side A (a sender process): raise the port when released, for every iteration (in
-    poll-vs-relink, once vCPU v is blocked in its poll)."""
+    """Side A (a sender process): raise the port when released, for every iteration; in aimed
+    iterations right when B has begun (consume-vs-send: once B's handler swapped v's selector;
+    unmask-vs-send: once B announced its unmask), in poll-vs-relink once v is in its poll."""
     k_ = sender.env.host._k
     dm = sender.env.host._dm(0)
     domid = sender.dom.domid
     kind = int(duel[D_KIND])
     v = int(duel[D_VCPU])
-    delays = _delays(sender.rng, int(duel[D_JITTER]))
+    delay = delays(sender.rng, int(duel[D_JITTER]))
+    aim_delay = sender.rng.integers(0, AIM_DELAY, 4096).tolist()
     edges_row, one = sender.edges, 0
     h = sender.hdr
-    k = 0
+    sent = k = 0
+    pc, lpc = int(duel[D_PORT_C]), int(duel[D_LPORT_C])
+    sel = None
+    if kind == DUEL_CONSUME_SEND and pc:
+        words = dm.words
+        sel_i = _Bits(sender.env.host).sel_index(v)
+
+        def sel():
+            return words[sel_i] == 0
+
     while True:
-        if not _spin(duel, D_BFLAG, k + 1, D_DONE):
+        if not spin(duel, D_BFLAG, k + 1, D_DONE):
             break
         k += 1
         dport, lport = _a_ports(duel, kind, k)
+        if sel is not None:  # the trigger: v's selector and upcall now set, as by any event
+            sent += 1
+            if k_.send(domid, lpc) > 0:
+                edges_row[pc] += 1
+                one += 1
         if kind == DUEL_POLL_RELINK:
+            from .duels_fifo import polling
+
             t_end = time.monotonic_ns() + SPIN_LIMIT_NS
-            while not _polling(dm, v) and time.monotonic_ns() < t_end:
+            while not polling(dm, v) and time.monotonic_ns() < t_end:
                 os.sched_yield()
-        d = delays[k & 4095]
+        d = delay[k & 4095]
         duel[D_AFLAG] = k
-        for _ in range(d):
-            pass
+        if aimed(k) and sel is not None:
+            spin_until(sel, duel)  # B's handler swapped the selector: send now
+        elif aimed(k) and kind == DUEL_UNMASK_SEND:
+            if spin(duel, D_BGO, k, D_DONE):
+                for _ in range(aim_delay[k & 4095]):
+                    pass
+        else:
+            for _ in range(d):
+                pass
+        sent += 1
         r = k_.send(domid, lport)
         if r > 0:
             edges_row[dport] += 1
             one += 1
         duel[D_ADONE] = k
-    h[S.H_SENT] += k
+    h[S.H_SENT] += sent
     h[S.H_EDGES] += one
-
-
-def _drain(vcpu, port: int | None = None) -> None:
-    """Run vCPU's handler (up to 8 times) until a pass delivers nothing and, if given, `port`
-    is no longer pending; every delivery is accounted."""
-    k_, v, buf = vcpu.env.host._k, vcpu.v, vcpu.buf
-    for _ in range(8):
-        n = k_.consume(0, v, buf)
-        if n:
-            vcpu.account(buf[:n])
-        elif port is None or not k_.is_pending(0, port):
-            return
 
 
 def run_b(vcpu, duel) -> None:
     """Side B (the vCPU's worker, the guest): one operation per iteration, then the check."""
     kind = int(duel[D_KIND])
-    if kind == DUEL_DRAIN_LINK:
-        return _run_b_fifo(vcpu, duel)
-    if kind == DUEL_POLL_RELINK:
-        return run_poller(vcpu, duel)
+    if kind in FIFO_KINDS:
+        from . import duels_fifo
+
+        return duels_fifo.run_b(vcpu, duel, kind)
+    return _run_b_bitmap(vcpu, duel, kind)
+
+
+def run_c(vcpu, duel) -> None:
+    """Side C (another vCPU's worker) of the fifo duels that have one."""
+    from . import duels_fifo
+
+    duels_fifo.run_c(vcpu, duel, int(duel[D_KIND]))
+
+
+def _run_b_bitmap(vcpu, duel, kind: int) -> None:
+    """consume-vs-send and unmask-vs-send (2l, 3l)."""
     env, st = vcpu.env, vcpu.env.stats
     k_ = env.host._k
     v = vcpu.v
-    pa, pb = int(duel[D_PORT_A]), int(duel[D_PORT_B])
+    pa, pb, pc = int(duel[D_PORT_A]), int(duel[D_PORT_B]), int(duel[D_PORT_C])
     port = pb if kind == DUEL_CONSUME_SEND else pa
-    delays = _delays(np.random.default_rng(int(duel[D_END_NS]) ^ v), int(duel[D_JITTER]))
+    checked = [p for p in (port, pc) if p]
+    delay = delays(np.random.default_rng(int(duel[D_END_NS]) ^ v), int(duel[D_JITTER]))
     bits = _Bits(env.host)
     buf = vcpu.buf
-    hits = 0
-    k = 0
+    hits = aims = k = 0
     dom0 = env.dom0
 
     def drain():
@@ -236,263 +313,68 @@ def run_b(vcpu, duel) -> None:
             n = k_.consume(0, v, buf)
             if n:
                 vcpu.account(buf[:n])
-            if not k_.is_pending(0, port):
+            if not any(k_.is_pending(0, p) for p in checked):
                 return True
         return False
 
     drain()
-    while _more(duel, k):
+    while more(duel, k):
         k += 1
         if kind == DUEL_UNMASK_SEND:
             k_.guest_mask(0, pa)
         duel[D_BFLAG] = k
-        if not _spin(duel, D_AFLAG, k):
+        if not spin(duel, D_AFLAG, k):
             break
-        for _ in range(delays[k & 4095]):
-            pass
+        aim = aimed(k) and (kind == DUEL_UNMASK_SEND or pc != 0)
+        aims += aim
+        if not aim:
+            for _ in range(delay[k & 4095]):
+                pass
         if kind == DUEL_CONSUME_SEND:
             n = k_.consume(0, v, buf)
         else:
+            duel[D_BGO] = k
             k_.guest_unmask(0, pa)
             n = 0
-        if not _spin(duel, D_ADONE, k):
+        if not spin(duel, D_ADONE, k):
             break
         if n:
             vcpu.account(buf[:n])
         # the check: a pending, unmasked port must be reachable by v's next upcall
-        if k_.is_pending(0, port) and not k_.is_masked(0, port):
-            have, up, _ = bits.sel_ok(v, port)
-            if not (have and up):
-                hits += 1
-                if hits <= RECORDED:
-                    code = V_DUEL_SELECTOR_NO_UPCALL if have else V_DUEL_STUCK
-                    st.record(vcpu.slot, code, port, v, kind, k, time.monotonic_ns())
-                if not have:  # repair: let Xen raise it again
-                    dom0.mask(port)
-                    dom0.unmask(port)
+        for p in checked:
+            if k_.is_pending(0, p) and not k_.is_masked(0, p):
+                have, up, _ = bits.sel_ok(v, p)
+                if not (have and up):
+                    hits += 1
+                    if hits <= RECORDED:
+                        code = V_DUEL_SELECTOR_NO_UPCALL if have else V_DUEL_STUCK
+                        st.record(vcpu.slot, code, p, v, kind, k, time.monotonic_ns())
+                    if not have:  # repair: let Xen raise it again
+                        dom0.mask(p)
+                        dom0.unmask(p)
         if not drain():
-            dom0.mask(port)
-            dom0.unmask(port)
+            for p in checked:
+                dom0.mask(p)
+                dom0.unmask(p)
             drain()
     duel[D_ITERS] = k
     duel[D_HITS] = hits
+    duel[D_AIMED] = aims
     duel[D_DONE] = 1
     if kind == DUEL_UNMASK_SEND:
         k_.guest_unmask(0, pa)
         drain()
 
 
-def _run_b_fifo(vcpu, duel) -> None:
-    """drain-vs-link (fifo; R6, 70ccddb14a). Set up, one step at a time: queue Q holds x with
-    the guest's local head on it and Xen's HEAD still naming h, which has since been moved to
-    the lower-priority queue Q2 and linked there (h -> z); w waits on Q3 between them. Then
-    the guest drains while the sender links y after x. Xen sets READY only for a new HEAD; if
-    it also set READY for y, a guest that took y through LINK, emptied Q and then saw READY
-    reads the stale HEAD h and walks Q2's events as if they were Q's: h and z are delivered
-    before w. Checked: x, w, h, z are delivered in that order (y may come anywhere)."""
-    env, st = vcpu.env, vcpu.env.stats
-    k_ = env.host._k
-    dom0 = env.dom0
-    v = vcpu.v
-    x, y, w, h, z = (int(duel[D_PORTS + i]) for i in range(5))
-    lx, ly, lw, lh, lz = (int(duel[D_PORTS + 5 + i]) for i in range(5))
-    sdom = int(duel[D_LPORT_A])  # the sender domain's domid
-    edges = st.edges[int(duel[D_A_SLOT])]
-    delays = _delays(np.random.default_rng(int(duel[D_END_NS]) ^ v), int(duel[D_JITTER]))
-    buf = vcpu.buf
-    one = buf[:1]
-    hits = sent = k = 0
-
-    def send(lp, dp):
-        nonlocal sent
-        sent += 1
-        if k_.send(sdom, lp) > 0:
-            edges[dp] += 1
-
-    _drain(vcpu)
-    want = [x, w, h, z]
-    while _more(duel, k):
-        k += 1
-        dom0.set_priority(h, PRIO_Q)
-        send(lh, h)
-        send(lx, x)
-        n = k_.consume(0, v, one)  # takes h; the local head is now x
-        if n:
-            vcpu.account(one[:n])
-        dom0.set_priority(h, PRIO_Q2)
-        send(lh, h)  # h -> Q2 (new HEAD there)
-        send(lz, z)  # h -> z
-        send(lw, w)  # w on Q3
-        duel[D_BFLAG] = k
-        if not _spin(duel, D_AFLAG, k):
-            break
-        for _ in range(delays[k & 4095]):
-            pass
-        n = k_.consume(0, v, buf)
-        if not _spin(duel, D_ADONE, k):
-            break
-        got = buf[:n].tolist()
-        if n:
-            vcpu.account(buf[:n])
-        seen = [p for p in got if p in (x, w, h, z)]
-        if seen != want:
-            hits += 1
-            if hits <= RECORDED:
-                bad = next((a for a, b in zip(seen, want) if a != b), x)
-                st.record(vcpu.slot, V_DUEL_ORDER, bad, v, DUEL_DRAIN_LINK, k, time.monotonic_ns())
-        _drain(vcpu)
-    duel[D_ITERS] = k
-    duel[D_HITS] = hits
-    duel[D_SENT] = sent
-    duel[D_DONE] = 1
-    _drain(vcpu)
-
-
-# -- poll-vs-relink (R9) ------------------------------------------------------------------------
-def _poll_port(duel, k: int) -> tuple[int, int]:
-    """(dom0 port, sender's local port) raced in iteration k: the two ports alternate, so Xen's
-    HEAD, which the guest never clears, names the other port when the race starts."""
-    i = k & 1
-    return int(duel[D_PORTS + i]), int(duel[D_PORTS + 5 + i])
-
-
-def _polling(dm, v: int) -> bool:
-    return int(dm.u32[(dm.layout.xen_vcpu(v) + L.X_POLL) // 4]) == L.POLL_ACTIVE
-
-
-def run_c(vcpu, duel) -> None:
-    """Side C of poll-vs-relink (another vCPU of dom0): EVTCHNOP_unmask on the (unmasked) port
-    over and over until A's send is done. Xen relinks a pending, unlinked event on unmask, so
-    C and A both run set_pending on the port: the race R9 is about."""
-    k_ = vcpu.env.host._k
-    k = 0
-    while True:
-        if not _spin(duel, D_BFLAG, k + 1, D_DONE):
-            break
-        k += 1
-        dport, _ = _poll_port(duel, k)
-        made = 0
-        t_end = time.monotonic_ns() + SPIN_LIMIT_NS
-        while duel[D_ADONE] != k and time.monotonic_ns() < t_end:
-            made += max(0, k_.hyp_unmask(0, dport))
-        made += max(0, k_.hyp_unmask(0, dport))
-        duel[D_CEDGES] = made
-        duel[D_CFLAG] = k
-
-
-def reachable(dm, v: int, prio: int, port: int) -> bool:
-    """Would vCPU v's guest find `port` on its queue `prio` now? Follow the guest's local head,
-    or Xen's HEAD when that is 0, through LINKED words (the guest never clears HEAD, so a word
-    that is not LINKED ends the walk)."""
-    u32, lay = dm.u32, dm.layout
-    link_mask = (1 << dm.link_bits) - 1
-    h = int(u32[(lay.guest_vcpu(v) + L.G_LOCAL_HEAD) // 4 + prio])
-    if h == 0:
-        h = int(u32[(lay.control_block(v) + L.CB_HEAD) // 4 + prio])
-    pages = dm.hdr(L.H_ARRAY_PAGES) * L.FIFO_WORDS_PER_PAGE
-    for _ in range(1 << 16):
-        if h == 0 or h >= pages:
-            return False
-        w = int(u32[lay.event_word(h) // 4])
-        if not w & L.FIFO_LINKED:
-            return False
-        if h == port:
-            return True
-        h = w & link_mask
-    return False
-
-
-def run_poller(vcpu, duel) -> None:
-    """Side B of poll-vs-relink (R9, 71ac522909): vCPU v, with its queue drained, polls port p
-    (SCHEDOP_poll) while A sends p and C unmasks p. Xen calls the pollers only after the event
-    is queued and its queue unlocked, so when the poll returns because p's PENDING 0 -> 1 woke
-    it, p must be on v's queue. With R9 put back, the sender that set PENDING sees LINKED set
-    by C's relink, which has not written HEAD yet, and wakes the poller at once: the guest
-    finds nothing, and a guest that then sleeps again with p still pending never wakes."""
-    env, st = vcpu.env, vcpu.env.stats
-    k_ = env.host._k
-    dm = env.host._dm(0)
-    v = vcpu.v
-    edges = st.edges[int(duel[D_A_SLOT])]
-    hits = k = checked = 0
-    arr = np.zeros(1, np.uint32)
-
-    while _more(duel, k):
-        dport, _ = _poll_port(duel, k + 1)
-        _drain(vcpu, dport)
-        k += 1
-        arr[0] = dport
-        duel[D_BFLAG] = k
-        reason, woke = k_.poll(0, v, arr, POLL_TIMEOUT_S)
-        woken = reason == L.POLL_EVENT and woke == dport
-        checked += woken
-        # (a masked port is legitimately PENDING without being queued; the duel never masks)
-        if woken and not k_.is_masked(0, dport) and not reachable(dm, v, PRIO_POLL, dport):
-            hits += 1
-            if hits <= RECORDED:
-                st.record(
-                    vcpu.slot, V_DUEL_EARLY_WAKE, dport, v, DUEL_POLL_RELINK, k, time.monotonic_ns()
-                )
-        if not (_spin(duel, D_ADONE, k) and _spin(duel, D_CFLAG, k)):
-            break
-        if duel[D_CEDGES]:
-            edges[dport] += int(duel[D_CEDGES])
-            duel[D_CEDGES] = 0
-    duel[D_ITERS] = k
-    duel[D_HITS] = hits
-    duel[D_CHECKED] = checked
-    duel[D_DONE] = 1
-    _drain(vcpu, int(duel[D_PORTS]))
-    _drain(vcpu, int(duel[D_PORTS + 1]))
-
-
 def plan(env, abi: str, plain_channels: np.ndarray, sender: int = 0) -> list[dict]:
-    """The duels for this ABI on this setup: ports of `sender`'s plain channels on one vCPU
-    (two in the same bitmap word for consume-vs-send)."""
+    """The duels for this ABI on this setup, on `sender`'s plain channels (the parent saves
+    and restores the priorities a fifo duel sets: `prios`)."""
     st = env.stats
-    if abi == "fifo":
-        mine = plain_channels[st.ch_sender[plain_channels] == sender]
-        vcs = st.ch_vcpu[mine].astype(np.int64)
-        if not len(mine):
-            return []
-        counts = np.bincount(vcs)
-        v = int(np.argmax(counts))
-        if counts[v] < 5:
-            return []
-        five = mine[vcs == v][:5]
-        plans = [
-            dict(
-                kind=DUEL_DRAIN_LINK,
-                vcpu=v,
-                sender=sender,
-                ports=[int(p) for p in st.ch_dport[five]],
-                lports=[int(p) for p in st.ch_lport[five]],
-                channels=five.tolist(),
-                pa=int(st.ch_dport[five[1]]),
-                pb=0,
-                la=0,
-                lb=0,
-            )
-        ]
-        if env.cfg.vcpus >= 2:  # side C is another vCPU's worker
-            two = five[:2]
-            plans.append(
-                dict(
-                    kind=DUEL_POLL_RELINK,
-                    vcpu=v,
-                    sender=sender,
-                    c_vcpu=(v + 1) % env.cfg.vcpus,
-                    ports=[int(p) for p in st.ch_dport[two]],
-                    lports=[int(p) for p in st.ch_lport[two]],
-                    channels=two.tolist(),
-                    pa=int(st.ch_dport[two[0]]),
-                    pb=0,
-                    la=0,
-                    lb=0,
-                )
-            )
-        return plans
     mine = plain_channels[st.ch_sender[plain_channels] == sender]
+    if abi == "fifo":
+        from .duels_fifo import plan_fifo
+
+        return plan_fifo(env, mine, sender)
     if len(mine) < 2:
         return []
     dports = st.ch_dport[mine].astype(np.int64)
@@ -502,12 +384,17 @@ def plan(env, abi: str, plain_channels: np.ndarray, sender: int = 0) -> list[dic
     for i in range(len(order) - 1):
         a, b = order[i], order[i + 1]
         if vcs[a] == vcs[b] and dports[a] // w == dports[b] // w:
+            # the trigger of consume-vs-send: a port of the same vCPU in another word
+            other = np.flatnonzero((vcs == vcs[a]) & (dports // w != dports[a] // w))
+            c = int(other[0]) if len(other) else None
             base = dict(
                 vcpu=int(vcs[a]),
                 pa=int(dports[a]),
                 pb=int(dports[b]),
                 la=int(st.ch_lport[mine[a]]),
                 lb=int(st.ch_lport[mine[b]]),
+                pc=0 if c is None else int(dports[c]),
+                lc=0 if c is None else int(st.ch_lport[mine[c]]),
                 sender=sender,
             )
             return [dict(base, kind=DUEL_CONSUME_SEND), dict(base, kind=DUEL_UNMASK_SEND)]

@@ -60,6 +60,18 @@ ROWS = [
             )
         ),
     ),
+    (
+        "resets (EAGAIN/EBUSY)",
+        lambda r: (
+            "-"
+            if not r.get("resets")
+            else "{resets} ({eagain}/{ebusy}), {rebinds} re-binds".format(**r["resets"])
+        ),
+    ),
+    (
+        "destroyed by reset",
+        lambda r: "-" if not r.get("resets") else _n(r["resets"]["destroyed"]),
+    ),
     ("quiescent checks", lambda r: _n(r.get("epochs"))),
     (
         "setup / race / wall",

@@ -17,10 +17,12 @@ the others (reference) run the same actors interleaved in this process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -32,6 +34,7 @@ from evtchn import layout as L
 from . import checks as C
 from . import config as CF
 from . import duels as DU
+from . import resetter as RS
 from . import shm as S
 from . import workers as W
 
@@ -44,6 +47,72 @@ class WorkerError(RuntimeError):
 
 class Interrupted(BaseException):
     """Ctrl-C or SIGTERM in the parent."""
+
+
+# Ctrl-C / SIGTERM that reached the main process during the current run. The signal is
+# raised where it lands (KeyboardInterrupt, Interrupted) and also remembered here, because
+# library code may swallow it (an exception raised while a Cython module initialises, on the
+# first use of numpy.random, is lost): checkpoint() raises it again, and the main process
+# passes one in every wait loop, between phases and every few channels of the setup.
+_caught: list[int] = []
+
+
+def _raise_for(signum: int):
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Interrupted("SIGTERM")
+
+
+def _on_signal(signum, frame):
+    _caught.append(signum)
+    _raise_for(signum)
+
+
+def checkpoint() -> None:
+    """Raise a Ctrl-C / SIGTERM of this run that something swallowed."""
+    if _caught:
+        _raise_for(_caught[0])
+
+
+@contextlib.contextmanager
+def signals_for_run():
+    """The run's own SIGINT and SIGTERM handlers (main thread only)."""
+    _caught.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def interrupts_held(raise_after: bool = True):
+    """Hold Ctrl-C and SIGTERM back for a block that must not stop half-way: one that creates
+    a shared-memory segment (stopped between creating and recording it, it would be left in
+    /dev/shm) or takes engine locks from Python while workers run, and the teardown. A signal
+    that came meanwhile is raised when the block ends (or, with raise_after=False, reported
+    through the yielded list). Outside the main thread signals cannot be caught: no-op."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def note(signum, frame):
+        got.append(signum)
+        _caught.append(signum)
+
+    old = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if got and raise_after:
+            _raise_for(got[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,13 +135,25 @@ def vcpu_for(port: int, cfg, nwords: int) -> int:
 
 def setup(cfg, host: Host) -> Setup:
     t0 = time.perf_counter()
-    dom0 = host.create_domain(cfg.abi, vcpus=cfg.vcpus)
-    sdoms = [host.create_domain(cfg.abi, vcpus=1) for _ in range(cfg.senders)]
-    cfg.nports = dom0.max_ports
+    stats = None
     nchaos = cfg.n_chaos
-    cfg.shape = S.Shape(cfg.senders, cfg.vcpus, nchaos, cfg.nports, cfg.channels)
-    stats = S.Stats.create(cfg.shape)
     try:
+        with interrupts_held():  # each segment is recorded (for its unlink) as it is created
+            dom0 = host.create_domain(cfg.abi, vcpus=cfg.vcpus)
+            sdoms = [host.create_domain(cfg.abi, vcpus=1) for _ in range(cfg.senders)]
+            kdom = host.create_domain(cfg.abi, vcpus=1) if cfg.kchans else None  # K (resets)
+            cfg.nports = dom0.max_ports
+            cfg.shape = S.Shape(
+                cfg.senders,
+                cfg.vcpus,
+                nchaos,
+                cfg.nports,
+                cfg.channels,
+                cfg.kchans,
+                cfg.resetters if cfg.kchans else 0,
+            )
+            stats = S.Stats.create(cfg.shape)
+            stats.ctrl[S.C_PHASE] = S.PH_SETUP
         env = W.Env(cfg, host, stats)
         setup_seed, _, _ = W.seeds_for(cfg.seed, cfg.senders, nchaos)
         rng = np.random.default_rng(setup_seed)
@@ -97,6 +178,8 @@ def setup(cfg, host: Host) -> Setup:
         fifo = cfg.abi == "fifo"
         spare, nxt = [], 1  # allocation is sequential here: nxt is the next port
         for c in range(n):
+            if c & 1023 == 0:
+                checkpoint()
             if cfg.closes > 0 and nxt % CF.SPARE_EVERY == CF.SPARE_EVERY - 1:
                 spare.append(dom0.alloc_unbound(L.DOMID_SELF))  # freed after the setup
                 nxt = spare[-1] + 1
@@ -112,6 +195,8 @@ def setup(cfg, host: Host) -> Setup:
             if fifo and pr != L.FIFO_PRIORITY_DEFAULT:
                 dom0.set_priority(p, pr)
             ch_dport[c], ch_lport[c], ch_sender[c], ch_vcpu[c], ch_prio[c] = p, lp, s, v, pr
+        if kdom is not None:
+            RS.setup(cfg, host, dom0, stats, kdom)
         for p in spare:
             dom0.close(p)
         for sd in sdoms:  # the bind edges landed on the senders' own ports: drop them
@@ -136,10 +221,12 @@ def setup(cfg, host: Host) -> Setup:
             [f"sender-{i}" for i in range(cfg.senders)]
             + [f"vcpu-{v}" for v in range(cfg.vcpus)]
             + [f"{a.role}-{i}" for i, a in enumerate(_chaos_roles(cfg))]
+            + RS.names(cfg)
         )
         return Setup(env, names, perma, np.flatnonzero(cls == 0), time.perf_counter() - t0)
     except BaseException:
-        stats.close()
+        if stats is not None:
+            stats.close()
         raise
 
 
@@ -193,17 +280,19 @@ class ProcessCrew:
             [("sender", i) for i in range(cfg.senders)]
             + [("vcpu", v) for v in range(cfg.vcpus)]
             + [(r.role, i) for i, r in enumerate(_chaos_roles(cfg))]
+            + [(n.rsplit("-", 1)[0], int(n.rsplit("-", 1)[1])) for n in RS.names(cfg)]
         )
         args = (cfg, self.env.host.name, self.st.name, os.getpid())
-        for slot, (role, i) in enumerate(jobs):
-            p = ctx.Process(
-                target=W.worker_main, args=(role, i) + args, name=self.names[slot], daemon=True
-            )
-            p.start()
-            self.procs.append((slot, self.names[slot], p))
+        with _sigint_blocked_for_children():
+            for slot, (role, i) in enumerate(jobs):
+                p = ctx.Process(
+                    target=W.worker_main, args=(role, i) + args, name=self.names[slot], daemon=True
+                )
+                p.start()
+                self.procs.append((slot, self.names[slot], p))
         self.wait_for(
             lambda: (self.st.hdr[:, S.H_STATE] >= S.S_READY).all(),
-            max(60.0, 1.0 * len(jobs)),
+            max(120.0, 2.0 * len(jobs)),
             "workers starting",
         )
 
@@ -227,6 +316,7 @@ class ProcessCrew:
 
     # -- the watchdog --------------------------------------------------------------------------
     def poll(self) -> None:
+        checkpoint()
         if self.stopping:
             return
         for _slot, name, p in self.procs:
@@ -238,7 +328,10 @@ class ProcessCrew:
         changed = loops != self.beat
         self.beat[changed] = loops[changed]
         self.beat_t[changed] = now
-        stale = np.flatnonzero(now - self.beat_t > self.cfg.hang_timeout)
+        # a worker still starting (importing, numba loading its kernels) has no heartbeat
+        # yet: the start-up deadline of start() covers it
+        started = self.st.hdr[:, S.H_STATE] != S.S_STARTING
+        stale = np.flatnonzero((now - self.beat_t > self.cfg.hang_timeout) & started)
         if len(stale) and self.beat_t.min() > 0:
             slot = int(stale[0])
             state = S.STATE_NAMES[min(int(self.st.hdr[slot, S.H_STATE]), 7)]
@@ -269,13 +362,21 @@ class ProcessCrew:
         self.gen += 1
         return self.gen
 
-    def _slots(self, kind: str) -> range:
+    def _slots(self, kind: str) -> list:
+        """Worker slots: senders, vcpus, chaos, and the groups the parent steers: `paused`
+        (senders, K's sender and resetters) and `held` (dom0's vCPUs and K's)."""
         sh = self.cfg.shape
+        k0 = sh.senders + sh.vcpus + sh.chaos
+        k = list(range(k0, sh.workers))
         if kind == "senders":
-            return range(0, sh.senders)
+            return list(range(0, sh.senders))
         if kind == "vcpus":
-            return range(sh.senders, sh.senders + sh.vcpus)
-        return range(sh.senders + sh.vcpus, sh.workers)
+            return list(range(sh.senders, sh.senders + sh.vcpus))
+        if kind == "chaos":
+            return list(range(sh.senders + sh.vcpus, k0))
+        if kind == "paused":
+            return list(range(0, sh.senders)) + [i for i in k if i != k0 + 1]
+        return list(range(sh.senders, sh.senders + sh.vcpus)) + k[1:2]  # held
 
     def run_for(self, seconds: float, until=None) -> None:
         end = monotonic() + seconds
@@ -295,7 +396,7 @@ class ProcessCrew:
         g = self._next()
         self.st.ctrl[S.C_PAUSE] = g
         hdr = self.st.hdr
-        senders, chaos = self._slots("senders"), self._slots("chaos")
+        senders, chaos = self._slots("paused"), self._slots("chaos")
         self.wait_for(
             lambda: (
                 all(hdr[i, S.H_ACK] == g for i in senders)
@@ -312,7 +413,7 @@ class ProcessCrew:
         g = self._next()
         self.st.ctrl[S.C_HOLD] = g
         hdr = self.st.hdr
-        vc = self._slots("vcpus")
+        vc = self._slots("held")
         self.wait_for(
             lambda: all(hdr[i, S.H_ACK] == g for i in vc),
             self.cfg.hang_timeout,
@@ -334,8 +435,8 @@ class ProcessCrew:
         )
 
     def duel(self, d: dict, seconds: float) -> dict:
-        """Run one duel (stress.duels) between a sender and a vCPU worker; every other
-        worker is paused or held."""
+        """Run one duel (stress.duels) between a sender, a vCPU worker and (some fifo duels)
+        another vCPU's worker; every other worker is paused or held."""
         st = self.st
         block = st.duel
         block[:] = 0
@@ -344,32 +445,31 @@ class ProcessCrew:
         block[DU.D_B_SLOT] = st.vcpu_slot(d["vcpu"])
         block[DU.D_VCPU] = d["vcpu"]
         block[DU.D_PORT_A], block[DU.D_PORT_B] = d["pa"], d["pb"]
-        block[DU.D_LPORT_A], block[DU.D_LPORT_B] = d["la"], d["lb"]
+        block[DU.D_LPORT_A], block[DU.D_LPORT_B] = d.get("la", 0), d.get("lb", 0)
+        block[DU.D_PORT_C], block[DU.D_LPORT_C] = d.get("pc", 0), d.get("lc", 0)
         block[DU.D_JITTER] = 64
-        block[DU.D_MIN_ITERS] = int(40000 * seconds)
+        block[DU.D_PARENT] = os.getpid()
+        block[DU.D_MIN_ITERS] = int(2000 * seconds)
         saved = []
-        if d["kind"] in (DU.DUEL_DRAIN_LINK, DU.DUEL_POLL_RELINK):
+        if d["kind"] in DU.FIFO_KINDS:
             dom0 = self.env.dom0
             n = len(d["ports"])
             block[DU.D_PORTS : DU.D_PORTS + n] = d["ports"]
             block[DU.D_PORTS + 5 : DU.D_PORTS + 5 + n] = d["lports"]
             block[DU.D_LPORT_A] = self.env.sdoms[d["sender"]].domid
-            prios = (
-                (DU.PRIO_Q, DU.PRIO_Q, DU.PRIO_Q3, DU.PRIO_Q, DU.PRIO_Q2)
-                if n == 5
-                else (DU.PRIO_POLL,) * n
-            )
-            for p, c, pr in zip(d["ports"], d["channels"], prios):
+            for p, c, pr in zip(d["ports"], d["channels"], d["prios"]):
                 saved.append((p, int(st.ch_prio[c])))
                 dom0.set_priority(p, pr)
         parties = [int(block[DU.D_A_SLOT]), int(block[DU.D_B_SLOT])]
-        if d["kind"] == DU.DUEL_POLL_RELINK:
+        if "c_vcpu" in d:
             block[DU.D_C_SLOT] = st.vcpu_slot(d["c_vcpu"])
-            block[DU.D_MIN_ITERS] = int(200 * seconds)  # an iteration sleeps in a poll
             parties.append(int(block[DU.D_C_SLOT]))
+        if d["kind"] == DU.DUEL_POLL_RELINK:
+            block[DU.D_MIN_ITERS] = int(200 * seconds)  # an iteration sleeps in a poll
         block[DU.D_END_NS] = time.monotonic_ns() + int(seconds * 1e9)
         block[DU.D_HARD_END_NS] = time.monotonic_ns() + int(4 * seconds * 1e9)
         g = self._next()
+        t0 = time.perf_counter()
         st.ctrl[S.C_DUEL] = g
         try:
             self.wait_for(
@@ -387,6 +487,8 @@ class ProcessCrew:
             "vcpu": d["vcpu"],
             "port": d["pb"] if d["kind"] == DU.DUEL_CONSUME_SEND else d["pa"],
             "iterations": int(block[DU.D_ITERS]),
+            "aimed": int(block[DU.D_AIMED]),
+            "seconds": round(time.perf_counter() - t0, 2),
             "violations": int(block[DU.D_HITS]),
             **(
                 {"woken_by_event": int(block[DU.D_CHECKED])}
@@ -400,8 +502,8 @@ class ProcessCrew:
         and is outside its handler, twice in a row."""
         self.release()
         hdr = self.st.hdr
-        vc = list(self._slots("vcpus"))
-        dom0 = self.env.dom0
+        vc = self._slots("held")
+        dom0, kdom = self.env.dom0, self.env.kdom
         base = hdr[vc, S.H_LOOPS].copy()
         calm = [0]
 
@@ -410,12 +512,34 @@ class ProcessCrew:
                 return False
             quiet = (
                 not any(dom0.upcall_pending(v) for v in range(self.cfg.vcpus))
+                and not (kdom is not None and kdom.upcall_pending(0))
                 and not (hdr[vc, S.H_SEQ] & 1).any()
             )
             calm[0] = calm[0] + 1 if quiet else 0
             return calm[0] >= 3
 
         self.wait_for(drained, self.cfg.hang_timeout, "draining the vCPUs")
+
+
+@contextlib.contextmanager
+def _sigint_blocked_for_children():
+    """Start processes with SIGINT blocked: the forkserver (or a spawned worker) inherits the
+    blocked mask across exec, so a Ctrl-C meant for the run cannot break its start-up with a
+    traceback, and the workers it forks cannot see one before they ignore it. This process
+    gets it (KeyboardInterrupt) when the block ends, after every started worker was recorded
+    to be killed. multiprocessing's resource tracker unblocks SIGINT after starting itself, so
+    it is started first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def _describe_exit(code: int) -> str:
@@ -443,17 +567,31 @@ class InlineCrew:
             s.pace = lambda s=s: (s.batch if s.workload != "storm" or s.storming else 64, 0.0)
         self.vcpus = [W.VCPU(env, v, inline=True) for v in range(cfg.vcpus)]
         self.chaos = W.make_chaos(env, chaos_seeds)
+        # K's processes (stress.resetter): its vCPU runs with dom0's, the rest with the senders
+        self.kpaused, self.kheld = [], []
+        if cfg.kchans:
+            k_seeds = RS.seeds(cfg.seed, cfg.shape.kworkers)
+            self.kheld = [RS.KVCPU(env, 0, inline=True)]
+            self.kpaused = [RS.KSender(env, 0, np.random.default_rng(k_seeds[0]))] + [
+                RS.Resetter(env, i, np.random.default_rng(k_seeds[2 + i]))
+                for i in range(cfg.resetters)
+            ]
+            for a in self.kpaused:
+                a.inline = True
         self.paused = self.held = self.finished = False
 
+    def _all(self) -> list:
+        return self.senders + self.vcpus + self.chaos + self.kheld + self.kpaused
+
     def start(self) -> None:
-        for a in self.senders + self.vcpus + self.chaos:
+        for a in self._all():
             a.hdr[S.H_STATE] = S.S_READY
             a.hdr[S.H_PID] = os.getpid()
 
     def stop(self) -> None:
         for v in self.vcpus:
             v.flush_latency()
-        for a in self.senders + self.vcpus + self.chaos:
+        for a in self._all():
             a.hdr[S.H_STATE] = S.S_DONE
 
     kill_all = stop
@@ -463,19 +601,20 @@ class InlineCrew:
 
     def _round(self) -> None:
         if not self.paused:
-            for s in self.senders:
+            for s in self.senders + self.kpaused:
                 s.step()
             if not self.finished:
                 for c in self.chaos:
                     for _ in range(4):
                         c.step()
         if not self.held:
-            for v in self.vcpus:
+            for v in self.vcpus + self.kheld:
                 v.step()
 
     def run_for(self, seconds: float, until=None) -> None:
         end = monotonic() + seconds
         while monotonic() < end:
+            checkpoint()
             self._round()
             if self.progress:
                 self.progress()
@@ -502,7 +641,7 @@ class InlineCrew:
     def drain(self) -> None:
         self.held = False
         for _ in range(100000):
-            if not any([v.step() for v in self.vcpus]):
+            if not any([v.step() for v in self.vcpus + self.kheld]):
                 return
         raise WorkerError("draining the vCPUs: upcalls still pending after 100000 rounds")
 
@@ -517,7 +656,12 @@ class Result:
 
 
 def run(cfg, progress_factory=None) -> Result:
-    """One ABI's run; never raises for worker trouble (the result says so)."""
+    """One ABI's run; never raises for worker trouble or an interrupt (the result says so)."""
+    with signals_for_run():
+        return _run(cfg, progress_factory)
+
+
+def _run(cfg, progress_factory) -> Result:
     col = C.Collector()
     rec: dict = {
         "abi": cfg.abi,
@@ -539,7 +683,11 @@ def run(cfg, progress_factory=None) -> Result:
     timing = {"race_s": 0.0, "race_delivered": 0, "epochs": 0}
     bar = None
     try:
-        host = Host(cfg.backend, inject=cfg.inject)
+        with interrupts_held():
+            host = Host(cfg.backend, inject=cfg.inject)
+        # numba: compile (or load) every kernel once here, so that the workers load them from
+        # numba's cache instead of each compiling them at once (minutes on a loaded machine)
+        host.warm_up()
         rec["host"] = host.name
         su = setup(cfg, host)
         rec["setup_s"] = round(su.seconds, 3)
@@ -555,6 +703,8 @@ def run(cfg, progress_factory=None) -> Result:
         crew_cls = ProcessCrew if multiproc else InlineCrew
         crew = crew_cls(cfg, su, progress=bar.update if bar else None)
         t = time.perf_counter()
+        st.ctrl[S.C_PHASE] = S.PH_START
+        checkpoint()
         crew.start()
         rec["spawn_s"] = round(time.perf_counter() - t, 3)
         _race(cfg, su, crew, col, timing, delivered_now)
@@ -564,22 +714,11 @@ def run(cfg, progress_factory=None) -> Result:
     except (KeyboardInterrupt, Interrupted):
         interrupted = True
     finally:
-        if bar is not None:
-            bar.close()
-        try:
-            if crew is not None:
-                if error or interrupted:
-                    crew.kill_all()
-                else:
-                    crew.stop()
-        finally:
-            try:
-                if su is not None:
-                    _metrics(cfg, su, rec, timing, col)  # partial figures too
-                    su.env.stats.close()
-            finally:
-                if host is not None:
-                    host.close()
+        # The teardown runs whole: a second Ctrl-C here only makes the verdict "interrupted"
+        # (stopped half-way, it would leave workers or segments behind).
+        with interrupts_held(raise_after=False) as got:
+            _teardown(cfg, su, crew, host, bar, rec, timing, col, error or interrupted)
+        interrupted = interrupted or bool(got)
     rec["wall_s"] = round(time.perf_counter() - t_wall, 3)
     rec["epochs"] = timing["epochs"]
     rec["duels"] = timing.get("duels", [])
@@ -593,6 +732,29 @@ def run(cfg, progress_factory=None) -> Result:
     else:
         rec["verdict"] = "fail" if col.total else "pass"
     return Result(rec, col, error, interrupted)
+
+
+def _teardown(cfg, su, crew, host, bar, rec, timing, col, abort: bool) -> None:
+    """Stop the workers (kill them after an error or interrupt), take the figures (partial
+    ones too), release the shared memory."""
+    if su is not None and su.env.stats.ctrl is not None:
+        su.env.stats.ctrl[S.C_PHASE] = S.PH_STOP
+    if bar is not None:
+        bar.close()
+    try:
+        if crew is not None:
+            if abort:
+                crew.kill_all()
+            else:
+                crew.stop()
+    finally:
+        try:
+            if su is not None:
+                _metrics(cfg, su, rec, timing, col)  # partial figures too
+                su.env.stats.close()
+        finally:
+            if host is not None:
+                host.close()
 
 
 def _race(cfg, su, crew, col, timing, delivered_now) -> None:
@@ -609,6 +771,7 @@ def _race(cfg, su, crew, col, timing, delivered_now) -> None:
         if reached():
             break
         span = cfg.check_interval if left is None else min(cfg.check_interval, left)
+        su.env.stats.ctrl[S.C_PHASE] = S.PH_RACE
         d0, t0 = delivered_now(), time.perf_counter()
         try:
             crew.run_for(span, until=reached if target else None)
@@ -627,18 +790,25 @@ def _race(cfg, su, crew, col, timing, delivered_now) -> None:
 
 def _quiescent_check(cfg, su, crew, col, phase: str, final: bool) -> None:
     env = su.env
+    env.stats.ctrl[S.C_PHASE] = S.PH_FINAL if final else S.PH_CHECK
     crew.hold()
     crew.run_for(0.02)  # senders keep linking onto held queues
     crew.pause()
     col.extend(C.held_checks(C.Snapshot(env.host, cfg.nports), f"held, {phase}"))
+    if env.kdom is not None:
+        col.extend(C.k_checks(env, f"held, {phase}", held=True))
     if final:
         crew.finish_chaos()
     crew.drain()
-    col.extend(
-        C.drained_checks(
-            C.Snapshot(env.host, cfg.nports), env.stats, f"drained, {phase}", final, su.perma
-        )
-    )
+    _drained(cfg, su, col, f"drained, {phase}", final)
+
+
+def _drained(cfg, su, col, phase: str, final: bool) -> None:
+    env = su.env
+    snap = C.Snapshot(env.host, cfg.nports)
+    col.extend(C.drained_checks(snap, env.stats, phase, final, su.perma))
+    if env.kdom is not None:
+        col.extend(C.k_checks(env, phase, held=False))
 
 
 def _final(cfg, su, crew, col, timing) -> None:
@@ -646,22 +816,17 @@ def _final(cfg, su, crew, col, timing) -> None:
     timing["epochs"] += 1
     _quiescent_check(cfg, su, crew, col, "final", final=True)
     crew.hold()
+    env.stats.ctrl[S.C_PHASE] = S.PH_ORDERED
     rng = np.random.default_rng(cfg.seed + 1)
-    col.extend(C.ordered_phase(env, rng, su.plain))
+    with interrupts_held():  # it takes engine locks from Python (bind_vcpu)
+        col.extend(C.ordered_phase(env, rng, su.plain))
     crew.drain()
-    col.extend(
-        C.drained_checks(
-            C.Snapshot(env.host, cfg.nports),
-            env.stats,
-            "drained, after the ordered phase",
-            True,
-            su.perma,
-        )
-    )
+    _drained(cfg, su, col, "drained, after the ordered phase", True)
     if cfg.duel_seconds > 0 and hasattr(crew, "duel"):
         plans = DU.plan(env, cfg.abi, su.plain)
         for d in plans:
             crew.hold()
+            env.stats.ctrl[S.C_PHASE] = S.PH_DUEL
             res = crew.duel(d, cfg.duel_seconds)
             timing.setdefault("duels", []).append(res)
             if res["violations"] > DU.RECORDED:  # the first ones are listed one by one
@@ -678,15 +843,7 @@ def _final(cfg, su, crew, col, timing) -> None:
                 )
         if plans:
             crew.drain()
-            col.extend(
-                C.drained_checks(
-                    C.Snapshot(env.host, cfg.nports),
-                    env.stats,
-                    "drained, after the duels",
-                    True,
-                    su.perma,
-                )
-            )
+            _drained(cfg, su, col, "drained, after the duels", True)
     col.extend(C.worker_violations(env.stats, su.names))
 
 
@@ -762,10 +919,38 @@ def _metrics(cfg, su, rec, timing, col) -> None:
     else:
         rec["fairness_jain"] = None
         rec["worst_wait_ns"] = None
+    if cfg.kchans:
+        rec["resets"] = _reset_metrics(cfg, st)
     try:
         rec["mapped_pages"] = su.env.dom0.mapped_pages()
     except Exception:  # the host may be gone after an error
         rec["mapped_pages"] = None
+
+
+def _reset_metrics(cfg, st) -> dict:
+    """The resetting domain K's figures (stress.resetter)."""
+    k = slice(st.k_slot(0), st.k_slot(0) + cfg.shape.kworkers)
+    hdr = st.hdr[k]
+    n = cfg.kchans
+    return {
+        "rate": cfg.resets,
+        "resetters": cfg.resetters,
+        "channels": n,
+        "resets": int(hdr[2:, S.H_RESETS].sum()),
+        "eagain": int(hdr[2:, S.H_EAGAIN].sum()),
+        "ebusy": int(hdr[2:, S.H_EBUSY].sum()),
+        "gave_up": int(hdr[2:, S.H_GAVE_UP].sum()),
+        "rebinds": int(hdr[2:, S.H_BINDS].sum()),
+        "rebinds_racing_a_reset": int(hdr[2:, S.H_RACED].sum()),
+        "sent": int(hdr[0, S.H_SENT]),
+        "edges": int(st.kedges[:n].sum()),
+        "delivered": int(st.kdeliv[:n].sum()),
+        "destroyed": int(st.kdestroyed[:n].sum()),
+        "rule": (
+            "per channel and binding: 1 bind event + send edges = delivered + destroyed "
+            "by the reset's close (0 or 1 per ended binding; 0 for a live one, drained)"
+        ),
+    }
 
 
 def versions() -> dict:

@@ -31,7 +31,12 @@ C_EPOCH = 4  # bumped at each quiescent check (informational)
 C_RELEASE = 5  # generation of the last vCPU release (vCPUs copy it to H_ACK)
 C_SAMPLE_MASK = 6  # latency is timed on 1 port in (mask + 1): those with port_sampled set
 C_DUEL = 7  # generation of the running duel (stress.duels), 0 = none
+C_PHASE = 8  # what the parent is doing (PH_* below; read by tests and observers)
 N_CTRL = 16
+
+# --- phases of the parent (C_PHASE) ----------------------------------------------------------
+PH_SETUP, PH_START, PH_RACE, PH_CHECK, PH_FINAL, PH_ORDERED, PH_DUEL, PH_STOP = range(1, 9)
+PHASE_NAMES = ("-", "setup", "start", "race", "check", "final", "ordered", "duel", "stop")
 
 # --- per-worker header (u64 words) ----------------------------------------------------------------
 H_PID = 0
@@ -60,7 +65,14 @@ H_PRIOS = 22
 H_TIMEOUTS = 23  # wait() calls that timed out
 H_CPU_NS = 24  # CPU time the worker process used (updated every ~64 loops)
 H_DUEL_ACK = 25  # generation of the last duel this worker took part in
-N_HDR = 32
+H_RESETS = 26  # resetter: EVTCHNOP_reset calls that succeeded
+H_EAGAIN = 27  # resetter: ... that returned EAGAIN (channels re-opened meanwhile) and were retried
+H_EBUSY = 28  # resetter: ... that returned EBUSY (another reset in progress) and were retried
+H_GAVE_UP = 29  # resetter: rounds whose reset still failed after RESET_TRIES attempts
+H_BINDS = 30  # resetter: channels of K bound again after a reset closed them
+H_RACED = 31  # resetter: ... of them while another resetter's reset was in progress
+H_IN_RESET = 32  # resetter: 1 while inside EVTCHNOP_reset
+N_HDR = 40
 
 S_STARTING, S_READY, S_RUNNING, S_PAUSED, S_HELD, S_FINISHED, S_DONE, S_FAILED = range(8)
 STATE_NAMES = ("starting", "ready", "running", "paused", "held", "finished", "done", "failed")
@@ -95,15 +107,23 @@ class Shape:
     chaos: int  # chaos worker processes (maskers + movers)
     nports: int  # dom0's max_ports: per-port arrays span 0 .. nports-1
     channels: int
+    kchans: int = 0  # channels of the resetting domain K (stress.resetter); 0 = no K
+    resetters: int = 0  # resetter processes of K
+
+    @property
+    def kworkers(self) -> int:
+        """K's processes: its sender (on dom0's side), its vCPU and the resetters."""
+        return 2 + self.resetters if self.kchans else 0
 
     @property
     def workers(self) -> int:
-        return self.senders + self.vcpus + self.chaos
+        return self.senders + self.vcpus + self.chaos + self.kworkers
 
 
 def _layout(shape: Shape):
     """(name, dtype, shape) of every array, in order; each starts on a 64-byte boundary."""
     w, s, v, np_, c = shape.workers, shape.senders, shape.vcpus, shape.nports, shape.channels
+    kc = max(1, shape.kchans)
     return [
         ("ctrl", np.uint64, (N_CTRL,)),
         ("duel", np.uint64, (48,)),
@@ -130,6 +150,16 @@ def _layout(shape: Shape):
         ("lat_sum", np.uint64, (v, np_)),  # per vCPU
         ("lat_cnt", np.uint32, (v, np_)),  # per vCPU
         ("hist", np.uint64, (v, HIST_BUCKETS)),  # per vCPU
+        # K's channels (stress.resetter); the writer of each is named
+        ("kch_dport", np.uint32, (kc,)),  # dom0's port (fixed at setup)
+        ("kch_kport", np.uint32, (kc,)),  # K's port of the current binding (its binder)
+        ("kchan_of", np.uint16, (np_ if shape.kchans else 1,)),  # dom0 port -> channel + 1
+        ("kedges", np.uint64, (kc,)),  # PENDING 0 -> 1 edges of the sends (K's sender)
+        ("kdeliv", np.uint64, (kc,)),  # deliveries (K's vCPU)
+        ("kbinds", np.uint64, (kc,)),  # bindings so far, the setup's included (binder)
+        ("kbase_e", np.uint64, (kc,)),  # kedges when the current binding began (binder)
+        ("kbase_d", np.uint64, (kc,)),  # kdeliv when the current binding began (binder)
+        ("kdestroyed", np.uint64, (kc,)),  # events destroyed by the closes of ended bindings
     ]
 
 
@@ -186,6 +216,10 @@ class Stats:
 
     def chaos_slot(self, i: int) -> int:
         return self.shape.senders + self.shape.vcpus + i
+
+    def k_slot(self, i: int) -> int:
+        """K's processes: 0 its sender, 1 its vCPU, 2.. the resetters."""
+        return self.shape.senders + self.shape.vcpus + self.shape.chaos + i
 
     def record(
         self, slot: int, kind: int, port: int, vcpu: int, a: int = 0, b: int = 0, t_ns: int = 0

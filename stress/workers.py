@@ -21,11 +21,13 @@ import time
 import traceback
 
 import numpy as np
+import numpy.random  # noqa: F401  (loaded now, not lazily in the middle of a run: stress.run)
 
 from evtchn import EvtchnError, Host
 from evtchn import layout as L
 
 from . import duels as DU
+from . import resetter as RS
 from . import shm as S
 
 monotonic_ns = time.monotonic_ns
@@ -53,6 +55,7 @@ class Env:
         self.sdoms = [host.domain(1 + i) for i in range(cfg.senders)]
         self.fifo = cfg.abi == "fifo"
         self.extra_sent = 0  # sends the parent made itself (ordered phase, duel set-up)
+        self.kdom = host.domain(RS.kdomid(cfg)) if cfg.kchans else None  # stress.resetter
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,6 +545,7 @@ def worker_main(
     """Process entry: attach, build the actor, obey the control words until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    set_comm(f"st-{role}-{index}")
     stats = host = None
     slot = None
     try:
@@ -554,6 +558,10 @@ def worker_main(
             actor = Sender(env, index, np.random.default_rng(snd_seeds[index]))
         elif role == "vcpu":
             actor = VCPU(env, index)
+        elif role in RS.ROLES:
+            k_seeds = RS.seeds(cfg.seed, cfg.shape.kworkers)
+            i = {"ksender": 0, "kvcpu": 1}.get(role, 2 + index)
+            actor = RS.make(role, env, index, np.random.default_rng(k_seeds[i]))
         else:
             actor = make_chaos(env, chaos_seeds)[index]
         slot = actor.slot
@@ -584,7 +592,7 @@ def _serve(actor, env: Env, parent_pid: int) -> None:
     h[S.H_PID] = os.getpid()
     h[S.H_STATE] = S.S_READY
     role = actor.role
-    is_vcpu = role == "vcpu"
+    is_vcpu = role in ("vcpu", "kvcpu")  # held and drained by the parent
     is_chaos = role in ("masker", "mover")
     rate = getattr(actor, "rate", 0.0)
     budget, t_budget = 0.0, time.monotonic()
@@ -602,9 +610,13 @@ def _serve(actor, env: Env, parent_pid: int) -> None:
             if h[S.H_DUEL_ACK] != duel:
                 d = st.duel
                 if actor.slot in (int(d[DU.D_A_SLOT]), int(d[DU.D_B_SLOT])):
+                    set_comm("st-duel-B" if is_vcpu else "st-duel-A")
                     (DU.run_b if is_vcpu else DU.run_a)(actor, d)
+                    set_comm(f"st-{role}-{actor_index(actor)}")
                 elif is_vcpu and actor.slot == int(d[DU.D_C_SLOT]) and d[DU.D_C_SLOT]:
+                    set_comm("st-duel-C")
                     DU.run_c(actor, d)
+                    set_comm(f"st-{role}-{actor_index(actor)}")
                 h[S.H_DUEL_ACK] = duel
             else:  # a bystander: wake up seldom, leave the CPUs to the duel
                 time.sleep(DUEL_NAP)
@@ -652,3 +664,25 @@ def _serve(actor, env: Env, parent_pid: int) -> None:
         actor.flush_latency()
     h[S.H_CPU_NS] = time.process_time_ns()
     h[S.H_STATE] = S.S_DONE
+
+
+def actor_index(actor) -> int:
+    return getattr(actor, "v", getattr(actor, "index", 0))
+
+
+_libc = None
+
+
+def set_comm(name: str) -> None:
+    """Name this process (Linux prctl PR_SET_NAME, at most 15 bytes) after its role, e.g.
+    st-vcpu-3, st-resetter-0, or st-duel-A while it takes side A of a duel: `ps -o comm`
+    then shows who is who, and the tests pick the process of a role by it."""
+    global _libc
+    try:
+        if _libc is None:
+            import ctypes
+
+            _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.prctl(15, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass

@@ -76,17 +76,6 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _workers_of(pid: int, want: int, timeout: float = 60.0) -> list[int]:
-    """The worker processes of a stress run: children of its forkserver (grandchildren)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        grand = [g for c in _children(pid) for g in _children(c)]
-        if len(grand) >= want:
-            return grand
-        time.sleep(0.1)
-    raise AssertionError(f"stress run {pid} did not start {want} workers")
-
-
 # --- the command line -------------------------------------------------------------------------
 
 
@@ -116,6 +105,8 @@ def test_help_lists_every_injection_as_a_choice():
         (["--duration", "0"], "--duration must be a positive number"),
         (["--duration", "1", "--events", "5"], "not allowed with argument"),
         (["--ports", "many"], "--ports must be an integer"),
+        (["--resets", "-1"], "--resets must be from 0 to 1000"),
+        (["--resetters", "3"], "invalid choice: 3"),
     ],
 )
 def test_bad_arguments_get_one_line_and_exit_2(args, needle):
@@ -142,9 +133,16 @@ def test_parse_defaults_and_caps():
     assert "--abi 2l" in replay
     # the headline command binds every port but port 0 and the closers' spare ones
     (cfg,), _ = cli.parse(["--abi", "fifo", "--ports", "131072", "--vcpus", "64"])
-    assert cfg.channels == 131071 - CF.spare_ports(131072) and "131072" in cfg.cap_note
+    k = CF.RESET_CHANNELS  # the resetting domain's channels take dom0 ports too
+    assert cfg.channels == 131071 - CF.spare_ports(131072) - k and "131072" in cfg.cap_note
     (cfg,), _ = cli.parse(["--abi", "fifo", "--ports", "131072", "--chaos", "none"])
-    assert cfg.channels == 131071
+    assert cfg.channels == 131071 - k
+    (cfg,), _ = cli.parse(
+        ["--abi", "fifo", "--ports", "131072", "--chaos", "none", "--resets", "0"]
+    )
+    assert cfg.channels == 131071 and cfg.kchans == 0
+    (cfg,), _ = cli.parse(["--resets", "20", "--resetters", "2", "--seed", "1"])
+    assert "--resets 20 --resetters 2" in cli.replay_command(cfg)
 
 
 def test_parse_chaos():
@@ -290,23 +288,48 @@ def test_short_run_of_each_abi_passes(abi, tmp_path):
     assert rec["mapped_pages"] >= 1
     assert rec["mode"] == "processes"
     want = (
-        {"drain-vs-link", "poll-vs-relink"}
+        {"drain-vs-link", "poll-vs-relink", "relink-old-tail"}
         if abi == "fifo"
         else {"consume-vs-send", "unmask-vs-send"}
     )
     assert {d["duel"] for d in rec["duels"]} == want
     assert all(d["iterations"] > 0 and d["violations"] == 0 for d in rec["duels"])
+    aimed = {"consume-vs-send", "unmask-vs-send", "drain-vs-link", "relink-old-tail"}
+    assert all(d["aimed"] > 0 for d in rec["duels"] if d["duel"] in aimed)
+    k = rec["resets"]  # the resetting domain K: reset, bound again, and its events delivered
+    assert k["resets"] > 0 and k["rebinds"] >= k["resets"] and k["delivered"] > 0
     for d in rec["duels"]:
         if d["duel"] == "poll-vs-relink":  # the R9 check really ran, and passed
             assert d["woken_by_event"] > 0
 
 
-CAUGHT_AS = {"fifo-pending-before-lock": "early-wake"}  # R9: by the poll-vs-relink duel
+# The duel aimed at each injected bug, and the violation it reports
+CAUGHT_BY = {
+    "2l-selector-before-upcall-clear": ("consume-vs-send", "selector-no-upcall"),  # R1
+    "2l-unmask-test-before-clear": ("unmask-vs-send", "stuck-pending"),  # R2
+    "fifo-ready-every-link": ("drain-vs-link", "priority"),  # R6
+    "fifo-old-tail-kept": ("relink-old-tail", "old-tail"),  # R7
+    "fifo-pending-before-lock": ("poll-vs-relink", "early-wake"),  # R9
+}
+
+
+def _assert_caught_by_its_duel(bug: str, r, json_path) -> None:
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "FAIL" in r.stdout
+    assert f"--inject {bug}" in r.stdout  # the replay command
+    duel, kind = CAUGHT_BY[bug]
+    (rec,) = json.loads(json_path.read_text())["runs"]
+    (mine,) = [d for d in rec["duels"] if d["duel"] == duel]
+    assert mine["violations"] > 0, rec["duels"]  # its own duel caught it, not luck elsewhere
+    assert kind in rec["violation_counts"], rec["violation_counts"]
+    assert any(v["kind"] == kind and v["phase"] == "duel" for v in rec["violations"])
 
 
 @needs_cython
 @pytest.mark.parametrize("bug", sorted(L.INJECTIONS))
-def test_every_injected_bug_is_caught(bug):
+def test_every_injected_bug_is_caught(bug, tmp_path):
+    assert set(CAUGHT_BY) == set(L.INJECTIONS)
+    out = tmp_path / "run.json"
     r = stress(
         "--inject",
         bug,
@@ -319,13 +342,11 @@ def test_every_injected_bug_is_caught(bug):
         "--no-progress",
         "--seed",
         "1",
+        "--json",
+        str(out),
     )
-    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
-    assert "FAIL" in r.stdout
-    assert f"--inject {bug}" in r.stdout  # the replay command
+    _assert_caught_by_its_duel(bug, r, out)
     assert "seed 1" in r.stdout
-    if bug in CAUGHT_AS:
-        assert CAUGHT_AS[bug] in r.stdout, r.stdout[-3000:]
 
 
 def test_numba_backend_passes_and_races_from_the_first_second(tmp_path):
@@ -355,146 +376,254 @@ def test_numba_backend_passes_and_races_from_the_first_second(tmp_path):
 
 
 @pytest.mark.parametrize("bug", sorted(L.INJECTIONS))
-def test_every_injected_bug_is_caught_on_the_numba_backend_too(bug):
+def test_every_injected_bug_is_caught_on_the_numba_backend_too(bug, tmp_path):
     """The numba kernels carry their own copy of each historical bug."""
     pytest.importorskip("numba")
+    out = tmp_path / "run.json"
     r = stress(
         "--inject",
         bug,
         "--backend",
         "numba",
         "--ports",
-        "2048",
+        "1024",
         "--vcpus",
-        "16",
+        "4",
         "--duration",
         "2",
         "--no-progress",
         "--seed",
         "3",
+        "--json",
+        str(out),
         timeout=300,
     )
-    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
-    assert f"--inject {bug}" in r.stdout
-    if bug in CAUGHT_AS:
-        assert CAUGHT_AS[bug] in r.stdout, r.stdout[-3000:]
+    _assert_caught_by_its_duel(bug, r, out)
+
+
+# --- the resetting domain K (stress.resetter) ---------------------------------------------------
 
 
 @needs_cython
-def test_a_killed_worker_ends_the_run_with_exit_3_and_no_leftovers():
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "stress",
-            "--ports",
-            "1024",
-            "--vcpus",
-            "8",
-            "--duration",
-            "60",
-            "--no-progress",
-            "--seed",
-            "2",
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def test_two_resetters_race_resets_with_binds(tmp_path):
+    """Resets race each other (EBUSY) and the other resetter's binds. Xen's reset sees a
+    channel re-opened while it ran and returns EAGAIN (8d385b247b), and every binding is
+    accounted; an engine whose reset tears the FIFO state down anyway leaves a channel bound
+    without its event-array page, and the run must say so (reset-parked, reset-lost)."""
+    out = tmp_path / "run.json"
+    r = stress(
+        "--abi", "fifo", "--ports", "1024", "--vcpus", "4", "--duration", "6", "--duel", "0",
+        "--resets", "200", "--resetters", "2", "--no-progress", "--seed", "5",
+        "--json", str(out),
+    )  # fmt: skip
+    (rec,) = json.loads(out.read_text())["runs"]
+    k = rec["resets"]
+    assert k["resets"] > 100 and k["ebusy"] > 0 and k["rebinds_racing_a_reset"] > 0, k
+    if r.returncode == 0:  # an engine with Xen's re-check: it saw the re-opened channels
+        assert k["eagain"] > 0, k
+    else:
+        assert r.returncode == 1, r.stdout[-3000:]
+        kinds = set(rec["violation_counts"])
+        assert kinds and all(n.startswith("reset-") for n in kinds), rec["violation_counts"]
+        assert "--resetters 2" in r.stdout and "seed 5" in r.stdout  # the replay
+
+
+def test_the_resetter_catches_a_reset_that_wipes_a_bound_channel(monkeypatch):
+    """A broken EVTCHNOP_reset (in one process, reference backend): it leaves one channel of
+    K bound and still tears K's FIFO event array down, as a reset racing a bind without
+    Xen's EAGAIN re-check does. Its events would be parked for ever: caught, with the port."""
+    import evtchn
+    from evtchn import layout as Lay
+    from stress import report
+
+    real_reset = evtchn.Domain.reset
+
+    def broken_reset(self):
+        if self.domid != 3:  # K: dom0, two senders, then K
+            return real_reset(self)
+        dm = self._dm
+        keep = next(p for p in range(1, self.valid_ports) if dm.state(p) > Lay.ECS_RESERVED)
+        for p in range(keep + 1, self.valid_ports):
+            if dm.state(p) > Lay.ECS_RESERVED:
+                self.close(p)
+        dm.set_hdr(Lay.H_ARRAY_PAGES, 0)  # the array torn down under a bound channel
+
+    monkeypatch.setattr(evtchn.Domain, "reset", broken_reset)
+    (cfg,), _ = cli.parse(
+        ["--backend", "reference", "--abi", "fifo", "--ports", "256", "--vcpus", "2",
+         "--senders", "2", "--duration", "1", "--resets", "50", "--seed", "9", "--no-progress"]
+    )  # fmt: skip
+    res = R.run(cfg)
+    kinds = {v.kind for v in res.violations.items}
+    assert {"reset-parked", "reset-left-open"} <= kinds, res.violations.counts
+    parked = next(v for v in res.violations.items if v.kind == "reset-parked")
+    assert parked.port is not None and parked.vcpu == 0 and "R14" in parked.detail
+    text = report.violations_text([res.record], {"fifo": cfg.argv_replay})
+    assert "seed 9" in text and "--resets 50" in text
+
+
+# --- every role dies cleanly -------------------------------------------------------------------
+
+RUN = ["--ports", "1024", "--vcpus", "4", "--no-progress", "--seed", "2"]
+
+
+def _phase(pid: int) -> int:
+    """What a run's main process is doing now (stress.shm C_PHASE), 0 before it says."""
+    for name in os.listdir("/dev/shm"):
+        if name.startswith(f"evtchn-{pid}-stress-"):
+            try:
+                with open(f"/dev/shm/{name}", "rb") as f:
+                    f.seek(8 * S.C_PHASE)
+                    raw = f.read(8)
+            except OSError:
+                continue
+            if len(raw) == 8:
+                return int.from_bytes(raw, "little")
+    return 0
+
+
+def _comm(pid: int) -> str:
     try:
-        workers = _workers_of(p.pid, 8 + 2)
-        time.sleep(1.0)
-        victim = workers[len(workers) // 2]
-        t_kill = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-        out, _ = p.communicate(timeout=30)
-        took = time.monotonic() - t_kill
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
-    assert p.returncode == 3, out
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _sigint_default() -> None:
+    # A test runner started as a background job has SIGINT ignored, and a child inherits
+    # that: the run must see Ctrl-C as it would from a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class _Run:
+    """A stress run in its own session (a terminal's Ctrl-C reaches the whole group)."""
+
+    def __init__(self, *args):
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "stress", *RUN, *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            preexec_fn=_sigint_default,
+        )
+        self.pid = self.p.pid
+
+    def wait_phase(self, phase: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while _phase(self.pid) != phase:
+            assert self.p.poll() is None, f"run ended before phase {phase}: {self.p.stdout.read()}"
+            assert time.monotonic() < deadline, f"no phase {phase} in {timeout} s"
+            time.sleep(0.002)
+
+    def workers(self) -> list[int]:
+        return [g for c in _children(self.pid) for g in _children(c)]
+
+    def worker(self, comm: str, timeout: float = 60) -> int:
+        """The worker whose name (stress.workers.set_comm) is `comm`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for w in self.workers():
+                if _comm(w) == comm:
+                    return w
+            time.sleep(0.002)
+        raise AssertionError(f"no worker {comm} in run {self.pid}: {self.workers()}")
+
+    def finish(self, timeout: float = 60) -> tuple[int, str]:
+        try:
+            out, _ = self.p.communicate(timeout=timeout)
+        finally:
+            if self.p.poll() is None:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.p.communicate()
+        return self.p.returncode, out
+
+
+# (role, its process name, the phase in which it is killed, extra arguments)
+ROLE_KILLS = [
+    ("sender", "st-sender-1", S.PH_RACE, []),
+    ("vcpu", "st-vcpu-2", S.PH_RACE, []),
+    ("masker", "st-masker-0", S.PH_RACE, []),
+    ("mover", "st-mover-1", S.PH_RACE, []),  # chaos slot 1: after the masker
+    ("K's sender", "st-ksender-0", S.PH_RACE, []),
+    ("K's vcpu", "st-kvcpu-0", S.PH_RACE, []),
+    ("resetter", "st-resetter-0", S.PH_RACE, ["--resets", "100"]),  # busy resetting
+    ("duel sender", "st-duel-A", S.PH_DUEL, ["--duration", "1", "--duel", "5"]),
+    ("duel vcpu", "st-duel-B", S.PH_DUEL, ["--duration", "1", "--duel", "5"]),
+    ("duel third", "st-duel-C", S.PH_DUEL, ["--duration", "1", "--duel", "5"]),
+]
+
+
+@needs_cython
+@pytest.mark.parametrize("role, comm, phase, extra", ROLE_KILLS, ids=[r[0] for r in ROLE_KILLS])
+def test_a_killed_worker_ends_the_run_with_exit_3_and_no_leftovers(role, comm, phase, extra):
+    run = _Run("--duration", "60", *extra)
+    run.wait_phase(phase)
+    victim = run.worker(comm)  # for a duel role: it is inside the duel now
+    time.sleep(0.3)
+    workers = run.workers()
+    t_kill = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    code, out = run.finish(30)
+    took = time.monotonic() - t_kill
+    assert code == 3, out
     assert took < 10, took
-    assert f"(pid {victim}) was killed by SIGKILL" in out
-    assert "ERROR" in out
-    assert segments_of(p.pid) == []
+    assert f"(pid {victim}) was killed by SIGKILL" in out and "ERROR" in out, out
+    assert segments_of(run.pid) == []
     for w in workers:  # every worker is gone too
-        assert not S.pid_alive(w), w
+        assert not S.pid_alive(w), (w, _comm(w))
+
+
+# Ctrl-C (SIGINT to the run's process group, as a terminal sends it) in each phase
+CTRL_C = [
+    ("setup", S.PH_SETUP, ["--abi", "fifo", "--ports", "65536"]),  # a long setup
+    ("racing", S.PH_RACE, ["--duration", "60"]),
+    ("final check", S.PH_FINAL, ["--duration", "1"]),
+    ("duel", S.PH_DUEL, ["--duration", "1", "--duel", "5"]),
+]
 
 
 @needs_cython
-def test_ctrl_c_stops_cleanly():
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "stress",
-            "--ports",
-            "1024",
-            "--vcpus",
-            "8",
-            "--duration",
-            "60",
-            "--no-progress",
-            "--seed",
-            "2",
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _workers_of(p.pid, 8 + 2)
-        time.sleep(1.0)
-        os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
-        out, _ = p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
-    assert p.returncode == 130, out
-    assert "INTERRUPTED" in out and "Traceback" not in out
-    assert segments_of(p.pid) == []
+@pytest.mark.parametrize("phase, extra", [c[1:] for c in CTRL_C], ids=[c[0] for c in CTRL_C])
+def test_ctrl_c_stops_cleanly(phase, extra):
+    run = _Run(*extra)
+    run.wait_phase(phase)
+    workers = run.workers()
+    t_int = time.monotonic()
+    os.killpg(run.pid, signal.SIGINT)
+    code, out = run.finish(30)
+    took = time.monotonic() - t_int
+    assert code == 130, out
+    assert took < 10, took
+    assert "INTERRUPTED" in out and "Traceback" not in out, out
+    assert segments_of(run.pid) == []
+    for w in workers:
+        assert not S.pid_alive(w), (w, _comm(w))
 
 
 @needs_cython
-def test_workers_leave_when_the_main_process_is_killed_and_cleanup_tidies_up():
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "stress",
-            "--ports",
-            "1024",
-            "--vcpus",
-            "8",
-            "--duration",
-            "60",
-            "--no-progress",
-            "--seed",
-            "2",
-        ],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+@pytest.mark.parametrize("phase", [S.PH_RACE, S.PH_DUEL], ids=["racing", "duel"])
+def test_workers_leave_when_the_main_process_is_killed_and_cleanup_tidies_up(phase):
+    run = _Run("--duration", "60" if phase == S.PH_RACE else "1", "--duel", "30")
     try:
-        workers = _workers_of(p.pid, 8 + 2)
-        time.sleep(1.0)
+        run.wait_phase(phase)
+        if phase == S.PH_DUEL:
+            run.worker("st-duel-B")
+        workers = run.workers()
+        time.sleep(0.5)
     finally:
-        p.kill()
-        p.wait()
-    deadline = time.monotonic() + 15
+        run.p.kill()
+        run.p.communicate()
+    deadline = time.monotonic() + 20
     while any(S.pid_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [w for w in workers if S.pid_alive(w)]
-    assert segments_of(p.pid)  # a SIGKILLed run cannot unlink its memory...
+    assert not [(w, _comm(w)) for w in workers if S.pid_alive(w)]
+    assert segments_of(run.pid)  # a SIGKILLed run cannot unlink its memory...
     r = stress("cleanup")
     assert r.returncode == 0, r.stderr
-    assert segments_of(p.pid) == []  # ...and `cleanup` removes it
+    assert segments_of(run.pid) == []  # ...and `cleanup` removes it
 
 
 def test_cleanup_removes_what_dead_runs_left():
