@@ -200,7 +200,13 @@ def _sender(host_name, backend, domid, ports, seed, barrier, results):
         ports = np.asarray(ports, np.uint32)
         barrier.wait(JOIN_TIMEOUT)
         sent = 0
-        while sent < SENDS_PER_SENDER:
+        # Send at least SENDS_PER_SENDER, and on until the vCPUs have consumed while we sent
+        # (more edges than ports): on a loaded machine the vCPU processes may not have run yet,
+        # and a run where nothing raced checks nothing.
+        deadline = time.monotonic() + JOIN_TIMEOUT / 2
+        while sent < SENDS_PER_SENDER or (
+            edges_per_port.sum() <= len(ports) and time.monotonic() < deadline
+        ):
             batch = rng.choice(ports, BATCH)
             edges = np.zeros(BATCH, np.uint8)
             assert d.send_many(batch, edges) == BATCH
