@@ -12,6 +12,8 @@ import errno as E
 import os
 import secrets
 import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,12 +23,16 @@ from .errors import EvtchnError, HostGoneError, as_int
 from .memory import DomainMemory, Segment, check_name
 from .results import PollResult, PortStatus  # noqa: F401  (re-exported)
 
-BACKENDS = ("cython", "numba", "reference")
+if TYPE_CHECKING:
+    from ._kernels import Kernels
+
+BACKENDS: tuple[str, ...] = ("cython", "numba", "reference")
+"""The backends ``Host(backend=...)`` accepts; cython is the default (env EVTCHN_BACKEND)."""
 DEFAULT_BACKEND = os.environ.get("EVTCHN_BACKEND", "cython")
 MAX_VCPUS = 1024
 
 
-def _make_kernels(backend: str):
+def _make_kernels(backend: str) -> Kernels:
     if backend == "reference":
         from .reference import ReferenceKernels
 
@@ -102,7 +108,7 @@ class Host:
                 f"this evtchn reads version {L.LAYOUT_VERSION}",
             )
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[[str, str | None], Host], tuple[str, str]]:
         return (Host.attach, (self.name, self.backend))
 
     @property
@@ -114,10 +120,12 @@ class Host:
     # -- lifecycle --------------------------------------------------------------------------
     @property
     def name(self) -> str:
+        """The host segment's name in /dev/shm: what ``Host.attach`` takes."""
         return self._hseg.name
 
     @property
     def is_owner(self) -> bool:
+        """True in the process that created the host (the only one that unlinks it)."""
         return self._owner
 
     def warm_up(self) -> None:
@@ -138,7 +146,7 @@ class Host:
     def __enter__(self) -> Host:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _check_open(self) -> None:
@@ -148,6 +156,7 @@ class Host:
     # -- domains ------------------------------------------------------------------------------
     @property
     def ndomains(self) -> int:
+        """Domains created on this host so far, by any process (domids 0 .. ndomains-1)."""
         return int(self._hseg.u32[L.HH_NDOMAINS // 4])
 
     def create_domain(
@@ -190,13 +199,15 @@ class Host:
         return Domain(self, domid)
 
     def domain(self, domid: int) -> Domain:
+        """A handle on domain `domid`, created by this or any other process."""
         self._dm(domid)
         return Domain(self, domid)
 
     def domains(self) -> list[Domain]:
+        """Handles on every domain of the host."""
         return [self.domain(d) for d in range(self.ndomains)]
 
-    def _dm(self, domid) -> DomainMemory:
+    def _dm(self, domid: int) -> DomainMemory:
         dm = self._doms.get(domid)
         if dm is not None:
             return dm
@@ -248,7 +259,9 @@ def _unlink_host(name: str, creator: int) -> None:
         pass
 
 
-def _domain_layout(abi, vcpus, word_bits, link_bits, max_ports):
+def _domain_layout(
+    abi: str, vcpus: int, word_bits: int, link_bits: int, max_ports: int | None
+) -> tuple[int, L.DomainLayout]:
     if abi not in L.ABI_NAMES:
         raise ValueError(f"unknown ABI {abi!r}: choose one of {', '.join(L.ABI_NAMES)}")
     code = L.ABI_NAMES[abi]

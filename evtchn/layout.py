@@ -236,7 +236,7 @@ class DomainLayout:
     word_bits: int
     link_bits: int
     max_ports: int
-    offsets: dict
+    offsets: dict[str, int]
     cpumask_bytes: int
     size: int
 

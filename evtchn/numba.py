@@ -72,12 +72,16 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 from numba import njit
 
 from . import numba_kernels as _k
+
+if TYPE_CHECKING:
+    from .domain import Domain
 
 __all__ = [
     "Views",
@@ -101,7 +105,7 @@ class Views(NamedTuple):
     """What a kernel needs to act as one domain: the host's domain table (int64, one row per
     domain), this domain's id, and the pid that owns the locks this process takes."""
 
-    table: np.ndarray
+    table: npt.NDArray[np.int64]
     domid: int
     pid: int
 
@@ -109,7 +113,7 @@ class Views(NamedTuple):
 _KEEP: dict[int, object] = {}  # id(table) -> host: the mapping outlives the table
 
 
-def views(domain) -> Views:
+def views(domain: Domain) -> Views:
     """Views of `domain` (an evtchn.Domain on any backend) for use inside @njit code."""
     host = domain.host
     host._check_open()
@@ -126,20 +130,24 @@ def views(domain) -> Views:
 
 # The wrappers are inlined into the caller (inline="always"): the Views tuple is unpacked in
 # the user's function and only integers reach the kernels, so no call passes an array.
+# The annotations are for the type checker (numba's Dispatcher keeps the signature); numba
+# ignores them and types each call from its arguments.
 
 
 @njit(inline="always", cache=True)
-def _tb(v):
+def _tb(v: Views) -> np.int64:
     return np.int64(v.table.ctypes.data)
 
 
 @njit(inline="always", cache=True)
-def send(v, port):
+def send(v: Views, port: int) -> int:
     return _k._send(_tb(v), v.table.shape[0], v.domid, port, v.pid)
 
 
 @njit(inline="always", cache=True)
-def send_many(v, ports, edges):
+def send_many(
+    v: Views, ports: npt.NDArray[np.uint32], edges: npt.NDArray[np.uint8]
+) -> tuple[int, int]:
     return _k._send_many(
         _tb(v),
         v.table.shape[0],
@@ -153,63 +161,63 @@ def send_many(v, ports, edges):
 
 
 @njit(inline="always", cache=True)
-def consume(v, vcpu, out):
+def consume(v: Views, vcpu: int, out: npt.NDArray[np.uint32]) -> int:
     if not _k._vcpu_ok(_tb(v), v.domid, vcpu):
         return np.int64(0)
     return _k._consume(_tb(v), v.domid, vcpu, np.int64(out.ctypes.data), out.shape[0], v.pid)
 
 
 @njit(inline="always", cache=True)
-def wait(v, vcpu, timeout_ns):
+def wait(v: Views, vcpu: int, timeout_ns: int) -> bool:
     if not _k._vcpu_ok(_tb(v), v.domid, vcpu):
         return False
     return _k._wait(_tb(v), v.domid, vcpu, timeout_ns)
 
 
 @njit(inline="always", cache=True)
-def upcall_pending(v, vcpu):
+def upcall_pending(v: Views, vcpu: int) -> bool:
     if not _k._vcpu_ok(_tb(v), v.domid, vcpu):
         return False
     return _k._upcall_pending(_tb(v), v.domid, vcpu)
 
 
 @njit(inline="always", cache=True)
-def mask(v, port):
+def mask(v: Views, port: int) -> None:
     if _k._port_ok(_tb(v), v.domid, port):
         _k._guest_mask(_tb(v), v.domid, port)
 
 
 @njit(inline="always", cache=True)
-def unmask(v, port):
+def unmask(v: Views, port: int) -> int:
     if not _k._port_ok(_tb(v), v.domid, port):
         return np.int64(0)
     return _k._guest_unmask(_tb(v), v.domid, port, v.pid)
 
 
 @njit(inline="always", cache=True)
-def is_pending(v, port):
+def is_pending(v: Views, port: int) -> bool:
     return _k._port_ok(_tb(v), v.domid, port) and _k._is_pending(_tb(v), v.domid, port)
 
 
 @njit(inline="always", cache=True)
-def is_masked(v, port):
+def is_masked(v: Views, port: int) -> bool:
     return not _k._port_ok(_tb(v), v.domid, port) or _k._is_masked(_tb(v), v.domid, port)
 
 
 @njit(inline="always", cache=True)
-def is_linked(v, port):
+def is_linked(v: Views, port: int) -> bool:
     return _k._port_ok(_tb(v), v.domid, port) and _k._is_linked(_tb(v), v.domid, port)
 
 
 @njit(inline="always", cache=True)
-def set_pending(v, vcpu, port):
+def set_pending(v: Views, vcpu: int, port: int) -> int:
     if not (_k._vcpu_ok(_tb(v), v.domid, vcpu) and _k._port_ok(_tb(v), v.domid, port)):
         return np.int64(0)
     return _k._set_pending(_tb(v), v.domid, vcpu, port, v.pid)
 
 
 @njit(inline="always", cache=True)
-def raise_virq(v, virq, vcpu):
+def raise_virq(v: Views, virq: int, vcpu: int) -> int:
     if not (_k._vcpu_ok(_tb(v), v.domid, vcpu) and 0 <= virq < _k.NR_VIRQS):
         return np.int64(0)
     return _k._raise_virq(_tb(v), v.domid, virq, vcpu, v.pid)
