@@ -33,7 +33,9 @@ class Domain:
     """A handle on domain `domid` of a host; cheap, pickles by (host name, domid)."""
 
     def __init__(self, host: Host, domid: int):
+        #: The Host this domain lives on.
         self.host = host
+        #: The domain's id: 0 .. host.ndomains-1, in creation order.
         self.domid = domid
         self._dm = host._dm(domid)
         self._k = host._k

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from ._kernels import Kernels
 
 BACKENDS: tuple[str, ...] = ("cython", "numba", "reference")
-"""The backends ``Host(backend=...)`` accepts; cython is the default (env EVTCHN_BACKEND)."""
 DEFAULT_BACKEND = os.environ.get("EVTCHN_BACKEND", "cython")
 MAX_VCPUS = 1024
 
@@ -68,6 +67,7 @@ class Host:
             raise ValueError(
                 f"unknown injection {inject!r}: choose one of {', '.join(L.INJECTIONS)}"
             )
+        #: The kernels this handle runs: "cython", "numba" or "reference".
         self.backend = backend
         self._k = _make_kernels(backend)
         self._pid = os.getpid()

@@ -125,6 +125,7 @@ LOCK_PID_MASK = CHANNEL_LOCK_READER - 1
 
 
 def lastq_pack(vcpu: int, priority: int) -> int:
+    """The P_LASTQ word: the queue (vCPU, priority) an event was last linked on."""
     return (vcpu << 16) | priority
 
 
@@ -211,6 +212,7 @@ SEGMENT_PREFIX = "evtchn-"
 
 
 def domain_segment_name(host_name: str, domid: int) -> str:
+    """The /dev/shm name of domain `domid`'s segment on host `host_name`."""
     return f"{host_name}-d{domid}"
 
 

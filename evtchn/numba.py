@@ -58,6 +58,7 @@ beyond the domain's limit or a vCPU it does not have makes the other functions d
 return 0 / False (is_masked: True), where the Python Domain methods would raise EvtchnError.
 
 Rules:
+
 - Build views in the process that uses them (they hold raw addresses and the pid that owns the
   locks), after the domains you reach exist: a domain created later, by any process, is not in
   the table until you call ``views()`` again.
@@ -141,6 +142,8 @@ def _tb(v: Views) -> np.int64:
 
 @njit(inline="always", cache=True)
 def send(v: Views, port: int) -> int:
+    """EVTCHNOP_send on v's domain: 1 for a new edge (PENDING 0 -> 1), 0 coalesced or
+    dropped (unbound), -errno refused."""
     return _k._send(_tb(v), v.table.shape[0], v.domid, port, v.pid)
 
 
@@ -148,6 +151,8 @@ def send(v: Views, port: int) -> int:
 def send_many(
     v: Views, ports: npt.NDArray[np.uint32], edges: npt.NDArray[np.uint8]
 ) -> tuple[int, int]:
+    """send() each uint32 port; edges (uint8, as long as ports, or empty) gets 1 per new
+    edge. Returns (n sent, errno of the refusal that stopped it or 0)."""
     return _k._send_many(
         _tb(v),
         v.table.shape[0],
@@ -162,6 +167,7 @@ def send_many(
 
 @njit(inline="always", cache=True)
 def consume(v: Views, vcpu: int, out: npt.NDArray[np.uint32]) -> int:
+    """The vCPU's upcall handler: fills out with the delivered ports and returns how many."""
     if not _k._vcpu_ok(_tb(v), v.domid, vcpu):
         return np.int64(0)
     return _k._consume(_tb(v), v.domid, vcpu, np.int64(out.ctypes.data), out.shape[0], v.pid)
@@ -169,6 +175,7 @@ def consume(v: Views, vcpu: int, out: npt.NDArray[np.uint32]) -> int:
 
 @njit(inline="always", cache=True)
 def wait(v: Views, vcpu: int, timeout_ns: int) -> bool:
+    """Sleep on a futex until the vCPU has an upcall pending; False after timeout_ns (< 0: none)."""
     if not _k._vcpu_ok(_tb(v), v.domid, vcpu):
         return False
     return _k._wait(_tb(v), v.domid, vcpu, timeout_ns)
@@ -176,6 +183,7 @@ def wait(v: Views, vcpu: int, timeout_ns: int) -> bool:
 
 @njit(inline="always", cache=True)
 def upcall_pending(v: Views, vcpu: int) -> bool:
+    """vcpu_info.evtchn_upcall_pending of the vCPU."""
     if not _k._vcpu_ok(_tb(v), v.domid, vcpu):
         return False
     return _k._upcall_pending(_tb(v), v.domid, vcpu)
@@ -183,12 +191,15 @@ def upcall_pending(v: Views, vcpu: int) -> bool:
 
 @njit(inline="always", cache=True)
 def mask(v: Views, port: int) -> None:
+    """The guest's mask of `port`."""
     if _k._port_ok(_tb(v), v.domid, port):
         _k._guest_mask(_tb(v), v.domid, port)
 
 
 @njit(inline="always", cache=True)
 def unmask(v: Views, port: int) -> int:
+    """The guest's unmask; 1 in the rare case Xen's unmask set PENDING itself (count it
+    as an edge)."""
     if not _k._port_ok(_tb(v), v.domid, port):
         return np.int64(0)
     return _k._guest_unmask(_tb(v), v.domid, port, v.pid)
@@ -196,21 +207,25 @@ def unmask(v: Views, port: int) -> int:
 
 @njit(inline="always", cache=True)
 def is_pending(v: Views, port: int) -> bool:
+    """The port's PENDING bit (False beyond the domain's limit)."""
     return _k._port_ok(_tb(v), v.domid, port) and _k._is_pending(_tb(v), v.domid, port)
 
 
 @njit(inline="always", cache=True)
 def is_masked(v: Views, port: int) -> bool:
+    """The port's mask (True beyond the domain's limit)."""
     return not _k._port_ok(_tb(v), v.domid, port) or _k._is_masked(_tb(v), v.domid, port)
 
 
 @njit(inline="always", cache=True)
 def is_linked(v: Views, port: int) -> bool:
+    """FIFO: the event is on a queue (False for 2l and 3l)."""
     return _k._port_ok(_tb(v), v.domid, port) and _k._is_linked(_tb(v), v.domid, port)
 
 
 @njit(inline="always", cache=True)
 def set_pending(v: Views, vcpu: int, port: int) -> int:
+    """Xen's set_pending on v's domain, without send's checks: 1 for a new edge."""
     if not (_k._vcpu_ok(_tb(v), v.domid, vcpu) and _k._port_ok(_tb(v), v.domid, port)):
         return np.int64(0)
     return _k._set_pending(_tb(v), v.domid, vcpu, port, v.pid)
@@ -218,6 +233,7 @@ def set_pending(v: Views, vcpu: int, port: int) -> int:
 
 @njit(inline="always", cache=True)
 def raise_virq(v: Views, virq: int, vcpu: int) -> int:
+    """Xen raising VIRQ `virq` of v's domain: 1 for a new edge, 0 if unbound or coalesced."""
     if not (_k._vcpu_ok(_tb(v), v.domid, vcpu) and 0 <= virq < _k.NR_VIRQS):
         return np.int64(0)
     return _k._raise_virq(_tb(v), v.domid, virq, vcpu, v.pid)
