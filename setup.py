@@ -1,6 +1,7 @@
 """Builds evtchn's Cython extensions; metadata lives in pyproject.toml.
 
 pip install -e . --no-build-isolation      # or: python setup.py build_ext --inplace
+(without build isolation, first: pip install -U 'setuptools>=77' 'cython>=3' numpy)
 EVTCHN_DEBUG_BUILD=1 pip install -e . --no-build-isolation   # -O0 -g, bounds checked
 """
 

@@ -10,6 +10,7 @@ with evtchn.Host() as host:
 """
 
 from . import layout
+from ._version import __version__ as __version__  # the one source: evtchn/_version.py
 from .domain import Domain
 from .errors import EvtchnError, HostGoneError
 from .host import BACKENDS, Host
@@ -25,4 +26,3 @@ __all__ = [
     "PortStatus",
     "layout",
 ]
-__version__ = "0.1.0"

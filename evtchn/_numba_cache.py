@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
 
-def refresh_cache_guard(namespace: dict, stamp_name: str, deps) -> bool:
+def refresh_cache_guard(
+    namespace: dict[str, Any], stamp_name: str, deps: Iterable[str | os.PathLike[str]]
+) -> bool:
     """Drop the cache of every dispatcher in `namespace` when one of `deps` (baked-in
     constants, inlined callees) changed since the stamp beside that cache was written.
     Returns True if it flushed."""

@@ -13,8 +13,11 @@ argument checks that each call makes first look at the host's closed flag.
 from __future__ import annotations
 
 import errno as E
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
+import numpy.typing as npt
 
 from . import layout as L
 from .errors import EvtchnError
@@ -22,10 +25,17 @@ from .errors import as_int as _int
 from .locks import Held
 from .results import PollResult, PortStatus
 
+if TYPE_CHECKING:
+    from .host import Host
+    from .memory import DomainMemory
+
+Region = tuple[str, int, int]
+"""Where a guest-visible region lies: (segment name in /dev/shm, byte offset, size)."""
+
 _CONSUME_CHUNK = 65536
 
 
-def _port_array(ports) -> np.ndarray:
+def _port_array(ports: Any) -> npt.NDArray[np.uint32]:
     """send_many's ports as a contiguous uint32 array, or EvtchnError(EINVAL) naming what is
     wrong: only integers are ports."""
     if isinstance(ports, np.ndarray):
@@ -55,14 +65,16 @@ def _port_array(ports) -> np.ndarray:
 class Domain:
     """A handle on domain `domid` of a host; cheap, pickles by (host name, domid)."""
 
-    def __init__(self, host, domid: int):
+    def __init__(self, host: Host, domid: int):
+        #: The Host this domain lives on.
         self.host = host
+        #: The domain's id: 0 .. host.ndomains-1, in creation order.
         self.domid = domid
         self._dm = host._dm(domid)
         self._k = host._k
         self._base = self._dm.seg.address
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[[str, str, int], Domain], tuple[str, str, int]]:
         return (_attach_domain, (self.host.name, self.host.backend, self.domid))
 
     def __repr__(self) -> str:
@@ -74,18 +86,22 @@ class Domain:
     # -- configuration -------------------------------------------------------------------------
     @property
     def abi(self) -> str:
+        """The event-channel ABI: "fifo", "2l" or "3l"."""
         return L.ABI_BY_CODE[self._dm.abi]
 
     @property
     def vcpus(self) -> int:
+        """The number of vCPUs (0 .. vcpus-1)."""
         return self._dm.vcpus
 
     @property
     def word_bits(self) -> int:
+        """xen_ulong_t's width: 64, or 32 for the x86-32 compat layout."""
         return self._dm.word_bits
 
     @property
     def link_bits(self) -> int:
+        """FIFO: the width of an event word's LINK field (17 as in Xen)."""
         return self._dm.link_bits
 
     @property
@@ -101,7 +117,7 @@ class Domain:
         return self._dm.hdr(L.H_VALID)
 
     # -- argument checks (each first refuses a closed host: one flag read) ---------------------
-    def _vcpu(self, vcpu) -> int:
+    def _vcpu(self, vcpu: int) -> int:
         if self.host._closed:
             raise self.host._closed_error()
         v = _int(vcpu, "vcpu")
@@ -111,7 +127,7 @@ class Domain:
             )
         return v
 
-    def _valid_port(self, port) -> int:
+    def _valid_port(self, port: int) -> int:
         """port_is_valid(): below valid_evtchns, else EINVAL."""
         if self.host._closed:
             raise self.host._closed_error()
@@ -126,7 +142,7 @@ class Domain:
             )
         return p
 
-    def _guest_port(self, port) -> int:
+    def _guest_port(self, port: int) -> int:
         """A port the guest may address in its shared bitmaps or event array."""
         if self.host._closed:
             raise self.host._closed_error()
@@ -139,7 +155,7 @@ class Domain:
             )
         return p
 
-    def _remote(self, remote_domid) -> int:
+    def _remote(self, remote_domid: int) -> int:
         if self.host._closed:
             raise self.host._closed_error()
         d = _int(remote_domid, "domid")
@@ -160,7 +176,7 @@ class Domain:
         dm = self.host._dm(domid)
         return dm.seg.address + dm.layout.port(port) + L.P_LOCK
 
-    def _chans_locked(self, *chans, reader: bool = False) -> Held:
+    def _chans_locked(self, *chans: tuple[int, int], reader: bool = False) -> Held:
         """The channel locks of the (domid, port) pairs `chans`, in that order (writer, or
         read-type with `reader`)."""
         return Held(self._k, [self._chan_addr(*c) for c in sorted(set(chans))], reader)
@@ -186,6 +202,7 @@ class Domain:
                 f"{dm.max_ports - 1} usable ports of its "
                 f"{self.abi} limit ({dm.max_ports}) are in use",
             )
+        assert hint is not None  # port was found, so a FREE port was seen
         dm.set_hdr(L.H_ALLOC_HINT, hint)  # the lowest FREE port seen
         valid = dm.hdr(L.H_VALID)
         if port >= valid:  # allocate buckets; publish the size last
@@ -193,7 +210,7 @@ class Domain:
             dm.set_hdr(L.H_VALID, (port // bucket + 1) * bucket)
         return port
 
-    def _free_ports_from(self, start: int):
+    def _free_ports_from(self, start: int) -> Iterator[int]:
         """FREE ports >= start in increasing order (ports beyond valid_evtchns are free);
         vectorised over the port table, one chunk at a time."""
         dm = self._dm
@@ -226,7 +243,7 @@ class Domain:
         if dm.hdr(L.H_ALLOC_HINT) == port:
             dm.set_hdr(L.H_ALLOC_HINT, port + 1)
 
-    def _alloc(self, state: int, vcpu: int = 0, fill=None) -> int:
+    def _alloc(self, state: int, vcpu: int = 0, fill: Callable[[int], None] | None = None) -> int:
         with self._domains_locked(self.domid):
             port = self._get_free_port()
             with self._chans_locked((self.domid, port)):
@@ -286,7 +303,7 @@ class Domain:
         if rd == L.DOMID_SELF:
             rd = self.domid
 
-        def fill(port):
+        def fill(port: int) -> None:
             self._dm.set_port_u16(port, L.P_REMOTE_DOM, rd)
             self._dm.set_port_u32(port, L.P_REMOTE_PORT, 0)
 
@@ -432,7 +449,7 @@ class Domain:
         if r < 0:
             raise self._send_error(p, -r)
 
-    def send_many(self, ports, edges=None) -> int:
+    def send_many(self, ports: npt.ArrayLike, edges: npt.NDArray[np.uint8] | None = None) -> int:
         """send() each port in order without a Python call per event. `edges`, if given, is a
         uint8 array that receives 1 where that send set PENDING 0 -> 1 (a new event) and 0
         where it coalesced or was dropped. On a refused port, the sends before it stand and
@@ -448,7 +465,7 @@ class Domain:
             raise EvtchnError(
                 err,
                 f"send_many stopped at index {n} (the {n} sends before it "
-                f"took effect): {exc.strerror.split(': ', 1)[-1]}",
+                f"took effect): {str(exc.strerror).split(': ', 1)[-1]}",
             )
         return n
 
@@ -478,12 +495,13 @@ class Domain:
 
     # -- EVTCHNOP_status, bind_vcpu, set_priority, unmask, reset, expand_array ---------------
     def status(self, port: int) -> PortStatus:
+        """EVTCHNOP_status: the port's state, notify vCPU, peer or VIRQ, FIFO priority."""
         p = self._valid_port(port)
         dm = self._dm
         state = dm.state(p)
         name = L.STATUS_NAMES[state]
         prio = dm.port_u8(p, L.P_PRIORITY) if dm.abi == L.ABI_FIFO else None
-        fields = dict(state=name, vcpu=dm.notify_vcpu(p), priority=prio)
+        fields: dict[str, Any] = dict(state=name, vcpu=dm.notify_vcpu(p), priority=prio)
         if state == L.ECS_UNBOUND:
             fields["remote_domid"] = dm.port_u16(p, L.P_REMOTE_DOM)
         elif state == L.ECS_INTERDOMAIN:
@@ -645,6 +663,7 @@ class Domain:
 
     # -- guest side: mask, unmask, tests ------------------------------------------------------
     def mask(self, port: int) -> None:
+        """As a Linux guest masks: set the port's mask bit (FIFO: MASKED) in shared memory."""
         self._k.guest_mask(self.domid, self._guest_port(port))
 
     def unmask(self, port: int) -> int:
@@ -657,9 +676,11 @@ class Domain:
         return self._k.guest_unmask(self.domid, self._guest_port(port))
 
     def is_pending(self, port: int) -> bool:
+        """The port's PENDING bit, as the guest reads it."""
         return self._k.is_pending(self.domid, self._guest_port(port))
 
     def is_masked(self, port: int) -> bool:
+        """The port's mask bit (FIFO: MASKED), as the guest reads it."""
         return self._k.is_masked(self.domid, self._guest_port(port))
 
     def is_linked(self, port: int) -> bool:
@@ -667,6 +688,7 @@ class Domain:
         return self._k.is_linked(self.domid, self._guest_port(port))
 
     def upcall_pending(self, vcpu: int) -> bool:
+        """vcpu_info.evtchn_upcall_pending: Xen has raised the vCPU's upcall."""
         return self._k.upcall_pending(self.domid, self._vcpu(vcpu))
 
     def set_upcall_mask(self, vcpu: int, masked: bool) -> bool:
@@ -680,7 +702,22 @@ class Domain:
         return old
 
     # -- guest side: the upcall handler --------------------------------------------------------
-    def consume(self, vcpu: int, max_events: int | None = None, out=None):
+    @overload
+    def consume(
+        self, vcpu: int, max_events: int | None = None, out: None = None
+    ) -> npt.NDArray[np.uint32]: ...
+    @overload
+    def consume(
+        self, vcpu: int, max_events: int | None = None, *, out: npt.NDArray[np.uint32]
+    ) -> int: ...
+    @overload
+    def consume(self, vcpu: int, max_events: int | None, out: npt.NDArray[np.uint32]) -> int: ...
+    def consume(
+        self,
+        vcpu: int,
+        max_events: int | None = None,
+        out: npt.NDArray[np.uint32] | None = None,
+    ) -> npt.NDArray[np.uint32] | int:
         """Run `vcpu`'s upcall handler once, as Linux does: deliver every deliverable event
         in the ABI's order, acknowledging each (clearing PENDING).
 
@@ -697,7 +734,8 @@ class Domain:
             return self.consume_into(vc, out if max_events is None else out[:max_events])
         if max_events is not None:
             buf = np.empty(max_events, np.uint32)
-            return buf[: self._k.consume(self.domid, vc, buf)].copy()
+            got: npt.NDArray[np.uint32] = buf[: self._k.consume(self.domid, vc, buf)].copy()
+            return got
         chunks, limit = [], 4 * self.max_ports  # a storm cannot keep us here forever
         total = 0
         while True:
@@ -708,7 +746,7 @@ class Domain:
             if n < len(buf) or total >= limit:
                 return np.concatenate(chunks) if len(chunks) > 1 else chunks[0].copy()
 
-    def consume_into(self, vcpu: int, out) -> int:
+    def consume_into(self, vcpu: int, out: npt.NDArray[np.uint32]) -> int:
         """consume() into the caller's uint32 array; returns how many ports it holds."""
         vc = self._vcpu(vcpu)
         if not isinstance(out, np.ndarray) or out.dtype != np.uint32 or out.ndim != 1:
@@ -725,7 +763,9 @@ class Domain:
             raise ValueError(f"timeout must be >= 0 or None, not {timeout}")
         return self._k.wait(self.domid, vc, timeout)
 
-    def poll(self, vcpu: int, ports, timeout: float | None = None) -> PollResult:
+    def poll(
+        self, vcpu: int, ports: int | Iterable[int], timeout: float | None = None
+    ) -> PollResult:
         """SCHEDOP_poll made by `vcpu`: return at once if one of `ports` (a port or a list of
         at most 128) is pending, masked or not, or if the vCPU has an unmasked upcall
         pending; else block until a send sets one of them pending (any port, when several
@@ -765,7 +805,7 @@ class Domain:
             raise self.host._closed_error()
         return self._dm.mapped_pages()
 
-    def layout(self) -> dict:
+    def layout(self) -> dict[str, Region]:
         """Region name -> (segment name, offset, size) for every guest-visible region; the
         segment is /dev/shm/<segment name>."""
         if self.host._closed:
@@ -798,7 +838,7 @@ class Domain:
         return regions
 
 
-def fifo_setup_ports(dm, prev_evtchns: int) -> None:
+def fifo_setup_ports(dm: DomainMemory, prev_evtchns: int) -> None:
     """evtchn_fifo_init_control's setup_ports: ports 1 .. prev_evtchns - 1 that are valid get
     the default priority 7. Ports of buckets allocated later stay at the 0 of a fresh bucket
     (alloc_evtchn_bucket zeroes it) until they are bound (evtchn_fifo_init)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno as _errno
 import operator
 import os
+from typing import Any
 
 
 class EvtchnError(OSError):
@@ -15,7 +16,9 @@ class EvtchnError(OSError):
 
     @property
     def errname(self) -> str:
-        return _errno.errorcode.get(self.errno, str(self.errno))
+        """The errno's symbolic name, e.g. "EINVAL"."""
+        code = self.errno
+        return str(code) if code is None else _errno.errorcode.get(code, str(code))
 
 
 class HostGoneError(EvtchnError):
@@ -31,7 +34,7 @@ def strerror(code: int) -> str:
     return os.strerror(code)
 
 
-def as_int(value, what: str) -> int:
+def as_int(value: Any, what: str) -> int:
     try:
         return operator.index(value)
     except TypeError:

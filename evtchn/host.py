@@ -13,6 +13,8 @@ import os
 import secrets
 import threading
 import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,12 +26,15 @@ from .memory import DomainMemory, Segment, check_name
 from .owner import pid_namespace
 from .results import PollResult, PortStatus  # noqa: F401  (re-exported)
 
-BACKENDS = ("cython", "numba", "reference")
+if TYPE_CHECKING:
+    from ._kernels import Kernels
+
+BACKENDS: tuple[str, ...] = ("cython", "numba", "reference")
 DEFAULT_BACKEND = os.environ.get("EVTCHN_BACKEND", "cython")
 MAX_VCPUS = 1024
 
 
-def _make_kernels(backend: str):
+def _make_kernels(backend: str) -> Kernels:
     if backend == "reference":
         from .reference import ReferenceKernels
 
@@ -65,6 +70,7 @@ class Host:
             raise ValueError(
                 f"unknown injection {inject!r}: choose one of {', '.join(L.INJECTIONS)}"
             )
+        #: The kernels this handle runs: "cython", "numba" or "reference".
         self.backend = backend
         self._k = _make_kernels(backend)
         self._pid = os.getpid()
@@ -115,7 +121,7 @@ class Host:
                 f"which mean nothing here, so a live owner would look dead and lose its lock",
             )
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[[str, str | None], Host], tuple[str, str]]:
         return (Host.attach, (self.name, self.backend))
 
     @property
@@ -127,10 +133,12 @@ class Host:
     # -- lifecycle --------------------------------------------------------------------------
     @property
     def name(self) -> str:
+        """The host segment's name in /dev/shm: what ``Host.attach`` takes."""
         return self._hseg.name
 
     @property
     def is_owner(self) -> bool:
+        """True in the process that created the host (the only one that unlinks it)."""
         return self._owner
 
     def warm_up(self) -> None:
@@ -153,7 +161,7 @@ class Host:
     def __enter__(self) -> Host:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _closed_error(self) -> EvtchnError:
@@ -170,6 +178,7 @@ class Host:
     # -- domains ------------------------------------------------------------------------------
     @property
     def ndomains(self) -> int:
+        """Domains created on this host so far, by any process (domids 0 .. ndomains-1)."""
         self._check_open()
         return int(self._hseg.u32[L.HH_NDOMAINS // 4])
 
@@ -209,14 +218,16 @@ class Host:
         return Domain(self, domid)
 
     def domain(self, domid: int) -> Domain:
+        """A handle on domain `domid`, created by this or any other process."""
         self._check_open()
         self._dm(domid)
         return Domain(self, domid)
 
     def domains(self) -> list[Domain]:
+        """Handles on every domain of the host."""
         return [self.domain(d) for d in range(self.ndomains)]
 
-    def _dm(self, domid) -> DomainMemory:
+    def _dm(self, domid: int) -> DomainMemory:
         dm = self._doms.get(domid)
         if dm is not None:
             return dm
@@ -270,7 +281,9 @@ def _unlink_host(name: str, creator: int) -> None:
         pass
 
 
-def _domain_layout(abi, vcpus, word_bits, link_bits, max_ports):
+def _domain_layout(
+    abi: str, vcpus: int, word_bits: int, link_bits: int, max_ports: int | None
+) -> tuple[int, L.DomainLayout]:
     if abi not in L.ABI_NAMES:
         raise ValueError(f"unknown ABI {abi!r}: choose one of {', '.join(L.ABI_NAMES)}")
     code = L.ABI_NAMES[abi]
@@ -323,7 +336,7 @@ def _bucket_round(n: int) -> int:
 
 
 # -- one attachment per host per process (unpickled Domains share it) ---------------------------
-_hosts: dict[tuple[str, str], weakref.ref] = {}
+_hosts: dict[tuple[str, str], weakref.ref[Host]] = {}
 _hosts_lock = threading.RLock()
 
 

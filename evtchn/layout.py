@@ -154,6 +154,7 @@ P_LASTQ = 20  # u32: FIFO last queue: byte 0 priority, bytes 2-3 vCPU
 
 
 def lastq_pack(vcpu: int, priority: int) -> int:
+    """The P_LASTQ word: the queue (vCPU, priority) an event was last linked on."""
     return (vcpu << 16) | priority
 
 
@@ -245,6 +246,7 @@ SEGMENT_PREFIX = "evtchn-"
 
 
 def domain_segment_name(host_name: str, domid: int) -> str:
+    """The /dev/shm name of domain `domid`'s segment on host `host_name`."""
     return f"{host_name}-d{domid}"
 
 
@@ -270,7 +272,7 @@ class DomainLayout:
     word_bits: int
     link_bits: int
     max_ports: int
-    offsets: dict
+    offsets: dict[str, int]
     cpumask_bytes: int
     size: int
 

@@ -10,6 +10,8 @@ same), else the pure-Python _PyHeld.
 from __future__ import annotations
 
 import errno as E
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from .errors import EvtchnError
 
@@ -32,14 +34,20 @@ class _PyHeld:
 
     __slots__ = ("_k", "_addrs", "_reader", "_busy")
 
-    def __init__(self, kernels, addresses, reader: bool = False, busy: str | None = None):
+    def __init__(
+        self,
+        kernels: Any,
+        addresses: Iterable[int],
+        reader: bool = False,
+        busy: str | None = None,
+    ) -> None:
         self._k = kernels
         self._addrs = list(addresses)
         self._reader = reader
         self._busy = busy
 
     def __enter__(self) -> _PyHeld:
-        k, taken = self._k, []
+        k, taken = self._k, list[int]()
         try:
             for address in self._addrs:
                 taken.append(address)
@@ -58,11 +66,16 @@ class _PyHeld:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._k.unlock_owned(self._addrs)
 
 
-try:
-    from ._core import Held
-except ImportError:  # the Cython extension is not built: the reference or numba backend
+if TYPE_CHECKING:  # one type for both: evtchn._core.Held has _PyHeld's interface
     Held = _PyHeld
+else:
+    try:
+        from ._core import Held
+    except ImportError:  # the Cython extension is not built: the reference or numba backend
+        Held = _PyHeld
+
+__all__ = ["Held"]

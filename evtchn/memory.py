@@ -55,7 +55,7 @@ class Segment:
 
     def release(self) -> None:
         """Unmap when nothing else holds a view; otherwise the mapping lives until exit."""
-        self.u8 = self.u16 = self.u32 = self.u64 = None
+        del self.u8, self.u16, self.u32, self.u64
         try:
             self.mm.close()
         except BufferError:
@@ -209,7 +209,7 @@ class DomainMemory:
         return self.array_pages() + self.vcpus
 
 
-def check_name(name) -> str:
+def check_name(name: object) -> str:
     if not isinstance(name, str) or not name or "/" in name or "\0" in name:
         raise EvtchnError(22, f"invalid host name {name!r}")
     return name

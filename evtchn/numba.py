@@ -61,6 +61,7 @@ beyond the domain's limit or a vCPU it does not have makes the other functions d
 return 0 / False (is_masked: True), where the Python Domain methods would raise EvtchnError.
 
 Rules:
+
 - Build views in the thread that uses them (they hold raw addresses and the owner id of the
   thread that takes the locks: two threads sharing one Views would be one lock owner), after the
   domains you reach exist: a domain created later, by any process, is not in the table until you
@@ -75,13 +76,18 @@ Rules:
 from __future__ import annotations
 
 import weakref
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 from numba import njit
 
 from . import numba_kernels as _k
+from ._numba_cache import refresh_cache_guard
 from .owner import owner_id
+
+if TYPE_CHECKING:
+    from .domain import Domain
 
 __all__ = [
     "Views",
@@ -106,7 +112,7 @@ class Views(NamedTuple):
     domain), this domain's id, and the owner id of the thread that takes the locks
     (evtchn.owner.owner_id of the thread that built the views)."""
 
-    table: np.ndarray
+    table: npt.NDArray[np.int64]
     domid: int
     owner: int
 
@@ -114,7 +120,7 @@ class Views(NamedTuple):
 _KEEP: dict[int, object] = {}  # id(table) -> host: the mapping outlives the table
 
 
-def views(domain) -> Views:
+def views(domain: Domain) -> Views:
     """Views of `domain` (an evtchn.Domain on any backend) for use inside @njit code."""
     host = domain.host
     host._check_open()
@@ -131,20 +137,28 @@ def views(domain) -> Views:
 
 # The wrappers are inlined into the caller (inline="always"): the Views tuple is unpacked in
 # the user's function and only integers reach the kernels, so no call passes an array.
+# The annotations are for the type checker (numba's Dispatcher keeps the signature); numba
+# ignores them and types each call from its arguments.
 
 
 @njit(inline="always", cache=True)
-def _tb(v):
+def _tb(v: Views) -> np.int64:
     return np.int64(v.table.ctypes.data)
 
 
 @njit(inline="always", cache=True)
-def send(v, port):
+def send(v: Views, port: int) -> int:
+    """EVTCHNOP_send on v's domain: 1 for a new edge (PENDING 0 -> 1), 0 coalesced or
+    dropped (unbound), -errno refused."""
     return _k._send(_tb(v), v.table.shape[0], v.domid, port, v.owner)
 
 
 @njit(inline="always", cache=True)
-def send_many(v, ports, edges):
+def send_many(
+    v: Views, ports: npt.NDArray[np.uint32], edges: npt.NDArray[np.uint8]
+) -> tuple[int, int]:
+    """send() each uint32 port; edges (uint8, as long as ports, or empty) gets 1 per new
+    edge. Returns (n sent, errno of the refusal that stopped it or 0)."""
     return _k._send_many(
         _tb(v),
         v.table.shape[0],
@@ -158,66 +172,77 @@ def send_many(v, ports, edges):
 
 
 @njit(inline="always", cache=True)
-def consume(v, vcpu, out):
+def consume(v: Views, vcpu: int, out: npt.NDArray[np.uint32]) -> int:
+    """The vCPU's upcall handler: fills out with the delivered ports and returns how many."""
     if not _k._vcpu_ok(_tb(v), v.domid, vcpu):
         return np.int64(0)
     return _k._consume(_tb(v), v.domid, vcpu, np.int64(out.ctypes.data), out.shape[0], v.owner)
 
 
 @njit(inline="always", cache=True)
-def wait(v, vcpu, timeout_ns):
+def wait(v: Views, vcpu: int, timeout_ns: int) -> bool:
+    """Sleep on a futex until the vCPU has an upcall pending; False after timeout_ns (< 0: none)."""
     if not _k._vcpu_ok(_tb(v), v.domid, vcpu):
         return False
     return _k._wait(_tb(v), v.domid, vcpu, timeout_ns, v.owner, True)
 
 
 @njit(inline="always", cache=True)
-def upcall_pending(v, vcpu):
+def upcall_pending(v: Views, vcpu: int) -> bool:
+    """vcpu_info.evtchn_upcall_pending of the vCPU."""
     if not _k._vcpu_ok(_tb(v), v.domid, vcpu):
         return False
     return _k._upcall_pending(_tb(v), v.domid, vcpu)
 
 
 @njit(inline="always", cache=True)
-def mask(v, port):
+def mask(v: Views, port: int) -> None:
+    """The guest's mask of `port`."""
     if _k._port_ok(_tb(v), v.domid, port):
         _k._guest_mask(_tb(v), v.domid, port)
 
 
 @njit(inline="always", cache=True)
-def unmask(v, port):
+def unmask(v: Views, port: int) -> int:
+    """The guest's unmask; 1 in the rare case Xen's unmask set PENDING itself (count it
+    as an edge)."""
     if not _k._port_ok(_tb(v), v.domid, port):
         return np.int64(0)
     return _k._guest_unmask(_tb(v), v.domid, port, v.owner)
 
 
 @njit(inline="always", cache=True)
-def is_pending(v, port):
+def is_pending(v: Views, port: int) -> bool:
+    """The port's PENDING bit (False beyond the domain's limit)."""
     return _k._port_ok(_tb(v), v.domid, port) and _k._is_pending(_tb(v), v.domid, port)
 
 
 @njit(inline="always", cache=True)
-def is_masked(v, port):
+def is_masked(v: Views, port: int) -> bool:
+    """The port's mask (True beyond the domain's limit)."""
     return not _k._port_ok(_tb(v), v.domid, port) or _k._is_masked(_tb(v), v.domid, port)
 
 
 @njit(inline="always", cache=True)
-def is_linked(v, port):
+def is_linked(v: Views, port: int) -> bool:
+    """FIFO: the event is on a queue (False for 2l and 3l)."""
     return _k._port_ok(_tb(v), v.domid, port) and _k._is_linked(_tb(v), v.domid, port)
 
 
 @njit(inline="always", cache=True)
-def set_pending(v, vcpu, port):
+def set_pending(v: Views, vcpu: int, port: int) -> int:
+    """Xen's set_pending on v's domain, without send's checks: 1 for a new edge."""
     if not (_k._vcpu_ok(_tb(v), v.domid, vcpu) and _k._port_ok(_tb(v), v.domid, port)):
         return np.int64(0)
     return _k._set_pending(_tb(v), v.domid, vcpu, port, v.owner)
 
 
 @njit(inline="always", cache=True)
-def raise_virq(v, virq, vcpu):
+def raise_virq(v: Views, virq: int, vcpu: int) -> int:
+    """Xen raising VIRQ `virq` of v's domain: 1 for a new edge, 0 if unbound or coalesced."""
     if not (_k._vcpu_ok(_tb(v), v.domid, vcpu) and 0 <= virq < _k.NR_VIRQS):
         return np.int64(0)
     return _k._raise_virq(_tb(v), v.domid, virq, vcpu, v.owner)
 
 
-_k.refresh_cache_guard(globals(), "numba.deps", _k.CACHE_DEPS)
+refresh_cache_guard(globals(), "numba.deps", _k.CACHE_DEPS)

@@ -1710,7 +1710,7 @@ class NumbaKernels:
     name = "numba"
     multiprocess = True
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.doms = {}  # keeps every mapped segment alive
         self.table = np.zeros((4, NCOLS), np.int64)
         self._poll_ready = False  # poll's kernels compiled (see poll)

@@ -25,7 +25,7 @@ class ReferenceKernels:
     name = "reference"
     multiprocess = False
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.doms = {}
 
     def map_domain(self, dm) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,8 +17,9 @@ class PortStatus:
     virq: int | None = None
     priority: int | None = None
 
-    def __getitem__(self, key):
-        return getattr(self, key)
+    def __getitem__(self, key: str) -> str | int | None:
+        """``status["state"]``: the fields read as a mapping too."""
+        return cast("str | int | None", getattr(self, key))
 
 
 @dataclasses.dataclass(frozen=True)
