@@ -214,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how worker processes start (default forkserver)",
     )
     p.add_argument(
+        "--beside-c",
+        action="store_true",
+        help="after each ABI's run, run the headline's C anchor (bench/c/evtchn_ref.c "
+        "--headline: the same senders, vCPUs, channels, batch and nap, in C, on a host "
+        "bound the same way) for as long as the run raced, and report both rates and "
+        "the ratio (needs a C compiler)",
+    )
+    p.add_argument(
         "--hang-timeout",
         type=_positive_float("--hang-timeout"),
         default=30.0,
@@ -404,6 +412,15 @@ def main(argv: list[str] | None = None) -> int:
     from . import report
     from . import run as R
 
+    exe = None
+    if args.beside_c:  # build first: a missing compiler is a usage error, not a late failure
+        from . import anchor as A
+
+        try:
+            exe = A.build()
+        except A.AnchorError as exc:
+            print(f"python -m stress: error: --beside-c: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     results = []
     try:
@@ -422,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(res)
             if res.error or res.interrupted:
                 break
+            if exe is not None:
+                _beside_c(cfg, exe, res.record)
     finally:
         signal.signal(signal.SIGTERM, old_term)
     records = [r.record for r in results]
@@ -450,6 +469,22 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(_verdict(code, results, cfgs))
     return code
+
+
+def _beside_c(cfg, exe, rec: dict) -> None:
+    """The C anchor on this run's configuration, into rec["c_anchor"] (or its error)."""
+    from . import anchor as A
+
+    if cfg.abi not in A.ABIS:
+        rec["c_anchor_error"] = f"the C anchor implements {' and '.join(A.ABIS)} only"
+        print(f"{cfg.abi}: no C anchor ({rec['c_anchor_error']})")
+        return
+    print(f"{cfg.abi}: C anchor, {rec.get('race_s', 0):.1f} s ...", flush=True)
+    try:
+        rec["c_anchor"] = A.beside(cfg, exe, rec)
+    except A.AnchorError as exc:
+        rec["c_anchor_error"] = str(exc)
+        print(f"{cfg.abi}: C anchor FAILED: {exc}", file=sys.stderr)
 
 
 def _verdict(code: int, results, cfgs) -> str:

@@ -36,6 +36,7 @@ from . import shm as S
 from . import workers as W
 
 monotonic = time.monotonic
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class WorkerError(RuntimeError):
@@ -247,6 +248,19 @@ class ProcessCrew:
                 f"{int(self.st.hdr[slot, S.H_PID])}) hung: no heartbeat for "
                 f"{self.cfg.hang_timeout:.0f} s (state {state})"
             )
+
+    def cpu_seconds(self) -> np.ndarray:
+        """CPU seconds (user + system) each worker process has used, read by the parent from
+        /proc (the workers pay nothing for it); 0 for a process that is gone."""
+        out = np.zeros(len(self.names))
+        for slot, _name, p in self.procs:
+            try:
+                with open(f"/proc/{p.pid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                out[slot] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+            except (OSError, IndexError, ValueError, TypeError):
+                pass
+        return out
 
     def wait_for(self, pred, timeout: float, what: str) -> None:
         deadline = monotonic() + timeout
@@ -461,6 +475,9 @@ class InlineCrew:
     def poll(self) -> None:
         pass
 
+    def cpu_seconds(self):
+        return None  # one process: no per-role figure
+
     def _round(self) -> None:
         if not self.paused:
             for s in self.senders:
@@ -609,12 +626,14 @@ def _race(cfg, su, crew, col, timing, delivered_now) -> None:
         if reached():
             break
         span = cfg.check_interval if left is None else min(cfg.check_interval, left)
-        d0, t0 = delivered_now(), time.perf_counter()
+        d0, t0, cpu0 = delivered_now(), time.perf_counter(), crew.cpu_seconds()
         try:
             crew.run_for(span, until=reached if target else None)
         finally:  # partial figures survive a dead worker or Ctrl-C
             timing["race_s"] += time.perf_counter() - t0
             timing["race_delivered"] += delivered_now() - d0
+            if cpu0 is not None:
+                timing["race_cpu"] = timing.get("race_cpu", 0) + crew.cpu_seconds() - cpu0
         left = None if duration is None else duration - timing["race_s"]
         if (left is not None and left <= 0.05) or reached():
             break
@@ -729,6 +748,12 @@ def _metrics(cfg, su, rec, timing, col) -> None:
             },
         }
     )
+    if race_s and timing.get("race_cpu") is not None:  # CPU-s per s of racing, per role
+        cpu = timing["race_cpu"]
+        rec["race_cpu_per_s"] = {
+            role: round(float(cpu[sl].sum()) / race_s, 3)
+            for role, sl in (("senders", snd), ("vcpus", vc), ("chaos", ch))
+        }
     hist = st.hist.sum(axis=0)
     n = int(hist.sum())
     frac = int(st.ctrl[S.C_SAMPLE_MASK]) + 1

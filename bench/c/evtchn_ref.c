@@ -1062,6 +1062,8 @@ int main(int argc, char **argv) {
  *                    [--wait-timeout 0.05] [--seed 1]
  */
 
+#include <sys/prctl.h>
+
 typedef struct {
     _Alignas(64) int64_t progress;              /* vCPU: deliveries so far (release) */
     int64_t sent, edges, refused, batches, kicks, lost_lockq, link_gaveup;   /* senders */
@@ -1254,8 +1256,10 @@ static int hl_run(hl_t *h) {
     fflush(NULL);
     for (uint32_t i = 0; i < nproc; i++) {      /* vCPUs first: there before any send */
         uint32_t j = (i + h->senders) % nproc;
-        pid_t pid = fork();
+        pid_t parent = getpid(), pid = fork();
         if (pid == 0) {
+            /* a killed parent (Ctrl-C on stress or bench) takes its children along */
+            if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent) _exit(1);
             if (j < h->senders)
                 hl_sender(h, j);
             else
