@@ -214,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how worker processes start (default forkserver)",
     )
     p.add_argument(
+        "--accounting",
+        choices=("compiled", "numpy"),
+        default="compiled",
+        help="the workers' per-batch accounting: compiled (stress/_fast.c, built with the "
+        "C compiler at the start of the run; numpy when there is none) or numpy "
+        "(default compiled; both keep every check)",
+    )
+    p.add_argument(
         "--beside-c",
         action="store_true",
         help="after each ABI's run, run the headline's C anchor (bench/c/evtchn_ref.c "
@@ -281,6 +289,7 @@ def parse(argv: list[str]) -> tuple[list[CF.Config], argparse.Namespace]:
         duel_seconds=args.duel,
         start_method=args.start_method,
         hang_timeout=args.hang_timeout,
+        accounting=args.accounting,
         progress=not args.no_progress,
         json_path=args.json_path,
     )
@@ -339,6 +348,8 @@ def replay_command(cfg: CF.Config) -> str:
         parts += ["--duel", f"{cfg.duel_seconds:g}"]
     if cfg.nap != 0.008:
         parts += ["--nap", f"{cfg.nap * 1000:g}"]
+    if cfg.accounting != "compiled":
+        parts += ["--accounting", cfg.accounting]
     return " ".join(shlex.quote(x) for x in parts)
 
 
@@ -455,8 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.table(records))
     for r in records:
-        if r.get("note"):
-            print(f"note: {r['note']}")
+        for key in ("note", "accounting_note"):
+            if r.get(key):
+                print(f"note: {r[key]}")
     text = report.violations_text(records, {c.abi: c.argv_replay for c in cfgs})
     if text:
         print()

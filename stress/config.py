@@ -78,6 +78,8 @@ class Config:
     duel_seconds: float = 1.0  # each duel of stress.duels runs this long
     start_method: str = "forkserver"
     hang_timeout: float = 30.0  # a worker whose heartbeat stalls this long has hung
+    accounting: str = "compiled"  # the workers' per-batch accounting: compiled or numpy
+    fast_lib: str | None = None  # the compiled accounting's library (set by the run)
     progress: bool = True
     json_path: str | None = None
     argv_replay: str = ""  # the command line that replays this run

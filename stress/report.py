@@ -74,6 +74,7 @@ ROWS = [
             )
         ),
     ),
+    ("accounting", lambda r: r.get("accounting", "-")),
     ("quiescent checks", lambda r: _n(r.get("epochs"))),
     (
         "setup / race / wall",

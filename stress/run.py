@@ -32,6 +32,7 @@ from evtchn import layout as L
 from . import checks as C
 from . import config as CF
 from . import duels as DU
+from . import fast as F
 from . import shm as S
 from . import workers as W
 
@@ -555,7 +556,9 @@ def run(cfg, progress_factory=None) -> Result:
     t_wall = time.perf_counter()
     timing = {"race_s": 0.0, "race_delivered": 0, "epochs": 0}
     bar = None
+    fast_lib = None
     try:
+        fast_lib = _build_fast(cfg, rec)
         host = Host(cfg.backend, inject=cfg.inject)
         rec["host"] = host.name
         su = setup(cfg, host)
@@ -597,6 +600,7 @@ def run(cfg, progress_factory=None) -> Result:
             finally:
                 if host is not None:
                     host.close()
+                F.remove(fast_lib)
     rec["wall_s"] = round(time.perf_counter() - t_wall, 3)
     rec["epochs"] = timing["epochs"]
     rec["duels"] = timing.get("duels", [])
@@ -610,6 +614,23 @@ def run(cfg, progress_factory=None) -> Result:
     else:
         rec["verdict"] = "fail" if col.total else "pass"
     return Result(rec, col, error, interrupted)
+
+
+def _build_fast(cfg, rec: dict):
+    """The compiled accounting for this run's workers (stress/fast.py), or the numpy code
+    when it is not wanted or there is no compiler (the record says which, and why)."""
+    cfg.fast_lib = None
+    rec["accounting"] = "numpy"
+    if cfg.accounting != "compiled":
+        return None
+    try:
+        lib = F.build()
+    except F.FastUnavailable as exc:
+        rec["accounting_note"] = f"compiled accounting unavailable, numpy used: {exc}"
+        return None
+    cfg.fast_lib = str(lib)
+    rec["accounting"] = "compiled"
+    return lib
 
 
 def _race(cfg, su, crew, col, timing, delivered_now) -> None:
@@ -627,11 +648,13 @@ def _race(cfg, su, crew, col, timing, delivered_now) -> None:
             break
         span = cfg.check_interval if left is None else min(cfg.check_interval, left)
         d0, t0, cpu0 = delivered_now(), time.perf_counter(), crew.cpu_seconds()
+        w0 = wakeups_now(su)
         try:
             crew.run_for(span, until=reached if target else None)
         finally:  # partial figures survive a dead worker or Ctrl-C
             timing["race_s"] += time.perf_counter() - t0
             timing["race_delivered"] += delivered_now() - d0
+            timing["race_wakeups"] = timing.get("race_wakeups", 0) + wakeups_now(su) - w0
             if cpu0 is not None:
                 timing["race_cpu"] = timing.get("race_cpu", 0) + crew.cpu_seconds() - cpu0
         left = None if duration is None else duration - timing["race_s"]
@@ -642,6 +665,11 @@ def _race(cfg, su, crew, col, timing, delivered_now) -> None:
             cfg, su, crew, col, f"epoch {timing['epochs']} (t={timing['race_s']:.1f}s)", final=False
         )
         crew.resume()
+
+
+def wakeups_now(su) -> int:
+    sh = su.env.cfg.shape
+    return int(su.env.stats.hdr[sh.senders : sh.senders + sh.vcpus, S.H_WAKEUPS].sum())
 
 
 def _quiescent_check(cfg, su, crew, col, phase: str, final: bool) -> None:
@@ -739,6 +767,7 @@ def _metrics(cfg, su, rec, timing, col) -> None:
                 "closes": int(hdr[snd, S.H_CLOSES].sum()),
             },
             "vcpu_wakeups": int(hdr[vc, S.H_WAKEUPS].sum()),
+            "race_vcpu_wakeups": timing.get("race_wakeups", 0),
             "consume_calls": int(hdr[vc, S.H_BATCHES].sum()),
             "moved_port_overlaps": int(hdr[vc, S.H_OVERLAPS].sum()),
             "cpu_s": {
