@@ -38,7 +38,7 @@ def configs(abis, shape: dict, duration: float, seed: int, backend: str):
     return {abi: base.for_abi(abi) for abi in abis}
 
 
-def _python(cfg, rep: int) -> dict:
+def run_stress(cfg, rep: int) -> dict:
     import dataclasses
 
     from stress import run as R
@@ -63,7 +63,7 @@ def _python(cfg, rep: int) -> dict:
     }
 
 
-def _c(ah, exe, cfg, rep: int) -> dict:
+def run_c(ah, exe, cfg, rep: int) -> dict:
     from stress import anchor as A
 
     try:
@@ -84,9 +84,9 @@ def measure(abis, backend, exe, reps, duration, shape, record, seed=1) -> None:
         try:
             for rep in range(reps):
                 if backend:
-                    record(_python(cfg, rep), NAME, abi, rep)
+                    record(run_stress(cfg, rep), NAME, abi, rep)
                 if ah is not None:
-                    record(_c(ah, exe, cfg, rep), NAME, abi, rep)
+                    record(run_c(ah, exe, cfg, rep), NAME, abi, rep)
         finally:
             if ah is not None:
                 ah.close()

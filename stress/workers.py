@@ -24,6 +24,7 @@ import numpy as np
 
 from evtchn import EvtchnError, Host
 from evtchn import layout as L
+from evtchn.memory import DomainMemory, Segment
 
 from . import duels as DU
 from . import fast as F
@@ -341,6 +342,7 @@ class VCPU:
         self._lat_ports, self._lat_stamps, self._lat_now, self._lat_n = [], [], [], 0
         self.nap = 0.0 if inline else cfg.nap
         self.hw = words(self.hdr)
+        self._dm = None
         self.fast = None
         if env.fast is not None:
             self.fast = F.VcpuAccount(
@@ -402,6 +404,7 @@ class VCPU:
             return -2
         v, buf, cap, nap = self.v, self.buf, len(self.buf), self.nap
         wait, consume_into = self.dom0.wait, self.dom0.consume_into
+        upcall = self.upcall_flag()
         acct = self.fast
         fn, ref = acct._fn, acct._ref
         clock, sleep, cpu_ns = monotonic_ns, time.sleep, time.process_time_ns
@@ -422,7 +425,10 @@ class VCPU:
                 h[H_CPU_NS] = cpu_ns()
                 if not S.pid_alive(parent_pid):
                     return -1
-            if not wait(v, WAIT_TIMEOUT):
+            # wait() returns at once when the upcall is pending, as it is after most naps:
+            # read the flag first (the guest's evtchn_upcall_pending), which costs ~20 us
+            # less than the call with the caches gone cold
+            if not upcall[0] & 1 and not wait(v, WAIT_TIMEOUT):
                 h[H_TIMEOUTS] += 1
                 continue
             h[H_WAKEUPS] += 1
@@ -444,6 +450,15 @@ class VCPU:
             if nap:
                 sleep(nap)
         return loops
+
+    def upcall_flag(self) -> memoryview:
+        """This vCPU's vcpu_info.evtchn_upcall_pending byte in dom0's segment (mapped here
+        once, read-only use; the creator unlinks it)."""
+        if self._dm is None:
+            name = L.domain_segment_name(self.env.host.name, self.dom0.domid)
+            self._dm = DomainMemory(Segment(name))
+        off = self._dm.layout.vcpu_info(self.v) + L.VI_UPCALL_PENDING
+        return memoryview(self._dm.u8)[off : off + 1]
 
     def account(self, ports: np.ndarray) -> None:
         """The handler of a batch: count each delivery, check it was allowed here, take the
