@@ -118,7 +118,9 @@ def test_stress_beside_c_records_both_rates(tmp_path):
         assert c["delivered_per_s"] > 0 and c["python_over_c"] > 0, c
         assert c["record"]["ok"] and c["record"]["delivered"] == c["record"]["edges"]
         assert set(c["cpu_per_s"]) == {"senders", "vcpus"}
-        assert runs[abi]["race_cpu_per_s"]["vcpus"] > 0
+        # /proc counts CPU time in ticks (10 ms): a short small run may show none
+        assert set(runs[abi]["race_cpu_per_s"]) == {"senders", "vcpus", "chaos"}
+        assert runs[abi]["race_cpu_per_s"]["senders"] > 0
         assert runs[abi]["race_vcpu_wakeups"] > 0
     assert "c_anchor" not in runs["3l"] and "fifo and 2l only" in runs["3l"]["c_anchor_error"]
 
