@@ -36,7 +36,7 @@ typedef struct {
     uint32_t *bad;              /* out: (port, tag) of the first MAX_BAD violations */
     int64_t nports;
     int32_t v, tag;             /* the vCPU and its active mark (v + 1) */
-    int32_t tag_any, hist_sub, hist_buckets;
+    int32_t tag_any, tag_dead, hist_sub, hist_buckets;
     int32_t h_delivered, h_overlaps, h_lat_max, h_lat_max_port;
 } vcpu_ctx;
 
@@ -64,7 +64,9 @@ int64_t vcpu_account(vcpu_ctx *c, int64_t n) {
     uint16_t mine = (uint16_t)c->v, any = (uint16_t)c->tag_any, tag = (uint16_t)c->tag;
     for (int64_t i = 0; i < n; i++) {           /* the checks, and the moved ports' marks */
         uint32_t p = buf[i];
-        uint16_t t = c->port_tag[p];
+        /* a port beyond dom0's port space: an engine fault, reported as a dead port (the
+         * numpy code would fail on it; here it must not index the tallies) */
+        uint16_t t = p < c->nports ? c->port_tag[p] : (uint16_t)c->tag_dead;
         if (t == mine) continue;
         if (t != any) {
             if (nbad < MAX_BAD) {
@@ -83,6 +85,7 @@ int64_t vcpu_account(vcpu_ctx *c, int64_t n) {
     uint64_t lat_max = c->hdr[c->h_lat_max];
     for (int64_t i = 0; i < n; i++) {           /* tallies and latency */
         uint32_t p = buf[i];
+        if (p >= c->nports) continue;
         c->delivered[p]++;
         if (c->sampled && !c->sampled[p]) continue;
         uint64_t s = c->stamp[p];

@@ -22,6 +22,7 @@ import numpy as np
 
 SOURCE = Path(__file__).resolve().parent / "_fast.c"
 MAX_BAD = 8  # _fast.c's MAX_BAD
+_I64_DT, _U32_DT = np.dtype(np.int64), np.dtype(np.uint32)
 
 
 class FastUnavailable(RuntimeError):
@@ -68,7 +69,7 @@ class VcpuCtx(ctypes.Structure):
         + [
             (name, _I32)
             for name in (
-                "v tag tag_any hist_sub hist_buckets "
+                "v tag tag_any tag_dead hist_sub hist_buckets "
                 "h_delivered h_overlaps h_lat_max h_lat_max_port"
             ).split()
         ]
@@ -106,7 +107,7 @@ class VcpuAccount:
     the number of violations; ``bad()`` lists the first (port, tag) pairs of them."""
 
     def __init__(self, lib, *, buf, delivered, port_tag, sampled, stamp, lat_sum, lat_cnt, hist,
-                 active, hdr, v, tag, tag_any, hist_sub, h):  # fmt: skip
+                 active, hdr, v, tag, tag_any, tag_dead, hist_sub, h):  # fmt: skip
         self._keep = [buf, delivered, port_tag, sampled, stamp, lat_sum, lat_cnt, hist, active]
         self.moved = np.zeros(len(buf), np.uint32)
         self.bad_buf = np.zeros(2 * MAX_BAD, np.uint32)
@@ -122,7 +123,7 @@ class VcpuAccount:
             _addr(self.bad_buf),
         )
         c.nports = len(port_tag)
-        c.v, c.tag, c.tag_any = v, tag, tag_any
+        c.v, c.tag, c.tag_any, c.tag_dead = v, tag, tag_any, tag_dead
         c.hist_sub, c.hist_buckets = hist_sub, len(hist)
         c.h_delivered, c.h_overlaps, c.h_lat_max, c.h_lat_max_port = h
         self._fn = lib.vcpu_account
@@ -158,7 +159,18 @@ class SenderAccount:
     def pick(self, pos: np.ndarray, lport: np.ndarray, dport: np.ndarray, t0: int) -> None:
         """lp[:k], dp[:k] = lport[pos], dport[pos]; stamp the sampled fresh dom0 ports. pos is
         contiguous int64 and lport, dport contiguous uint32 (the Sender's own arrays)."""
+        # C indexes with these: a wrong dtype or a strided view must not reach it
+        if pos.dtype != _I64_DT or not pos.flags.c_contiguous:
+            pos = np.ascontiguousarray(pos, np.int64)
+        if len(pos) > len(self.lp):
+            raise ValueError(f"{len(pos)} picks, the buffers hold {len(self.lp)}")
+        for a in (lport, dport):
+            if a.dtype != _U32_DT or not a.flags.c_contiguous:
+                raise ValueError("lport and dport must be contiguous uint32 arrays")
         self._pick(self._ref, pos.ctypes.data, len(pos), lport.ctypes.data, dport.ctypes.data, t0)
 
     def tally(self, k: int) -> int:
+        """After send_many(lp[:k], edges[:k]): tally its new edges; returns their number."""
+        if k > len(self.dp):
+            raise ValueError(f"{k} sends, the buffers hold {len(self.dp)}")
         return self._tally(self._ref, k)

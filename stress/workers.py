@@ -360,6 +360,7 @@ class VCPU:
                 v=v,
                 tag=self.tag,
                 tag_any=S.TAG_ANY,
+                tag_dead=S.TAG_DEAD,
                 hist_sub=S.HIST_SUB,
                 h=(S.H_DELIVERED, S.H_OVERLAPS, S.H_LAT_MAX, S.H_LAT_MAX_PORT),
             )
