@@ -521,7 +521,9 @@ class VCPU:
         np.add.at(self.lat_cnt, pp, np.ones(len(pp), np.uint32))
         self.hist += np.bincount(hist_index(lat), minlength=S.HIST_BUCKETS).astype(np.uint64)
         j = int(np.argmax(lat))
-        if lat[j] > self.lat_max:
+        # the header holds the maximum (the compiled accounting keeps it there too, and the
+        # duels account through this code in either mode)
+        if lat[j] > max(self.lat_max, int(self.hdr[S.H_LAT_MAX])):
             self.lat_max = int(lat[j])
             self.hdr[S.H_LAT_MAX] = self.lat_max
             self.hdr[S.H_LAT_MAX_PORT] = int(pp[j])

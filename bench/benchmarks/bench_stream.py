@@ -114,7 +114,9 @@ class Headline:
         from bench.headline import QUICK, configs
         from stress import anchor as A
 
-        self.cfg = configs([abi], QUICK, max(DURATION, 0.2), 1, BACKEND)[abi]
+        # 1 s of racing at least: the stress run's set-up and start dominate anyway, and a
+        # loaded machine may deliver nothing in a shorter race
+        self.cfg = configs([abi], QUICK, max(DURATION, 1.0), 1, BACKEND)[abi]
         self.tmp = tempfile.TemporaryDirectory(prefix="evtchn-asv-anchor-")
         self.exe = A.build(self.tmp.name)
         self.anchor = A.AnchorHost(self.cfg)
