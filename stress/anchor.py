@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,13 +33,10 @@ class AnchorError(RuntimeError):
     """The C program could not be built or run, or its accounting failed."""
 
 
-def build(build_dir=None) -> Path:
-    """Build the C program (bench/build.py) into build_dir, or a directory that lives as long
-    as this process."""
+def build(build_dir) -> Path:
+    """Build the C program (bench/build.py) into build_dir (the caller removes it)."""
     from bench import build as B  # the repository's bench/: stress runs from the repo root
 
-    if build_dir is None:
-        build_dir = tempfile.mkdtemp(prefix="evtchn-anchor-")
     try:
         return B.build(build_dir)
     except B.BuildError as exc:

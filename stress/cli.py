@@ -423,13 +423,17 @@ def main(argv: list[str] | None = None) -> int:
     from . import report
     from . import run as R
 
-    exe = None
+    exe = build_dir = None
     if args.beside_c:  # build first: a missing compiler is a usage error, not a late failure
+        import tempfile
+
         from . import anchor as A
 
+        build_dir = tempfile.TemporaryDirectory(prefix="evtchn-anchor-")
         try:
-            exe = A.build()
+            exe = A.build(build_dir.name)
         except A.AnchorError as exc:
+            build_dir.cleanup()
             print(f"python -m stress: error: --beside-c: {exc}", file=sys.stderr)
             return EXIT_USAGE
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -454,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
                 _beside_c(cfg, exe, res.record)
     finally:
         signal.signal(signal.SIGTERM, old_term)
+        if build_dir is not None:
+            build_dir.cleanup()
     records = [r.record for r in results]
     if any(r.interrupted for r in results):
         code = EXIT_INTERRUPTED
