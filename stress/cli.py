@@ -231,6 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="how worker processes start (default forkserver)",
     )
     p.add_argument(
+        "--accounting",
+        choices=("compiled", "numpy"),
+        default="compiled",
+        help="the workers' per-batch accounting: compiled (stress/_fast.c, built with the "
+        "C compiler at the start of the run; numpy when there is none) or numpy "
+        "(default compiled; both keep every check)",
+    )
+    p.add_argument(
+        "--beside-c",
+        action="store_true",
+        help="after each ABI's run, run the headline's C anchor (bench/c/evtchn_ref.c "
+        "--headline: the same senders, vCPUs, channels, batch and nap, in C, on a host "
+        "bound the same way) for as long as the run raced, and report both rates and "
+        "the ratio (needs a C compiler)",
+    )
+    p.add_argument(
         "--hang-timeout",
         type=_positive_float("--hang-timeout"),
         default=30.0,
@@ -294,6 +310,7 @@ def parse(argv: list[str]) -> tuple[list[CF.Config], argparse.Namespace]:
         hang_timeout=args.hang_timeout,
         resets=args.resets,
         resetters=args.resetters,
+        accounting=args.accounting,
         progress=not args.no_progress,
         json_path=args.json_path,
     )
@@ -356,6 +373,8 @@ def replay_command(cfg: CF.Config) -> str:
         parts += ["--resets", f"{cfg.resets:g}"]
     if cfg.resetters != 1:
         parts += ["--resetters", str(cfg.resetters)]
+    if cfg.accounting != "compiled":
+        parts += ["--accounting", cfg.accounting]
     return " ".join(shlex.quote(x) for x in parts)
 
 
@@ -428,17 +447,32 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from . import run as R
 
+    exe = build_dir = None
+    if args.beside_c:  # build first: a missing compiler is a usage error, not a late failure
+        import tempfile
+
+        from . import anchor as A
+
+        build_dir = tempfile.TemporaryDirectory(prefix="evtchn-anchor-")
+        try:
+            exe = A.build(build_dir.name)
+        except A.AnchorError as exc:
+            build_dir.cleanup()
+            print(f"python -m stress: error: --beside-c: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return _main(argv, cfgs, args)
+        return _main(argv, cfgs, args, exe)
     except (KeyboardInterrupt, R.Interrupted):  # between runs or while printing: each run
         print("\nINTERRUPTED (exit 130)", flush=True)  # released what it had made
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, old_term)
+        if build_dir is not None:
+            build_dir.cleanup()
 
 
-def _main(argv: list[str], cfgs, args) -> int:
+def _main(argv: list[str], cfgs, args, exe=None) -> int:
     from . import report
     from . import run as R
 
@@ -458,6 +492,8 @@ def _main(argv: list[str], cfgs, args) -> int:
         results.append(res)
         if res.error or res.interrupted:
             break
+        if exe is not None:  # the C program of the same shape, on this run's figures
+            _beside_c(cfg, exe, res.record)
     records = [r.record for r in results]
     if any(r.interrupted for r in results):
         code = EXIT_INTERRUPTED
@@ -470,8 +506,9 @@ def _main(argv: list[str], cfgs, args) -> int:
     print()
     print(report.table(records))
     for r in records:
-        if r.get("note"):
-            print(f"note: {r['note']}")
+        for key in ("note", "accounting_note"):
+            if r.get(key):
+                print(f"note: {r[key]}")
     text = report.violations_text(records, {c.abi: c.argv_replay for c in cfgs})
     if text:
         print()
@@ -484,6 +521,22 @@ def _main(argv: list[str], cfgs, args) -> int:
     print()
     print(_verdict(code, results, cfgs))
     return code
+
+
+def _beside_c(cfg, exe, rec: dict) -> None:
+    """The C anchor on this run's configuration, into rec["c_anchor"] (or its error)."""
+    from . import anchor as A
+
+    if cfg.abi not in A.ABIS:
+        rec["c_anchor_error"] = f"the C anchor implements {' and '.join(A.ABIS)} only"
+        print(f"{cfg.abi}: no C anchor ({rec['c_anchor_error']})")
+        return
+    print(f"{cfg.abi}: C anchor, {rec.get('race_s', 0):.1f} s ...", flush=True)
+    try:
+        rec["c_anchor"] = A.beside(cfg, exe, rec)
+    except A.AnchorError as exc:
+        rec["c_anchor_error"] = str(exc)
+        print(f"{cfg.abi}: C anchor FAILED: {exc}", file=sys.stderr)
 
 
 def _verdict(code: int, results, cfgs) -> str:

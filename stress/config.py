@@ -86,6 +86,8 @@ class Config:
     hang_timeout: float = 30.0  # a worker whose heartbeat stalls this long has hung
     resets: float = DEFAULT_RESETS  # EVTCHNOP_reset calls per second on K (0: no K)
     resetters: int = 1  # resetter processes of K (2: resets race each other and re-binds)
+    accounting: str = "compiled"  # the workers' per-batch accounting: compiled or numpy
+    fast_lib: str | None = None  # the compiled accounting's library (set by the run)
     progress: bool = True
     json_path: str | None = None
     argv_replay: str = ""  # the command line that replays this run
