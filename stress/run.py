@@ -66,8 +66,9 @@ def vcpu_for(port: int, cfg, nwords: int) -> int:
 
 def setup(cfg, host: Host) -> Setup:
     t0 = time.perf_counter()
-    dom0 = host.create_domain(cfg.abi, vcpus=cfg.vcpus)
-    sdoms = [host.create_domain(cfg.abi, vcpus=1) for _ in range(cfg.senders)]
+    size = {"word_bits": cfg.word_bits, "link_bits": cfg.link_bits}
+    dom0 = host.create_domain(cfg.abi, vcpus=cfg.vcpus, **size)
+    sdoms = [host.create_domain(cfg.abi, vcpus=1, **size) for _ in range(cfg.senders)]
     cfg.nports = dom0.max_ports
     nchaos = cfg.n_chaos
     cfg.shape = S.Shape(cfg.senders, cfg.vcpus, nchaos, cfg.nports, cfg.channels)

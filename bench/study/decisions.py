@@ -1,0 +1,254 @@
+"""The decision section: the thread's questions answered from the measured metrics, and the
+recommendations per use case, each derived by a stated rule. Nothing here is a figure: every
+number comes from an experiment's Summary.metrics ({metric: {variant: [value per seed]}}).
+
+A comparison takes each variant's mean and 95% confidence interval. The winner has the best
+mean; the runner-up the next; "by how much" is their ratio. When the winner's interval overlaps
+the runner-up's the answer says "inside the noise" and names every variant whose interval
+overlaps the winner's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .stats import Estimate, estimate
+
+HIGHER, LOWER = "higher", "lower"
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    id: str
+    what: str
+    unit: str
+    better: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    id: str
+    text: str
+    metrics: tuple  # Metric, first is the deciding one
+
+
+METRICS = {
+    m.id: m
+    for m in (
+        Metric("guests_practical", "guests per dom0 (practical, exp. 1)", "guests", HIGHER),
+        Metric("density_held", "share of the 25k-guest host set up (exp. 2)", "", HIGHER),
+        Metric(
+            "density_events_per_s", "events/s delivered on the dense host (exp. 2)", "ev/s", HIGHER
+        ),
+        Metric("pages_typical_domu", "pages mapped for a typical domU (exp. 3)", "pages", LOWER),
+        Metric(
+            "pages_4k_ports", "pages mapped for a domain with 4095 ports (exp. 3)", "pages", LOWER
+        ),
+        Metric(
+            "lockout_worst_deliveries",
+            "victim's worst mean wait, in other deliveries (exp. 4)",
+            "deliveries",
+            LOWER,
+        ),
+        Metric("lockout_worst_ns", "victim's worst mean wait (exp. 4)", "ns", LOWER),
+        Metric(
+            "timer_deliveries_before",
+            "deliveries before the timer under a storm (exp. 5)",
+            "deliveries",
+            LOWER,
+        ),
+        Metric("timer_delay_ns", "timer delay under a storm (exp. 5)", "ns", LOWER),
+        Metric(
+            "throughput_events_per_s", "events/s delivered, stress harness (exp. 6)", "ev/s", HIGHER
+        ),
+        Metric("latency_p50_ns", "send-to-handler latency p50 (exp. 6)", "ns", LOWER),
+        Metric(
+            "cost_kernels_ns",
+            "CPU ns per event, send + delivery, kernels alone (exp. 7)",
+            "ns",
+            LOWER,
+        ),
+        Metric(
+            "cost_stream_ns",
+            "CPU ns per event, send + delivery, in the stream (exp. 7)",
+            "ns",
+            LOWER,
+        ),
+    )
+}
+
+QUESTIONS = (
+    Question("capacity", "How many guests can one dom0 serve?", ("guests_practical",)),
+    Question(
+        "density",
+        "Can one host run 25,000 unikernels, and how fast do their events flow?",
+        ("density_held", "density_events_per_s"),
+    ),
+    Question(
+        "memory",
+        "How much memory does Xen map per domain?",
+        ("pages_typical_domu", "pages_4k_ports"),
+    ),
+    Question(
+        "lockout",
+        "Can clusters of events lock out others (where they are, how many)?",
+        ("lockout_worst_deliveries", "lockout_worst_ns"),
+    ),
+    Question(
+        "timer",
+        "Is the timer served promptly under a storm of other events?",
+        ("timer_deliveries_before", "timer_delay_ns"),
+    ),
+    Question(
+        "performance",
+        "Which one gives better performance? (the thread's own question)",
+        ("throughput_events_per_s", "latency_p50_ns"),
+    ),
+    Question(
+        "cost", "What does one event cost in CPU time?", ("cost_kernels_ns", "cost_stream_ns")
+    ),
+)
+
+
+@dataclasses.dataclass
+class Comparison:
+    metric: Metric
+    estimates: dict  # variant -> Estimate
+    winner: str | None = None
+    runner_up: str | None = None
+    ratio: float | None = None
+    noise: bool = False
+    tied: tuple = ()
+
+    def text(self) -> str:
+        if self.winner is None:
+            return "no measurement"
+        w = self.estimates[self.winner]
+        if self.runner_up is None:
+            return f"{self.winner} (the only variant measured)"
+        r = self.estimates[self.runner_up]
+        how = _ratio_text(self.ratio, self.metric.better)
+        s = f"{self.winner} ({_v(w)}) over {self.runner_up} ({_v(r)}): {how}"
+        if self.noise:
+            s += f"; inside the noise (intervals overlap: {', '.join(self.tied)})"
+        return s
+
+
+def _v(e: Estimate) -> str:
+    from .stats import fmt
+
+    return fmt(e)
+
+
+def _ratio_text(ratio, better) -> str:
+    """winner / runner-up as 'N.NNx higher' (or lower, for lower-is-better metrics)."""
+    if ratio is None or ratio <= 0:
+        return "no ratio (a zero)"
+    if abs(ratio - 1) < 1e-12:
+        return "equal"
+    return f"{ratio:.2f}x higher" if better == HIGHER else f"{1 / ratio:.2f}x lower"
+
+
+def compare(metric: Metric, values: dict) -> Comparison:
+    ests = {v: e for v, e in ((v, estimate(xs)) for v, xs in values.items()) if e is not None}
+    c = Comparison(metric, ests)
+    if not ests:
+        return c
+    sign = 1 if metric.better == HIGHER else -1
+    order = sorted(ests, key=lambda v: (-sign * ests[v].mean, v))
+    c.winner = order[0]
+    if len(order) > 1:
+        c.runner_up = order[1]
+        w, r = ests[c.winner].mean, ests[c.runner_up].mean
+        c.ratio = (w / r) if r else None
+        c.tied = tuple(v for v in order if ests[v].overlaps(ests[c.winner]))
+        c.noise = len(c.tied) > 1
+    return c
+
+
+def answer_questions(metrics: dict) -> list[dict]:
+    out = []
+    for q in QUESTIONS:
+        comps = [compare(METRICS[m], metrics.get(m, {})) for m in q.metrics]
+        out.append({"question": q, "comparisons": comps})
+    return out
+
+
+# --- recommendations ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class UseCase:
+    id: str
+    name: str
+    require: tuple  # (metric id, op, threshold, text)
+    prefer: tuple  # metric ids, in order: the next breaks a tie (overlapping CIs) in the last
+
+
+USE_CASES = (
+    UseCase(
+        "vdi",
+        "A VDI dom0 with 500+ guests",
+        (("guests_practical", ">=", 500, "serves at least 500 guests (exp. 1, practical)"),),
+        ("throughput_events_per_s", "lockout_worst_deliveries", "cost_kernels_ns"),
+    ),
+    UseCase(
+        "unikernels",
+        "25,000 unikernels on one host",
+        (("density_held", ">=", 1.0, "set up the whole 25k-guest host in every run (exp. 2)"),),
+        ("density_events_per_s", "pages_typical_domu", "cost_kernels_ns"),
+    ),
+    UseCase(
+        "domu",
+        "A typical domU",
+        (),
+        ("pages_typical_domu", "cost_kernels_ns", "timer_deliveries_before"),
+    ),
+)
+
+
+def recommend(metrics: dict) -> list[dict]:
+    out = []
+    for uc in USE_CASES:
+        steps = []
+        cands = None
+        for mid, op, thr, text in uc.require:
+            vals = metrics.get(mid, {})
+            ok = []
+            for v, xs in vals.items():
+                e = estimate(xs)
+                if e is not None and (min(xs) >= thr if op == ">=" else max(xs) <= thr):
+                    ok.append(v)
+            cands = set(ok) if cands is None else cands & set(ok)
+            steps.append(f"must {text}: {', '.join(sorted(ok)) or 'none'}")
+        for mid in uc.prefer:
+            vals = metrics.get(mid, {})
+            if cands is None:
+                cands = set(vals)
+            pool = {v: xs for v, xs in vals.items() if v in cands}
+            c = compare(METRICS[mid], pool)
+            if c.winner is None:
+                steps.append(f"{METRICS[mid].what}: not measured for the candidates, skipped")
+                continue
+            keep = set(c.tied) if c.noise else {c.winner}
+            steps.append(f"prefer {METRICS[mid].better} {METRICS[mid].what}: {c.text()}")
+            cands = keep
+            if len(cands) == 1:
+                break
+        choice = sorted(cands) if cands else []
+        out.append({"use_case": uc, "choice": choice, "steps": steps})
+    return out
+
+
+def rules_text() -> list[str]:
+    lines = []
+    for uc in USE_CASES:
+        req = "; ".join(t for _, _, _, t in uc.require)
+        keep = f"keep the variants that {req}" if req else "every variant qualifies"
+        pref = " then ".join(f"{METRICS[m].better} {METRICS[m].what}" for m in uc.prefer)
+        lines.append(
+            f"**{uc.name}**: {keep}; among them prefer {pref}. A "
+            f"preference decides only where the best variant's 95% interval overlaps no "
+            f"other's; otherwise the overlapping ones go on to the next preference."
+        )
+    return lines
