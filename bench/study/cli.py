@@ -28,7 +28,7 @@ from .experiments import INTERNAL, ORDER, module
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_SEEDS = 3
-QUICK_SEEDS = 2
+QUICK_SEEDS = 1
 
 
 class UsageError(ValueError):
@@ -153,10 +153,10 @@ def specs_for(names, opts: Options, seeds: int, pattern: str | None) -> list[dic
     out = []
     for name in names:
         mod = module(name)
-        reps = min(seeds, 2) if mod.DETERMINISTIC else seeds
         for cfg in mod.configs(opts):
             if pattern and not fnmatch.fnmatchcase(cfg.name, pattern):
                 continue
+            reps = cfg.reps or (1 if mod.DETERMINISTIC else seeds)
             for seed in range(reps):
                 out.append(
                     {

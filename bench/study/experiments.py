@@ -2,8 +2,7 @@
 
 An experiment module has:
     NAME, TITLE           short name (--only) and heading
-    DETERMINISTIC         True if its figures are counts that no seed changes (run twice at
-                          most, to show they repeat exactly)
+    DETERMINISTIC         True if its figures are counts that no seed changes (run once)
     configs(opts)         -> [Config]: what to run at opts.quick / full size
     run(params, seed)     -> dict of plain results (in the task's subprocess; raises
                           child.Failed to mark the configuration failed with a reason)
@@ -30,6 +29,7 @@ class Config:
     name: str  # unique within the experiment, e.g. "2l-64/practical"
     params: dict
     timeout: float = 600.0  # seconds before the task is killed and reported failed
+    reps: int | None = None  # repetitions whatever --seeds says (a feasibility run: 1)
 
 
 @dataclasses.dataclass

@@ -34,6 +34,29 @@ def die_with_parent() -> None:
         pass
 
 
+def raise_fd_limit(needed: int) -> dict:
+    """Every mapped evtchn segment holds a file descriptor (CPython's mmap keeps a dup of the
+    one it mapped, before Python 3.13), so a process that maps N domains needs RLIMIT_NOFILE
+    above N. Raise the soft limit to `needed` (and the hard one where this process may: root).
+    Children inherit it. Returns what was before and what is now."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    out = {"before": [soft, hard], "needed": needed}
+    if soft < needed:
+        new_hard = hard if hard == resource.RLIM_INFINITY or hard >= needed else needed
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, new_hard))
+        except (ValueError, OSError) as exc:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            except (ValueError, OSError):
+                pass
+            out["error"] = str(exc)
+    out["after"] = list(resource.getrlimit(resource.RLIMIT_NOFILE))
+    return out
+
+
 def wait_until(t_ns: int) -> None:
     left = t_ns - time.monotonic_ns()
     if left > 0:

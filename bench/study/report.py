@@ -91,7 +91,7 @@ def _head(doc, meta) -> list[str]:
         f"on {load.get('cpus', '?')} CPUs - timings from a loaded machine are noisy; the "
         f"intervals below include that noise",
         f"- {len(cfgs)} configuration runs ({meta.get('seeds', '?')} seeds each; counts that no "
-        f"seed changes run twice at most), {nfail} failed"
+        f"seed changes, and feasibility runs, once), {nfail} failed"
         + (
             f"; {meta.get('kept_from_resume')} kept from an earlier run (--resume)"
             if meta.get("kept_from_resume")
