@@ -203,7 +203,7 @@ def _rebuild(a) -> int:
 
 def _study(a, argv) -> int:
     from . import machine, progress, report
-    from .runner import Cluster, outcome
+    from .runner import Cluster
 
     opts = Options(a.quick, a.prof)
     out = Path(a.report)
@@ -248,11 +248,7 @@ def _study(a, argv) -> int:
         if todo:
             cluster = Cluster(a.scheduler, a.parallel)
             meta["where"] = cluster.where
-            by_key = {s["task_key"]: s for s in todo}
-            futures = cluster.submit_all(todo)
-            for fut in cluster.as_completed(futures):
-                spec = by_key[fut.key]
-                rec = outcome(fut)
+            for spec, rec in cluster.run_all(todo):
                 doc["configs"][spec["task_key"]] = {
                     **{k: spec[k] for k in ("experiment", "config", "seed", "params")},
                     **rec,

@@ -6,9 +6,10 @@ LINUX = 0       evtchn's own consumer (evtchn.numba.consume, one event per call)
                 selector level (the design); fifo: highest-priority ready queue first, READY
                 re-read after every event (events_fifo.c).
 SCAN_FROM_0 = 1 the historical 2-level handler: Linux's __xen_evtchn_do_upcall in
-                drivers/xen/events.c before the round-robin rework (as at torvalds/linux
-                010b8f4e264b, the 2.6.38-3.2 era; the rotating scan with per-CPU
-                current_word_idx / current_bit_idx is in Linux 3.6): clear upcall_pending, xchg
+                drivers/xen/events.c before the round-robin rework (read at torvalds/linux
+                010b8f4e264b, a 2.6.3x-era tree: irq_data, set_irq_msi; the rotating scan with
+                per-CPU current_word_idx / current_bit_idx is there by Linux 3.6, the release
+                that brought it was not pinned down here): clear upcall_pending, xchg
                 the selector, then for each selector bit from the lowest: while the word has
                 active ports, handle its lowest one (re-reading the word every time). A word
                 whose ports keep being raised keeps the handler there, and every upcall starts

@@ -23,52 +23,59 @@ class Metric:
     what: str
     unit: str
     better: str
+    exact: bool = False  # a count no seed changes: equal values tie, no interval needed
 
 
 @dataclasses.dataclass(frozen=True)
 class Question:
     id: str
     text: str
-    metrics: tuple  # Metric, first is the deciding one
+    metrics: tuple  # metric ids, the first decides
+
+
+def _m(*args, **kw) -> Metric:
+    return Metric(*args, **kw)
 
 
 METRICS = {
     m.id: m
     for m in (
-        Metric("guests_practical", "guests per dom0 (practical, exp. 1)", "guests", HIGHER),
-        Metric("density_held", "share of the 25k-guest host set up (exp. 2)", "", HIGHER),
-        Metric(
-            "density_events_per_s", "events/s delivered on the dense host (exp. 2)", "ev/s", HIGHER
-        ),
-        Metric("pages_typical_domu", "pages mapped for a typical domU (exp. 3)", "pages", LOWER),
-        Metric(
-            "pages_4k_ports", "pages mapped for a domain with 4095 ports (exp. 3)", "pages", LOWER
-        ),
-        Metric(
+        _m("guests_practical", "guests per dom0 (practical, exp. 1)", "guests", HIGHER, True),
+        _m("density_held", "share of the 25k-guest host set up (exp. 2)", "", HIGHER, True),
+        _m("density_events_per_s", "events/s on the dense host (exp. 2)", "ev/s", HIGHER),
+        _m("pages_typical_domu", "pages mapped for a typical domU (exp. 3)", "pages", LOWER, True),
+        _m("pages_4k_ports", "pages mapped with 4095 ports (exp. 3)", "pages", LOWER, True),
+        _m(
             "lockout_worst_deliveries",
-            "victim's worst mean wait, in other deliveries (exp. 4)",
+            "victim's worst wait, in other deliveries (exp. 4)",
             "deliveries",
             LOWER,
         ),
-        Metric("lockout_worst_ns", "victim's worst mean wait (exp. 4)", "ns", LOWER),
-        Metric(
+        _m(
+            "lockout_fix",
+            "2l victim's worst wait: scan from port 0 vs resume (exp. 4)",
+            "deliveries",
+            LOWER,
+        ),
+        _m("lockout_mean_ns", "victim's mean wait, worst placement (exp. 4)", "ns", LOWER),
+        _m(
             "timer_deliveries_before",
-            "deliveries before the timer under a storm (exp. 5)",
+            "deliveries before the timer, worst storm (exp. 5)",
             "deliveries",
             LOWER,
         ),
-        Metric("timer_delay_ns", "timer delay under a storm (exp. 5)", "ns", LOWER),
-        Metric(
+        _m("timer_delay_ns", "timer delay, worst storm (exp. 5)", "ns", LOWER),
+        _m(
             "throughput_events_per_s", "events/s delivered, stress harness (exp. 6)", "ev/s", HIGHER
         ),
-        Metric("latency_p50_ns", "send-to-handler latency p50 (exp. 6)", "ns", LOWER),
-        Metric(
+        _m("latency_p50_ns", "send-to-handler latency p50 (exp. 6)", "ns", LOWER),
+        _m(
             "cost_kernels_ns",
             "CPU ns per event, send + delivery, kernels alone (exp. 7)",
             "ns",
             LOWER,
         ),
-        Metric(
+        _m(
             "cost_stream_ns",
             "CPU ns per event, send + delivery, in the stream (exp. 7)",
             "ns",
@@ -92,7 +99,7 @@ QUESTIONS = (
     Question(
         "lockout",
         "Can clusters of events lock out others (where they are, how many)?",
-        ("lockout_worst_deliveries", "lockout_worst_ns"),
+        ("lockout_worst_deliveries", "lockout_mean_ns", "lockout_fix"),
     ),
     Question(
         "timer",
@@ -112,26 +119,44 @@ QUESTIONS = (
 
 @dataclasses.dataclass
 class Comparison:
+    """The ranking of the variants on one metric.
+
+    tied: the winner and every variant that cannot be told apart from it - equal values for an
+    exact metric, overlapping 95% intervals otherwise. noise: they were told apart by nothing
+    but noise. unjudged: a timed metric with a single repetition (no interval): the ranking is
+    by the means alone."""
+
     metric: Metric
     estimates: dict  # variant -> Estimate
     winner: str | None = None
     runner_up: str | None = None
     ratio: float | None = None
-    noise: bool = False
     tied: tuple = ()
+    noise: bool = False
+    unjudged: bool = False
 
     def text(self) -> str:
         if self.winner is None:
             return "no measurement"
-        w = self.estimates[self.winner]
-        if self.runner_up is None:
-            return f"{self.winner} (the only variant measured)"
-        r = self.estimates[self.runner_up]
-        how = _ratio_text(self.ratio, self.metric.better)
-        s = f"{self.winner} ({_v(w)}) over {self.runner_up} ({_v(r)}): {how}"
+        e = self.estimates
+        if len(e) == 1:
+            return f"{self.winner} ({_v(e[self.winner])}), the only variant measured"
+        if self.runner_up is None:  # every variant tied
+            return f"tie: {', '.join(self.tied)} ({_v(e[self.winner])})" + self._noise()
+        lead = ", ".join(self.tied) if len(self.tied) > 1 else self.winner
+        head = f"tie: {lead}" if len(self.tied) > 1 else lead
+        s = (
+            f"{head} ({_v(e[self.winner])}) ahead of {self.runner_up} "
+            f"({_v(e[self.runner_up])}): {_ratio_text(self.ratio, self.metric.better, e, self)}"
+        )
+        return s + self._noise()
+
+    def _noise(self) -> str:
         if self.noise:
-            s += f"; inside the noise (intervals overlap: {', '.join(self.tied)})"
-        return s
+            return " - inside the noise: their 95% intervals overlap"
+        if self.unjudged:
+            return " (one repetition: no interval, the noise is not judged)"
+        return ""
 
 
 def _v(e: Estimate) -> str:
@@ -140,12 +165,12 @@ def _v(e: Estimate) -> str:
     return fmt(e)
 
 
-def _ratio_text(ratio, better) -> str:
+def _ratio_text(ratio, better, ests, c) -> str:
     """winner / runner-up as 'N.NNx higher' (or lower, for lower-is-better metrics)."""
-    if ratio is None or ratio <= 0:
-        return "no ratio (a zero)"
-    if abs(ratio - 1) < 1e-12:
-        return "equal"
+    if ratio is None:
+        return f"{_v(ests[c.winner])} against {_v(ests[c.runner_up])}"
+    if ratio <= 0:
+        return "the winner's figure is 0"
     return f"{ratio:.2f}x higher" if better == HIGHER else f"{1 / ratio:.2f}x lower"
 
 
@@ -157,12 +182,22 @@ def compare(metric: Metric, values: dict) -> Comparison:
     sign = 1 if metric.better == HIGHER else -1
     order = sorted(ests, key=lambda v: (-sign * ests[v].mean, v))
     c.winner = order[0]
-    if len(order) > 1:
-        c.runner_up = order[1]
-        w, r = ests[c.winner].mean, ests[c.runner_up].mean
-        c.ratio = (w / r) if r else None
-        c.tied = tuple(v for v in order if ests[v].overlaps(ests[c.winner]))
-        c.noise = len(c.tied) > 1
+    w = ests[c.winner]
+    if metric.exact:
+        c.tied = tuple(v for v in order if ests[v].mean == w.mean)
+    else:
+        c.unjudged = any(e.n < 2 for e in ests.values())
+        c.tied = (
+            tuple(v for v in order if ests[v].overlaps(w))
+            if not c.unjudged
+            else (tuple(v for v in order if ests[v].mean == w.mean))
+        )
+        c.noise = len(c.tied) > 1 and not c.unjudged
+    rest = [v for v in order if v not in c.tied]
+    if rest:
+        c.runner_up = rest[0]
+        r = ests[c.runner_up].mean
+        c.ratio = (w.mean / r) if r else None
     return c
 
 
@@ -189,7 +224,7 @@ USE_CASES = (
     UseCase(
         "vdi",
         "A VDI dom0 with 500+ guests",
-        (("guests_practical", ">=", 500, "serves at least 500 guests (exp. 1, practical)"),),
+        (("guests_practical", ">=", 500, "serve at least 500 guests (exp. 1, practical)"),),
         ("throughput_events_per_s", "lockout_worst_deliveries", "cost_kernels_ns"),
     ),
     UseCase(
@@ -230,7 +265,7 @@ def recommend(metrics: dict) -> list[dict]:
             if c.winner is None:
                 steps.append(f"{METRICS[mid].what}: not measured for the candidates, skipped")
                 continue
-            keep = set(c.tied) if c.noise else {c.winner}
+            keep = set(c.tied)
             steps.append(f"prefer {METRICS[mid].better} {METRICS[mid].what}: {c.text()}")
             cands = keep
             if len(cands) == 1:

@@ -56,15 +56,20 @@ def slices(n: int) -> list[range]:
     return [range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _spawn_and_wait(target, args, timeout):
-    a, b = P.CTX.Pipe()
-    pr = P.CTX.Process(target=target, args=(b, *args), daemon=True)
-    pr.start()
-    b.close()
+def _spawn_and_wait_all(target, arglist, timeout) -> list:
+    """Run target(conn, *args) in one process per args, side by side; their answers."""
+    procs, conns = [], []
     try:
-        return _expect(a, pr, timeout)
+        for args in arglist:
+            a, b = P.CTX.Pipe()
+            pr = P.CTX.Process(target=target, args=(b, *args), daemon=True)
+            pr.start()
+            b.close()
+            procs.append(pr)
+            conns.append(a)
+        return [_expect(a, pr, timeout) for a, pr in zip(conns, procs)]
     finally:
-        P.join_or_kill([pr], 30)
+        P.join_or_kill(procs, 30)
 
 
 def _build_slice(conn, host_name, v, count):
@@ -157,14 +162,11 @@ def run_dense(params: dict) -> dict:
     with Host() as host:
         with t("create dom0"):
             dom0 = V.create(host, v, vcpus=DOM0_VCPUS)
-        parts, stop = [], None
-        for sl in slices(target):
-            if stop:
-                break
-            with t("create guests and bind their channels (builder processes)"):
-                b = _spawn_and_wait(_build_slice, (host.name, v, len(sl)), 3600)
-            parts.append(b)
-            stop = b["stopped_by"]
+        with t("create guests and bind their channels (builder processes, side by side)"):
+            parts = _spawn_and_wait_all(
+                _build_slice, [(host.name, v, len(sl)) for sl in slices(target)], 3600
+            )
+        stop = next((b["stopped_by"] for b in parts if b["stopped_by"]), None)
         chans = {
             k: np.concatenate([np.asarray(b["chans"][k], np.int64) for b in parts])
             for k in ("rdom", "rport", "sdom", "sport")

@@ -6,14 +6,18 @@ every host; its racing workers only attach). The child writes its pid into this 
 ledger before it creates anything and removes the entry once it has released everything. A
 child that dies (killed on a timeout, or taking its worker down, or killed with it) leaves its
 entry; ``sweep()`` - run before and after every task on the worker, and by the runner on every
-worker at the end of a study - unlinks the segments of each entry whose process is gone. Only
-pids in the ledger are touched: other programs' segments on the machine never are.
+worker at the end of a study - unlinks the segments of each entry whose process is gone; an
+entry whose worker is gone but whose task process still lives (it is about to kill itself) is
+killed first, by its id. Only pids in the ledger are touched: other programs' segments and
+processes on the machine never are.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import time
 from pathlib import Path
 
 from stress.shm import pid_alive
@@ -28,11 +32,13 @@ def directory() -> Path:
     return d
 
 
-def enter(pid: int | None = None) -> Path:
-    """Record `pid` (default: this process) as a segment creator of a running task."""
+def enter(pid: int | None = None, parent: int | None = None) -> Path:
+    """Record `pid` (default: this process) as a segment creator of a running task, with the
+    worker process that started it (default: this process's parent)."""
     pid = pid or os.getpid()
+    parent = parent if parent is not None else (os.getppid() if pid == os.getpid() else 0)
     path = directory() / str(pid)
-    path.write_text(f"{pid}\n")
+    path.write_text(f"{pid} {parent}\n")
     return path
 
 
@@ -41,6 +47,35 @@ def leave(pid: int | None = None) -> None:
         (directory() / str(pid or os.getpid())).unlink()
     except FileNotFoundError:
         pass
+
+
+def _orphan(entry: Path, pid: int) -> bool:
+    """A task's process whose worker is gone (it kills its own process group within a
+    fraction of a second; this does it now, by its id, and waits for it)."""
+    try:
+        parent = int(entry.read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return False
+    if not parent or pid_alive(parent) or not _is_task(pid):
+        return False
+    try:
+        os.killpg(pid, signal.SIGKILL)  # the task runs in its own session: pgid == pid
+    except (ProcessLookupError, PermissionError):
+        pass
+    for _ in range(100):
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _is_task(pid: int) -> bool:
+    """The pid is still a study task's process (not a reuse of the number)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"bench.study.child" in f.read()
+    except OSError:
+        return False
 
 
 def segments_of(pid: int) -> list[str]:
@@ -59,7 +94,7 @@ def sweep() -> list[str]:
         if not entry.name.isdigit():
             continue
         pid = int(entry.name)
-        if pid_alive(pid):
+        if pid_alive(pid) and not _orphan(entry, pid):
             continue
         for name in segments_of(pid):
             try:

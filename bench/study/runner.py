@@ -5,8 +5,12 @@ A task is ``run_task(spec)``: it starts ``python -m bench.study.child`` (in its 
 its racing processes stay together on this machine), feeds it the spec, waits up to the spec's
 timeout and returns the child's plain result. The worker's ledger is swept before and after
 (see ledger.py). A worker that dies mid-task is replaced by its nanny and the scheduler runs
-the task again once (distributed.scheduler.allowed-failures = 1 on the local cluster); a second
-death reports the task failed.
+the task again once (distributed.scheduler.allowed-failures = 1 on the local cluster; the
+runner hands out no more tasks than the workers have threads, so a worker holds only the task
+it runs and its death counts against that task alone); a second death reports the task
+failed. An external cluster (--scheduler) applies its own scheduler's settings: start it with
+DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=1 for the same behaviour, and its workers with
+--nthreads 1 (a configuration's processes need the machine's cores to themselves).
 """
 
 from __future__ import annotations
@@ -113,17 +117,34 @@ class Cluster:
                 " (configurations one at a time)" if parallel == 1 else ""
             )
 
-    def submit_all(self, specs: list[dict]):
-        """Futures in spec order; earlier specs get higher priority."""
-        return [
-            self.client.submit(run_task, s, key=s["task_key"], pure=False, priority=-i)
-            for i, s in enumerate(specs)
-        ]
+    def capacity(self) -> int:
+        """Configurations that can run at once: the workers' threads."""
+        workers = self.client.scheduler_info().get("workers", {}).values()
+        return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
 
-    def as_completed(self, futures):
+    def run_all(self, specs: list[dict]):
+        """Yield (spec, record) as configurations finish, in any order. At most capacity()
+        tasks are on the cluster at once, handed out in spec order: a worker then holds only
+        the task it runs, so its death counts against that task alone (Dask counts a death
+        against every task assigned to the worker, queued or not)."""
         from distributed import as_completed
 
-        return as_completed(futures)
+        todo = list(specs)
+        by_key = {s["task_key"]: s for s in specs}
+        ac = as_completed(
+            [self._submit(todo.pop(0)) for _ in range(min(self.capacity(), len(todo)))]
+        )
+        for fut in ac:
+            rec = outcome(fut)
+            # Let go of the result at once: a future still held keeps it on its worker, and
+            # Dask would run a finished configuration again if that worker died later.
+            fut.release()
+            if todo:
+                ac.add(self._submit(todo.pop(0)))
+            yield by_key[fut.key], rec
+
+    def _submit(self, spec):
+        return self.client.submit(run_task, spec, key=spec["task_key"], pure=False)
 
     def sweep_workers(self) -> int:
         """Sweep the ledger on every worker's machine (and this one); segments removed."""
