@@ -204,7 +204,7 @@ def test_decision_follows_the_numbers(tmp_path):
     for e in l2_wins["configs"].values():
         if e["config"] == "2l-64":
             for side in ("kernels", "stream"):
-                e["result"][side]["send_ns_per_event"] /= 4
+                e["result"][side]["send_ns_per_event"] /= 12
     texts = []
     for i, doc in enumerate((fifo_wins, l2_wins)):
         out = tmp_path / f"r{i}"

@@ -258,16 +258,13 @@ def recommend(metrics: dict) -> list[dict]:
             steps.append(f"must {text}: {', '.join(sorted(ok)) or 'none'}")
         for mid in uc.prefer:
             vals = metrics.get(mid, {})
-            if cands is None:
-                cands = set(vals)
-            pool = {v: xs for v, xs in vals.items() if v in cands}
+            pool = {v: xs for v, xs in vals.items() if cands is None or v in cands}
             c = compare(METRICS[mid], pool)
             if c.winner is None:
                 steps.append(f"{METRICS[mid].what}: not measured for the candidates, skipped")
                 continue
-            keep = set(c.tied)
             steps.append(f"prefer {METRICS[mid].better} {METRICS[mid].what}: {c.text()}")
-            cands = keep
+            cands = set(c.tied)
             if len(cands) == 1:
                 break
         choice = sorted(cands) if cands else []
