@@ -60,14 +60,9 @@ def test_quick_study_runs_every_experiment(tmp_path):
     assert "## Decisions" in text and "python -m bench study --quick" in text
     for png in ("capacity_guests.png", "memory_pages.png", "lockout_below.png", "timer_ns.png"):
         assert (out / png).stat().st_size > 0, png
-    # the lock-out the historical scan shows, and the fix removes: more other deliveries
-    # before the victim with hot ports below it
-    lock = {
-        e["config"]: e["result"] for e in doc["configs"].values() if e["experiment"] == "lockout"
-    }
-    old = next(r for r in lock["2l-64-scan-from-0"]["rounds"] if r["placement"] == "below")
-    new = next(r for r in lock["2l-64"]["rounds"] if r["placement"] == "below")
-    assert old["others_max"] > new["others_max"]
+    lock = [e["result"] for e in doc["configs"].values() if e["experiment"] == "lockout"]
+    assert {r["consumer"] for r in lock} == {"linux", "scan-from-0"}
+    assert all(x["probes_handled"] > 0 for r in lock for x in r["rounds"])
 
 
 @needs_build
@@ -94,9 +89,7 @@ def test_small_study_on_a_cluster_started_here(tmp_path):
         )
         assert r.returncode == 0, r.stdout + r.stderr
     doc = json.loads((out / "results.json").read_text())
-    assert sorted(doc["configs"]) == sorted(
-        f"memory/{v}/{k}/s0" for v in ("2l-32", "2l-64") for k in ("sweep", "typical-domu")
-    )
+    assert sorted(doc["configs"]) == ["memory/2l-32/s0", "memory/2l-64/s0"]
     assert all(e["status"] == "ok" for e in doc["configs"].values())
     assert cluster.scheduler_address in doc["study"]["where"]
     # --from rebuilds the same report without running anything

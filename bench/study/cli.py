@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import ledger, store
 from . import profile as PR
-from . import store
 from .experiments import INTERNAL, ORDER, module
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -263,6 +263,7 @@ def _study(a, argv) -> int:
         load.stop()
         if cluster is not None:
             cluster.close()
+            meta["swept_segments"] = meta.get("swept_segments", 0) + len(ledger.sweep())
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
     meta["kept_from_resume"] = kept

@@ -47,45 +47,41 @@ def stated(variant: str, n: int, vcpus: int) -> str:
 
 def configs(opts) -> list[Config]:
     sizes = QUICK_SIZES if opts.quick else SIZES
-    out = [
-        Config(f"{v}/sweep", {"variant": v, "sizes": list(sizes), "vcpus": 1}, timeout=900)
-        for v in V.ALL
-    ]
-    out += [
-        Config(
-            f"{v}/typical-domu",
-            {"variant": v, "sizes": [TYPICAL["ports"]], "vcpus": TYPICAL["vcpus"]},
-            timeout=300,
-        )
-        for v in V.ALL
-    ]
-    return out
+    return [Config(v, {"variant": v, "sizes": list(sizes)}, timeout=900) for v in V.ALL]
 
 
 def run(params: dict, seed: int) -> dict:
-    variant, vcpus = params["variant"], params["vcpus"]
-    rows = []
+    variant = params["variant"]
     with Host() as host:
-        kw = {"link_bits": FIFO_LINK_BITS} if variant == "fifo" else {}
-        dom = V.create(host, variant, vcpus=vcpus, **kw)
-        seg = os.path.join("/dev/shm", L.domain_segment_name(host.name, dom.domid))
-        used = 1  # port 0 is reserved
-        for n in params["sizes"]:
-            if n >= dom.max_ports:
-                rows.append({"ports": n, "pages": None})
-                continue
-            for _ in range(n + 1 - used):
-                dom.alloc_unbound(L.DOMID_SELF)
-            used = n + 1
-            rows.append(
-                {
-                    "ports": n,
-                    "pages": dom.mapped_pages(),
-                    "resident_pages": _resident(dom),
-                    "shm_bytes": os.stat(seg).st_blocks * 512,
-                }
-            )
-    return {"variant": variant, "vcpus": vcpus, "rows": rows}
+        rows = _sweep(host, variant, 1, params["sizes"])
+        typical = _sweep(host, variant, TYPICAL["vcpus"], [TYPICAL["ports"]])[0]
+    return {"variant": variant, "rows": rows, "typical": typical}
+
+
+def _sweep(host, variant: str, vcpus: int, sizes) -> list[dict]:
+    """A fresh domain; ports allocated until each size is in use; its figures at each."""
+    rows = []
+    kw = {"link_bits": FIFO_LINK_BITS} if variant == "fifo" else {}
+    dom = V.create(host, variant, vcpus=vcpus, **kw)
+    seg = os.path.join("/dev/shm", L.domain_segment_name(host.name, dom.domid))
+    used = 1  # port 0 is reserved
+    for n in sizes:
+        if n >= dom.max_ports:
+            rows.append({"ports": n, "pages": None})
+            continue
+        for _ in range(n + 1 - used):
+            dom.alloc_unbound(L.DOMID_SELF)
+        used = n + 1
+        rows.append(
+            {
+                "ports": n,
+                "vcpus": vcpus,
+                "pages": dom.mapped_pages(),
+                "resident_pages": _resident(dom),
+                "shm_bytes": os.stat(seg).st_blocks * 512,
+            }
+        )
+    return rows
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -116,9 +112,9 @@ def summarize(entries, opts) -> Summary:
     s = Summary()
     rows, curve = [], {}
     for v in V.ALL:
-        rs = res.get(f"{v}/sweep")
+        rs = res.get(v)
         if not rs:
-            rows.append([v, "-", config_state(entries, f"{v}/sweep"), "", "", "", ""])
+            rows.append([v, "-", config_state(entries, v), "", "", "", ""])
             continue
         for i, r in enumerate(rs[0]["rows"]):
             n = r["ports"]
@@ -158,17 +154,17 @@ def summarize(entries, opts) -> Summary:
     )
     typ, trows = {}, []
     for v in V.ALL:
-        rs = res.get(f"{v}/typical-domu")
+        rs = res.get(v)
         if not rs:
-            trows.append([v, config_state(entries, f"{v}/typical-domu"), "", ""])
+            trows.append([v, config_state(entries, v), "", ""])
             continue
-        pages = [r["rows"][0]["pages"] for r in rs]
+        pages = [r["typical"]["pages"] for r in rs]
         typ[v] = pages
         trows.append(
             [
                 v,
                 fmt(estimate(pages)),
-                fmt(estimate([r["rows"][0]["resident_pages"] for r in rs])),
+                fmt(estimate([r["typical"]["resident_pages"] for r in rs])),
                 stated(v, TYPICAL["ports"], TYPICAL["vcpus"]),
             ]
         )
