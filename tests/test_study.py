@@ -241,3 +241,22 @@ def test_bad_arguments_are_one_line_and_exit_2(args, words):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], r.stderr
+
+
+def test_stress_link_bits_and_word_bits():
+    from stress import cli as SC
+    from stress import config as SCF
+
+    cfgs, _ = SC.parse(["--abi", "fifo", "--link-bits", "20", "--ports", "200000", "--seed", "1"])
+    assert cfgs[0].channels == 200000 and cfgs[0].link_bits == 20
+    assert "--link-bits 20" in SC.replay_command(cfgs[0])
+    cfgs, _ = SC.parse(["--abi", "2l", "--word-bits", "32", "--ports", "1000", "--seed", "1"])
+    assert cfgs[0].word_bits == 32 and "--word-bits 32" in SC.replay_command(cfgs[0])
+    for bad in (
+        ["--abi", "fifo", "--link-bits", "16"],
+        ["--abi", "2l", "--link-bits", "20"],
+        ["--abi", "2l", "--word-bits", "32", "--ports", "2000"],
+        ["--abi", "fifo", "--ports", "200000"],
+    ):
+        with pytest.raises(SCF.ConfigError):
+            SC.parse(bad)

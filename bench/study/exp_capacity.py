@@ -19,7 +19,7 @@ from evtchn import layout as L
 from . import profile as PR
 from . import variants as V
 from .experiments import Config, Summary, by_config, config_state
-from .stats import estimate
+from .stats import estimate, fmt
 
 NAME = "capacity"
 TITLE = "1. Capacity: guests per dom0"
@@ -158,7 +158,7 @@ def summarize(entries, opts) -> Summary:
         for v in V.ALL:
             rs = [r[mode] for r in res.get(v, [])]
             if not rs:
-                rows.append([v, mode, config_state(entries, v), "", "", "", ""])
+                rows.append([v, mode, config_state(entries, v), "", "", "", "", ""])
                 continue
             g = estimate([r["guests"] for r in rs])
             capped = any(r["stopped_by"] == "cap" for r in rs)
@@ -171,6 +171,7 @@ def summarize(entries, opts) -> Summary:
                     guests,
                     f"{rs[0]['dom0_ports']}",
                     rs[0]["stopped_by"],
+                    fmt(estimate([r["dom0_setup_s"] + r["guests_setup_s"] for r in rs]), " s"),
                     f"{formula(v, mode, prof)}",
                     stated,
                 ]
@@ -187,6 +188,7 @@ def summarize(entries, opts) -> Summary:
                 "guests (measured)",
                 "dom0's own ports",
                 "stopped by",
+                "setup",
                 "formula",
                 "thread says",
             ],

@@ -197,6 +197,11 @@ def summarize(entries, opts) -> Summary:
         f"{DECIDING_K}, and the worst placement's mean wait in ns; and for 2l-64 the same "
         f"longest wait with the historical scan beside the current one (what the fix changed)."
     )
+    s.notes.append(
+        "Stated (the 2013 thread): 'clusters of events can lock out others based on where "
+        "they are or the number of them'; FIFO promised 'improved fairness in event latency' "
+        "(Linux bf2bbe07f138)."
+    )
     return s
 
 

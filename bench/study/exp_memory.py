@@ -189,6 +189,12 @@ def summarize(entries, opts) -> Summary:
             "series": curve,
         }
     )
+    s.notes.append(
+        "Stated (spec section 6): 3-level: 2 bitmap pages (32-bit) / 16 (64-bit) plus a "
+        "per-vCPU L2 selector of 128 B / 512 B; FIFO: 4 bytes per port, one array page per "
+        "1024 ports added on demand, up to 128 pages for 2^17, and a 72-byte control block per "
+        "vCPU (a page per vCPU in Linux)."
+    )
     return s
 
 

@@ -168,6 +168,11 @@ def summarize(entries, opts) -> Summary:
         "The decision takes, per variant (Linux's handler, FIFO timer at priority 0), "
         "the worst storm's mean."
     )
+    s.notes.append(
+        "Stated: Linux's 2-level handler handles the timer first ('timer has highest "
+        "priority', drivers/xen/events/events_2l.c); Linux sets the FIFO timer to priority 0 "
+        "(arch/x86/xen/time.c)."
+    )
     return s
 
 
