@@ -46,6 +46,7 @@ needs_build = pytest.mark.skipif(not _cython_built(), reason="the Cython backend
 
 
 @needs_build
+@pytest.mark.timeout(QUICK_TIMEOUT + 60)
 def test_quick_study_runs_every_experiment(tmp_path):
     out = tmp_path / "quick"
     r = _study("--quick", "--report", str(out), "--quiet")
