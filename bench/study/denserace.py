@@ -180,6 +180,15 @@ def worker_main(conn, host_name, kind, maps, arrays, dom0_chan, guest_chan, edge
         conn.send({"error": traceback.format_exc(limit=3)})
 
 
+def warm_up_here(dom0) -> None:
+    """Compile (or load) the race's loops in this process first, so that the racing
+    processes load them from numba's cache instead of each compiling them."""
+    host = dom0.host
+    table = views_table(host, [dom0.domid])
+    chans = np.full(1, -1, np.int64)
+    _warm_up(table, os.getpid(), chans, chans)
+
+
 def _warm_up(table, pid, dom0_chan, guest_chan) -> None:
     """Load (or compile) both loops before reporting ready, so that the race's clock does
     not run while numba works: each returns at once on a control word already at 'stop'."""

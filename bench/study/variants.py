@@ -20,6 +20,16 @@ VARIANTS = {
     "fifo": ("fifo", 64),
 }
 ALL = tuple(VARIANTS)
+# The 3-level series enabled 3-level event channels for dom0 (and driver domains) only; guests
+# kept the 2-level ABI (spec section 3: the V2 and V5 cover letters). Where a study needs
+# guests of a variant, a 3l variant's guests are 2l guests of the same word size.
+GUEST_OF = {"3l-32": "2l-32", "3l-64": "2l-64"}
+
+
+def guest_variant(variant: str) -> str:
+    return GUEST_OF.get(variant, variant)
+
+
 ABI_OF = {v: abi for v, (abi, _) in VARIANTS.items()}
 
 
