@@ -245,7 +245,7 @@ def describe(opts) -> str:
         f"{p.guest_vcpus} vCPU) are created one at a time, each binding {p.guest_ports()} "
         f"interdomain channels to dom0, until dom0's alloc_unbound fails with ENOSPC or the "
         f"domid space runs out. Real domains and real bindings on one host; nothing is "
-        f"computed. Guests use xl's default max_event_channels = 1023; a 3l dom0's guests use 2l (the 3-level "
-        f"series enabled it for dom0 and driver domains only)."
+        f"computed. Guests use xl's default max_event_channels = 1023; a 3l dom0's guests "
+        f"use 2l (the 3-level series enabled it for dom0 and driver domains only)."
         + (f" --quick stops at {QUICK_CAP} guests." if opts.quick else "")
     )
