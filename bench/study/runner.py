@@ -109,7 +109,7 @@ class Cluster:
                 threads_per_worker=1,
                 processes=True,
                 memory_limit=0,
-                dashboard_address=None,
+                dashboard_address=":0",  # any free port: never clash with another cluster
                 silence_logs=50,
             )
             self.client = Client(self.cluster)
