@@ -132,10 +132,15 @@ def probe_round(
     seed,
     delivered,
     out,
+    reraise,
+    own_edges,
 ):
     """Run for dur_ns; returns (probes raised, probes handled, probe edges, total deliveries).
     out[i] = (delay ns, other deliveries before it, 0) per handled probe; the last row may be
-    a probe still waiting at the end: (its wait so far, others so far, 1) = censored."""
+    a probe still waiting at the end: (its wait so far, others so far, 1) = censored.
+    reraise[p] = the sender's local port of hot port p (0: not hot): its handler raises it
+    again at once (a device that has more work as soon as it is serviced: a storm), counting
+    the new edges in own_edges[p]."""
     np.random.seed(seed)
     buf = np.zeros(1, np.uint32)
     t_end = monotonic_ns() + dur_ns
@@ -164,6 +169,8 @@ def probe_round(
         if p < 0:
             continue
         delivered[p] += 1
+        if reraise[p] != 0:
+            own_edges[p] += en.send(tx, reraise[p])
         if p == probe_port and waiting:
             t = monotonic_ns()
             out[nrec, 0] = t - t_sent

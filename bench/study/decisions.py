@@ -166,12 +166,17 @@ def _v(e: Estimate) -> str:
 
 
 def _ratio_text(ratio, better, ests, c) -> str:
-    """winner / runner-up as 'N.NNx higher' (or lower, for lower-is-better metrics)."""
+    """winner / runner-up as 'N.NNx higher' (or lower, for lower-is-better metrics), with the
+    difference itself when the ratio rounds to 1.00x."""
     if ratio is None:
         return f"{_v(ests[c.winner])} against {_v(ests[c.runner_up])}"
     if ratio <= 0:
         return "the winner's figure is 0"
-    return f"{ratio:.2f}x higher" if better == HIGHER else f"{1 / ratio:.2f}x lower"
+    s = f"{ratio:.2f}x higher" if better == HIGHER else f"{1 / ratio:.2f}x lower"
+    if round(ratio, 2) == 1.0 or round(1 / ratio, 2) == 1.0:
+        diff = abs(ests[c.winner].mean - ests[c.runner_up].mean)
+        s += f" (a difference of {diff:.4g} {c.metric.unit})".replace(" )", ")")
+    return s
 
 
 def compare(metric: Metric, values: dict) -> Comparison:

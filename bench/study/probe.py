@@ -1,6 +1,8 @@
 """A probe round (experiments 4 and 5): K hot ports kept pending by a racing sender process
-while the consumer (this process, consumers.probe_round) handles events one at a time and
-raises a probe - the victim port, or the timer VIRQ - at randomised intervals.
+and, in a storm, by their own handlers (each hot port raised again as soon as it is handled,
+so that it is pending whatever the OS scheduler does with the sender) while the consumer
+(this process, consumers.probe_round) handles events one at a time and raises a probe - the
+victim port, or the timer VIRQ - at randomised intervals.
 
 Layout of dom0's ports for the placements (W = the variant's word width; 64 for fifo, where
 words do not exist and the placements only change port numbers):
@@ -8,9 +10,9 @@ words do not exist and the placements only change port numbers):
     above  the victim is the last bit of word 0; the K hot ports follow it, in higher words
     same   the victim is the last bit of word 1; the hot ports are bits 0..K-1 of that word
     timer  (experiment 5) the K hot ports are ports 1..K; the timer VIRQ is bound after them
-Exact accounting: the sender counts the new edges its sends make per port, the consumer every
-delivery; after the round the sender stops, the consumer drains, and for every port
-delivered == edges and nothing is left pending, or the configuration fails.
+Exact accounting: the sender and the handlers count the new edges their sends make per port,
+the consumer every delivery; after the round the sender stops, the consumer drains, and for
+every port delivered == edges and nothing is left pending, or the configuration fails.
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ class Rig:
         dur_s: float,
         gap_us: float,
         seed: int,
+        storm: bool = True,
     ) -> dict:
         """One probe round; returns its figures, checked (Failed on a violation)."""
         if getattr(self, "proc", None) is None:
@@ -140,6 +143,11 @@ class Rig:
                 raise Failed(f"the hot sender did not start (exit code {self.proc.exitcode})")
             time.sleep(0.002)
         delivered = np.zeros(self.dom0.max_ports, np.int64)
+        own_edges = np.zeros(self.dom0.max_ports, np.int64)
+        reraise = np.zeros(self.dom0.max_ports, np.int64)
+        if storm:
+            for p in hot:
+                reraise[p] = self.lport_of[p]
         out = np.zeros((200_000, 3), np.int64)
         st = np.array([0, -1], np.int64)
         ctl[GO] = 1
@@ -159,6 +167,8 @@ class Rig:
             seed,
             delivered,
             out,
+            reraise,
+            own_edges,
         )
         ctl[STOP] = 1
         if not self.conn.poll(30):
@@ -171,6 +181,7 @@ class Rig:
         edges = np.zeros_like(delivered)
         edges[np.asarray(hot, np.int64)] = counts
         edges[probe] += pedges
+        edges += own_edges
         return self._check(edges, delivered, out, raised, handled, total, drained)
 
     def _check(self, edges, delivered, out, raised, handled, total, drained) -> dict:
