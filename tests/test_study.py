@@ -218,7 +218,7 @@ def test_overlapping_intervals_are_inside_the_noise():
     m = D.METRICS["cost_kernels_ns"]
     c = D.compare(m, {"fifo": [10, 30, 20], "2l-64": [12, 28, 21], "3l-64": [100, 101, 99]})
     assert c.winner == "fifo" and c.noise and set(c.tied) == {"fifo", "2l-64"}
-    assert "inside the noise" in c.text()
+    assert "inside the noise" in c.text() and "ahead of 3l-64" in c.text()
     c = D.compare(m, {"fifo": [10, 10.1, 9.9], "2l-64": [20, 20.2, 19.8]})
     assert c.winner == "fifo" and not c.noise and "2.00x lower" in c.text()
     e = stats.estimate([1.0, 2.0, 3.0])

@@ -226,7 +226,10 @@ def _study(a, argv) -> int:
         doc["configs"] = {
             k: v for k, v in old.get("configs", {}).items() if v.get("status") == "ok"
         }
-        meta["resumed_from"] = old.get("study", {}).get("started")
+        prev = old.get("study", {})
+        meta["resumed_from"] = {
+            k: prev.get(k) for k in ("command", "started", "finished", "wall_s", "load", "where")
+        }
     doc["machine"], doc["versions"] = machine.machine(), machine.versions()
     todo = [
         s

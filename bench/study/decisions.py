@@ -43,6 +43,13 @@ METRICS = {
         _m("guests_practical", "guests per dom0 (practical, exp. 1)", "guests", HIGHER, True),
         _m("density_held", "share of the 25k-guest host set up (exp. 2)", "", HIGHER, True),
         _m("density_events_per_s", "events/s on the dense host (exp. 2)", "ev/s", HIGHER),
+        _m(
+            "density_pages_per_guest",
+            "pages Xen maps per guest on the dense host (exp. 2)",
+            "pages",
+            LOWER,
+            True,
+        ),
         _m("pages_typical_domu", "pages mapped for a typical domU (exp. 3)", "pages", LOWER, True),
         _m("pages_4k_ports", "pages mapped with 4095 ports (exp. 3)", "pages", LOWER, True),
         _m(
@@ -89,7 +96,7 @@ QUESTIONS = (
     Question(
         "density",
         "Can one host run 25,000 unikernels, and how fast do their events flow?",
-        ("density_held", "density_events_per_s"),
+        ("density_held", "density_events_per_s", "density_pages_per_guest"),
     ),
     Question(
         "memory",
@@ -141,22 +148,19 @@ class Comparison:
         e = self.estimates
         if len(e) == 1:
             return f"{self.winner} ({_v(e[self.winner])}), the only variant measured"
-        if self.runner_up is None:  # every variant tied
-            return f"tie: {', '.join(self.tied)} ({_v(e[self.winner])})" + self._noise()
-        lead = ", ".join(self.tied) if len(self.tied) > 1 else self.winner
-        head = f"tie: {lead}" if len(self.tied) > 1 else lead
-        s = (
-            f"{head} ({_v(e[self.winner])}) ahead of {self.runner_up} "
-            f"({_v(e[self.runner_up])}): {_ratio_text(self.ratio, self.metric.better, e, self)}"
-        )
-        return s + self._noise()
-
-    def _noise(self) -> str:
-        if self.noise:
-            return " - inside the noise: their 95% intervals overlap"
+        if len(self.tied) > 1:
+            why = "their 95% intervals overlap: inside the noise" if self.noise else "equal"
+            head = f"tie between {', '.join(self.tied)} ({_v(e[self.winner])}; {why})"
+        else:
+            head = f"{self.winner} ({_v(e[self.winner])})"
+        if self.runner_up is not None:
+            head += (
+                f", ahead of {self.runner_up} ({_v(e[self.runner_up])}): "
+                f"{_ratio_text(self.ratio, self.metric.better, e, self)}"
+            )
         if self.unjudged:
-            return " (one repetition: no interval, the noise is not judged)"
-        return ""
+            head += " (one repetition: no interval, the noise is not judged)"
+        return head
 
 
 def _v(e: Estimate) -> str:
@@ -236,7 +240,7 @@ USE_CASES = (
         "unikernels",
         "25,000 unikernels on one host",
         (("density_held", ">=", 1.0, "set up the whole 25k-guest host in every run (exp. 2)"),),
-        ("density_events_per_s", "pages_typical_domu", "cost_kernels_ns"),
+        ("density_events_per_s", "density_pages_per_guest", "cost_kernels_ns"),
     ),
     UseCase(
         "domu",

@@ -231,6 +231,11 @@ def summarize(entries, opts) -> Summary:
     else:
         s.notes.append(f"fifo-2^20: {config_state(entries, 'fifo-2^20')}")
     s.metrics["density_held"] = held
+    s.metrics["density_pages_per_guest"] = {
+        v: [round(r["mapped_pages_total"] / max(1, r["segments"] - 1), 3) for r in res[v]]
+        for v in V.ALL
+        if res.get(v) and all(r["held"] for r in res[v])
+    }
     s.metrics["density_events_per_s"] = rate
     s.curves.append(
         {

@@ -101,6 +101,17 @@ def _head(doc, meta) -> list[str]:
         "(Student's t), written `mean ± half-width`",
         "",
     ]
+    prev = meta.get("resumed_from")
+    if isinstance(prev, dict):
+        pl = prev.get("load") or {}
+        lines += [
+            f"The {meta.get('kept_from_resume')} configuration runs kept (--resume) come from "
+            f"`{prev.get('command')}`: {prev.get('started')} to {prev.get('finished')}, "
+            f"{prev.get('wall_s')} s wall, load min {pl.get('loadavg_1min_min')}, median "
+            f"{pl.get('loadavg_1min_median')}, max {pl.get('loadavg_1min_max')}; this run "
+            f"ran the others.",
+            "",
+        ]
     if meta.get("interrupted"):
         lines += ["**This study was interrupted: the figures are partial.**", ""]
     return lines
