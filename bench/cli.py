@@ -624,6 +624,11 @@ def _report_alternatives(runs, abis, alts, skipped, backend, figures, batch) -> 
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "study":  # python -m bench study ...: the ABI study (bench/study)
+        from .study.cli import main as study_main
+
+        return study_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.plot:

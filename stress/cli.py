@@ -105,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
         f"3l {CF.abi_limit('3l')}; port 0 is reserved)",
     )
     p.add_argument(
+        "--word-bits",
+        type=int,
+        choices=(32, 64),
+        default=64,
+        help="xen_ulong_t width for 2l and 3l: 64, or 32 for the x86-32 layout (default 64)",
+    )
+    p.add_argument(
+        "--link-bits",
+        type=int,
+        default=L.FIFO_LINK_BITS,
+        metavar="N",
+        help=f"fifo: LINK field width, {L.FIFO_LINK_BITS} (Xen) to {L.FIFO_MAX_LINK_BITS} (the "
+        f"design's ceiling); 2^N ports (default {L.FIFO_LINK_BITS})",
+    )
+    p.add_argument(
         "--vcpus",
         type=_positive_int("--vcpus"),
         default=64,
@@ -272,8 +287,15 @@ def parse(argv: list[str]) -> tuple[list[CF.Config], argparse.Namespace]:
     abis = list(CF.ABIS) if abi == "all" else [abi]
     explicit = args.ports is not None
     ports = args.ports if explicit else DEFAULT_PORTS
+    if not L.FIFO_LINK_BITS <= args.link_bits <= L.FIFO_MAX_LINK_BITS:
+        raise CF.ConfigError(
+            f"--link-bits must be from {L.FIFO_LINK_BITS} to {L.FIFO_MAX_LINK_BITS}, "
+            f"not {args.link_bits}"
+        )
+    if args.link_bits != L.FIFO_LINK_BITS and abi not in ("fifo", "all"):
+        raise CF.ConfigError(f"--link-bits is a fifo setting; --abi is {abi}")
     if abi != "all" and explicit:
-        limit = CF.abi_limit(abi)
+        limit = CF.abi_limit(abi, args.word_bits, args.link_bits)
         if args.ports > limit:
             raise CF.ConfigError(f"--ports {args.ports} is above the {abi} limit of {limit} ports")
     if not 0 <= args.duel <= 3600:
@@ -300,6 +322,8 @@ def parse(argv: list[str]) -> tuple[list[CF.Config], argparse.Namespace]:
         duration=args.duration,
         events=args.events,
         seed=seed,
+        word_bits=args.word_bits,
+        link_bits=args.link_bits,
         backend=backend,
         inject=args.inject,
         batch=args.batch,
@@ -359,6 +383,10 @@ def replay_command(cfg: CF.Config) -> str:
     else:
         parts += ["--duration", f"{cfg.duration if cfg.duration is not None else 10:g}"]
     parts += ["--seed", str(cfg.seed), "--backend", cfg.backend]
+    if cfg.word_bits != 64:
+        parts += ["--word-bits", str(cfg.word_bits)]
+    if cfg.link_bits != L.FIFO_LINK_BITS:
+        parts += ["--link-bits", str(cfg.link_bits)]
     if cfg.inject:
         parts += ["--inject", cfg.inject]
     if cfg.batch != 2048:
@@ -529,6 +557,11 @@ def _beside_c(cfg, exe, rec: dict) -> None:
 
     if cfg.abi not in A.ABIS:
         rec["c_anchor_error"] = f"the C anchor implements {' and '.join(A.ABIS)} only"
+    elif (cfg.word_bits, cfg.link_bits) != (64, L.FIFO_LINK_BITS):
+        rec["c_anchor_error"] = (
+            f"the C anchor implements 64-bit words and {L.FIFO_LINK_BITS}-bit links only"
+        )
+    if "c_anchor_error" in rec:
         print(f"{cfg.abi}: no C anchor ({rec['c_anchor_error']})")
         return
     print(f"{cfg.abi}: C anchor, {rec.get('race_s', 0):.1f} s ...", flush=True)

@@ -138,12 +138,13 @@ def vcpu_for(port: int, cfg, nwords: int) -> int:
 def setup(cfg, host: Host) -> Setup:
     t0 = time.perf_counter()
     stats = None
+    size = {"word_bits": cfg.word_bits, "link_bits": cfg.link_bits}
     nchaos = cfg.n_chaos
     try:
         with interrupts_held():  # each segment is recorded (for its unlink) as it is created
-            dom0 = host.create_domain(cfg.abi, vcpus=cfg.vcpus)
-            sdoms = [host.create_domain(cfg.abi, vcpus=1) for _ in range(cfg.senders)]
-            kdom = host.create_domain(cfg.abi, vcpus=1) if cfg.kchans else None  # K (resets)
+            dom0 = host.create_domain(cfg.abi, vcpus=cfg.vcpus, **size)
+            sdoms = [host.create_domain(cfg.abi, vcpus=1, **size) for _ in range(cfg.senders)]
+            kdom = host.create_domain(cfg.abi, vcpus=1, **size) if cfg.kchans else None  # K
             cfg.nports = dom0.max_ports
             cfg.shape = S.Shape(
                 cfg.senders,
