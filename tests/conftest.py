@@ -86,3 +86,32 @@ def no_shm_leak():
     for name in leaked:
         os.unlink(os.path.join(SHM, name))
     assert not leaked, f"test leaked shared memory: {sorted(leaked)}"
+
+
+def _signal_state():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    return handlers, signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+@pytest.fixture(autouse=True)
+def signals_restored():
+    """Every test leaves the process's SIGINT/SIGTERM handlers and signal mask as it found
+    them: children inherit an ignored or blocked SIGINT, and a later test's Ctrl-C to a
+    child would then never arrive."""
+    import signal
+
+    before = _signal_state()
+    yield
+    after = _signal_state()
+    if before is None or after == before:
+        return
+    handlers, mask = before
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    assert after == before, f"test changed the signal state: {before} -> {after}"

@@ -525,6 +525,14 @@ WAIT_FOREVER = textwrap.dedent("""
 """)
 
 
+def _sigint_default() -> None:
+    # A test runner started as a background job (`.ci/run &`) has SIGINT ignored, and a child
+    # inherits that (Python then leaves it ignored): the waiter must get Ctrl-C as from a
+    # terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_wait_without_timeout_is_interrupted_by_ctrl_c(tmp_path):
     """wait() sleeps in futex slices of at most 50 ms, so SIGINT ends it promptly and the
     vCPU no longer counts as blocked."""
@@ -539,6 +547,7 @@ def test_wait_without_timeout_is_interrupted_by_ctrl_c(tmp_path):
             env=env,
             stdout=subprocess.PIPE,
             text=True,
+            preexec_fn=_sigint_default,
         )
         try:
             assert p.stdout.readline().strip() == "ready"
