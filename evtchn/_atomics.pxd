@@ -163,7 +163,9 @@ cdef extern from * nogil:
     }
 
     /* The calling thread's owner id, computed once per thread. A forked child's only thread
-       has another tid: the atfork handler (evtchn_owner_init) clears the cached id there. */
+       has another tid: the atfork handler (evtchn_owner_init) clears the cached id there.
+       When /proc cannot be read the start time stays 0, "unknown" to evlock_owner_dead; it
+       is cached all the same, since a lock is released by the id it was taken with. */
     static __thread uint64_t evtchn_self_cached;
 
     static inline uint64_t evtchn_self(void) {
@@ -186,7 +188,10 @@ cdef extern from * nogil:
     }
 
     /* Dead: the thread is gone, a zombie (killed, not yet reaped: a parent waiting on its lock
-       before reaping would hang), or its tid now names a thread with another start time. */
+       before reaping would hang), or its tid now names a thread with another start time. An
+       owner id with start time 0 is one whose thread could not read its own /proc entry
+       (evtchn_self: out of file descriptors, say): its start is unknown, so only existence
+       counts (else the live thread's locks would look like a reused tid's and be taken). */
     static inline int evlock_owner_dead(uint64_t owner) {
         char state = 0;
         uint64_t start = 0;
@@ -197,6 +202,8 @@ cdef extern from * nogil:
             return 0;
         if (state == 'Z' || state == 'X' || state == 'x')
             return 1;
+        if ((owner >> 32) == 0)
+            return 0;
         return (start & EVTCHN_OWNER_START_MASK) != (owner >> 32);
     }
 

@@ -714,7 +714,9 @@ cdef int channel_read_trylock(uint64_t *lock, uint64_t me_reader) noexcept nogil
     two serialise): 1, the caller releases. A reader that is the calling thread itself is run
     beside, as in Xen (its read lock nests): 2, nothing to release. Owners are per thread, so
     a raise never runs unlocked beside another thread's reader, which a close could overtake
-    to free the port under the raise."""
+    to free the port under the raise. A writer that died holding the lock (a control-plane
+    process killed inside close or bind) never releases it: its lock is taken over (1), as
+    every other lock wait does, else this VIRQ's events would be dropped for good."""
     cdef uint64_t owner
     while True:
         if evlock_try(lock, me_reader):
@@ -723,7 +725,11 @@ cdef int channel_read_trylock(uint64_t *lock, uint64_t me_reader) noexcept nogil
         if owner == 0:
             continue
         if not owner & CHANNEL_LOCK_READER:
-            return 0
+            if not evlock_owner_dead(owner):
+                return 0
+            if at_cas64(lock, &owner, me_reader):
+                return 1
+            continue
         if owner == me_reader:
             return 2
         evlock_acquire(lock, me_reader)

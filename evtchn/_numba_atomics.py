@@ -583,6 +583,8 @@ def owner_alive(owner):
         return True
     if state == 90 or state == 88 or state == 120:  # 'Z', 'X', 'x'
         return False
+    if (owner >> 32) == 0:  # start time unknown (its /proc read failed): existence counts
+        return True
     return (start & _START_MASK) == (owner >> 32)
 
 

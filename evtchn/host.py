@@ -8,6 +8,7 @@ is the backend's kernels: evtchn.reference, evtchn._core (Cython) or evtchn.numb
 
 from __future__ import annotations
 
+import contextlib
 import errno as E
 import os
 import secrets
@@ -22,7 +23,7 @@ from . import layout as L
 from .domain import Domain, fifo_setup_ports
 from .errors import EvtchnError, HostGoneError, as_int
 from .locks import Held
-from .memory import DomainMemory, Segment, check_name
+from .memory import SHM_DIR, DomainMemory, Segment, check_name
 from .owner import pid_namespace
 from .results import PollResult, PortStatus  # noqa: F401  (re-exported)
 
@@ -207,7 +208,12 @@ class Host:
                     E.ENOSPC,
                     f"host {self.name!r} has {domid} domains, the most Xen's domid space allows",
                 )
-            seg = Segment(L.domain_segment_name(self.name, domid), lay.size)
+            name = L.domain_segment_name(self.name, domid)
+            # A creator killed between making the segment and publishing ndomains left it
+            # behind (we took its lock over); nobody maps an unpublished domid: remove it.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(SHM_DIR, name))
+            seg = Segment(name, lay.size)
             DomainMemory.initialise(seg, lay, domid, auto_expand)
             seg.u32[L.H_INJECT // 4] = self._hseg.u32[L.HH_INJECT // 4]
             dm = DomainMemory(seg)

@@ -119,7 +119,9 @@ def si_mask(word_bits: int) -> int:
 # (gettid), high 32 bits its start time in clock ticks since boot (/proc/<tid>/stat field 22,
 # masked to 31 bits so that an owner id is a positive int64). A waiter takes a lock over when the
 # owner is dead: /proc/<tid>/stat is gone, says zombie, or shows another start time (the tid was
-# reused). Owner ids mean nothing across pid namespaces (Host.attach refuses that).
+# reused). A start time of 0 means unknown (the owner's thread could not read its /proc entry):
+# then only existence counts. Owner ids mean nothing across pid namespaces (Host.attach refuses
+# that).
 OWNER_TID_MASK = 0x7FFFFFFF  # bit 31 of the low word is free: tids are < 2^22
 OWNER_START_MASK = 0x7FFFFFFF  # start time kept to 31 bits: 248 days of uptime at 100 Hz
 # Xen's channel lock is a rwlock: senders, EVTCHNOP_unmask and VIRQ raisers read-lock it, the

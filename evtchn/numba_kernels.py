@@ -987,7 +987,7 @@ def _channel_read_trylock(lk, me):
     the caller's reader value, owner | CHANNEL_LOCK_READER): 0 against a writer; 1 after
     waiting for a reader that is another thread or process (the caller releases); 2 beside a
     reader that is the calling thread itself, whose read lock nests as in Xen (nothing to
-    release)."""
+    release). A dead writer's lock is taken over (1), so its VIRQ is not dropped for good."""
     while True:
         if lock_try(lk, me):
             return 1
@@ -995,7 +995,11 @@ def _channel_read_trylock(lk, me):
         if owner == 0:
             continue
         if not owner & CHANNEL_LOCK_READER:
-            return 0
+            if owner_alive(owner):
+                return 0
+            if np.int64(cas_u64(lk, owner, me)) == owner:
+                return 1
+            continue
         if owner == me:
             return 2
         lock_acquire(lk, me)

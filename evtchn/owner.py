@@ -48,14 +48,15 @@ def owner_id() -> int:
 
 def owner_alive(owner: int) -> bool:
     """False if the owner's thread is gone, a zombie, or its tid now names another thread
-    (another start time). CHANNEL_LOCK_READER in the owner word is ignored."""
+    (another start time). CHANNEL_LOCK_READER in the owner word is ignored. A start time of
+    0 is unknown (the owner could not read /proc, see evtchn._atomics): only existence counts."""
     tid = owner & L.OWNER_TID_MASK
     if tid == 0:
         return False
     stat = _proc_stat(tid)
     if stat is None or stat[0] in ("Z", "X", "x"):
         return False
-    return (stat[1] & L.OWNER_START_MASK) == owner >> 32
+    return owner >> 32 == 0 or (stat[1] & L.OWNER_START_MASK) == owner >> 32
 
 
 def same_owner(word: int, owner: int) -> bool:

@@ -376,3 +376,58 @@ def test_futex_wake_across_processes(shm):
     assert woken == 1
     assert u64[RESULT] == 0  # woken, not timed out
     assert u64[RESULT + 1] < 20_000_000_000
+
+
+def test_an_owner_whose_start_time_is_unknown_is_never_declared_dead_while_alive():
+    """A thread that could not read its own /proc/<tid>/stat (out of file descriptors) has an
+    owner id with start time 0. Compared with the real start time it would look like a reused
+    tid, and its live lock would be taken over; 0 means "unknown": only existence counts.
+    Checked in C, in evtchn.owner, and in Numba's copy when Numba is installed."""
+    tid_only = at.owner_self() & L.OWNER_TID_MASK
+    assert not at.owner_dead(tid_only) and owner_alive(tid_only)
+    assert at.owner_dead(L.OWNER_TID_MASK)  # still dead: no such task
+    with contextlib.suppress(ImportError):
+        from evtchn import _numba_atomics as na
+
+        assert na.owner_alive(tid_only) and not na.owner_alive(L.OWNER_TID_MASK)
+
+
+_NO_FDS_SCRIPT = r"""
+import os, resource, threading
+from evtchn import _atomics_test as at
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+fds, ids, go = [], [], threading.Event()
+def run():
+    ids.append(at.owner_self())  # first use in this thread: reads /proc, which fails
+    go.wait(30)
+t = threading.Thread(target=run)
+try:
+    while True:
+        fds.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+t.start()
+while not ids:
+    pass
+for fd in fds:
+    os.close(fd)
+print(ids[0] >> 32, int(at.owner_dead(ids[0])))
+go.set()
+t.join()
+"""
+
+
+def test_a_thread_out_of_file_descriptors_keeps_its_locks():
+    """evtchn_self in a thread that cannot open /proc (EMFILE): the owner id it caches must
+    not make the live thread's locks look dead to others."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", _NO_FDS_SCRIPT], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    start, dead = map(int, r.stdout.split())
+    assert start == 0  # the read failed: the start time is unknown
+    assert dead == 0

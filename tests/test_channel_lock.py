@@ -13,6 +13,7 @@ from conftest import join_all
 
 import evtchn
 from evtchn import layout as L
+from evtchn.owner import owner_id
 
 
 def _hold(name, backend, domid, port, reader, seconds, ready):
@@ -133,3 +134,17 @@ def test_bind_vcpu_does_not_drop_a_global_virq(host, compiled):
             dropped += 1
     join_all([proc], 60)
     assert raised > 100 and dropped == 0
+
+
+def test_a_virq_takes_over_the_lock_of_a_writer_that_died(host, compiled):
+    """A control-plane writer (close, bind) killed while it holds the port's channel lock never
+    releases it. Xen's read_trylock fails only against a live writer; a dead one's lock is
+    taken over, as every other lock wait does, so the VIRQ is not dropped forever."""
+    d0 = host.create_domain("fifo")
+    p = d0.bind_virq(L.VIRQ_TIMER, 0)
+    addr = d0._chan_addr(0, p)
+    word = (addr - d0._dm.seg.address) // 8
+    d0._dm.seg.u64[word] = owner_id() + (1 << 32)  # our tid, another start time: dead
+    assert host._k.raise_virq(0, L.VIRQ_TIMER, 0) == 1
+    assert d0._dm.seg.u64[word] == 0  # taken over, then released
+    assert d0.consume(0).tolist() == [p]

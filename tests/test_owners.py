@@ -318,3 +318,20 @@ def test_held_takes_and_releases_on_every_way_out(compiled, impl):
         assert exc.value.errno == errno.EBUSY and d._dm.lock_words().keys() == {"reset"}
         stop.set()
         holder.join()
+
+
+def test_a_domain_creator_killed_before_publishing_does_not_block_later_creates(compiled):
+    """create_domain killed after making the domain's segment but before publishing
+    ndomains leaves that segment and a dead owner's host lock: the next creator takes the
+    lock over and must replace the leftover, not fail on it for good."""
+    from evtchn.memory import SHM_DIR
+
+    with evtchn.Host(compiled) as host:
+        host.create_domain("fifo")
+        stale = os.path.join(SHM_DIR, L.domain_segment_name(host.name, 1))
+        with open(stale, "wb") as f:
+            f.write(b"\0" * 4096)
+        host._hseg.u64[L.HH_LOCK // 8] = owner_id() + (1 << 32)  # our tid, another start: dead
+        d1 = host.create_domain("2l")
+        assert d1.domid == 1 and host.ndomains == 2 and d1.abi == "2l"
+        assert host._hseg.u64[L.HH_LOCK // 8] == 0

@@ -238,3 +238,37 @@ def test_guest_unmask_clears_a_stale_busy_in_every_backend(backend):
         assert d0.unmask(p0) == 0
         assert int(d0._dm.u32[word_at]) == L.FIFO_LINKED
         assert d0._dm.lock_words() == {}
+
+
+def test_guest_unmask_never_clears_the_busy_bit_of_a_live_sender(compiled):
+    """A live linker preempted inside set_link (BUSY set, queue lock held) for far longer
+    than the unmask's bounded spin: the recovery then waits on that queue lock, so the BUSY
+    bit stays the linker's until the linker clears it and unlocks (dae2a1c5f9: the guest
+    must not clear MASKED meanwhile)."""
+    with evtchn.Host(compiled) as host:
+        d0, du, p0, pu = _tail_linked_masked_idle(host)
+        word_at = d0._dm.layout.event_word(p0) // 4
+        busy_addr = d0._base + d0._dm.layout.event_word(p0)
+        qlock = _queue_lock_addr(d0, 0, L.FIFO_PRIORITY_DEFAULT)
+        started, seen, released = threading.Event(), [], []
+
+        def linker():
+            host._k.lock(qlock)
+            host._k.set_bit(busy_addr, L.FIFO_BUSY_BIT, 32)
+            started.set()
+            time.sleep(0.5)  # far beyond UNMASK_BUSY_SPINS + UNMASK_BUSY_YIELDS
+            w = int(d0._dm.u32[word_at])
+            seen.append(bool(w & L.FIFO_BUSY) and bool(w & L.FIFO_MASKED))
+            host._k.clear_bit(busy_addr, L.FIFO_BUSY_BIT, 32)
+            released.append(time.monotonic())
+            host._k.unlock(qlock)
+
+        t = threading.Thread(target=linker)
+        t.start()
+        assert started.wait(JOIN_S)
+        d0.unmask(p0)
+        done = time.monotonic()
+        t.join(JOIN_S)
+        assert seen == [True]  # still BUSY and MASKED when the linker came back
+        assert done >= released[0]
+        assert int(d0._dm.u32[word_at]) & (L.FIFO_BUSY | L.FIFO_MASKED) == 0
