@@ -32,6 +32,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--njit", action="store_true", help="run the backend's handler loop compiled (@njit)"
     )
+    ap.add_argument(
+        "--in-flight",
+        type=int,
+        default=RING_SIZE,
+        help=f"requests outstanding at most (1..{RING_SIZE}; {RING_SIZE}: 1 is ping-pong)",
+    )
     ap.add_argument("--abi", choices=("fifo", "2l", "3l"), default="fifo", help="(fifo)")
     ap.add_argument(
         "--rounds",
@@ -42,6 +48,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.requests < 1:
         ap.error(f"--requests must be at least 1, not {args.requests}")
+    if not 1 <= args.in_flight <= RING_SIZE:
+        ap.error(f"--in-flight must be from 1 to {RING_SIZE}, not {args.in_flight}")
     if args.rounds < 0:
         ap.error(f"--rounds must be >= 0, not {args.rounds}")
     return args
@@ -57,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     loop = "@njit through evtchn.numba" if args.njit else "evtchn's Python handles"
     print(
         f"split driver: {args.requests} requests, {args.abi} event channels, "
-        f"ring of {RING_SIZE} slots, backend loop on {loop}",
+        f"ring of {RING_SIZE} slots, {args.in_flight} in flight, backend loop on {loop}",
         flush=True,
     )
     try:
         with evtchn.Host() as host:
-            ts = Toolstack(host, args.requests, args.njit, args.abi)
+            ts = Toolstack(host, args.requests, args.in_flight, args.njit, args.abi)
             out = ts.run(on_connected=_connected)
             if out.errors:
                 for err in out.errors:
@@ -81,7 +89,7 @@ def _connected(ts: Toolstack) -> None:
     print(
         f"connected: frontend pid {ts.front.pid} (domain {ts.domu.domid}, port "
         f"{ts.ports['frontend']}), backend pid {ts.back.pid} (domain {ts.dom0.domid}, port "
-        f"{ts.ports['backend']}), ring /dev/shm/{ts.ring_name}",
+        f"{ts.ports['backend']}), host /dev/shm/{ts.host.name}, ring /dev/shm/{ts.ring_name}",
         flush=True,
     )
 

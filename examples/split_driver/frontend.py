@@ -30,8 +30,11 @@ def request_arg(req_id: int) -> int:
 class Frontend:
     """One frontend driver: its ring half, its port and its counters."""
 
-    def __init__(self, domu: evtchn.Domain, port: int, page: R.RingPage, requests: int):
+    def __init__(
+        self, domu: evtchn.Domain, port: int, page: R.RingPage, requests: int, in_flight: int
+    ):
         self.domu, self.port, self.requests = domu, port, requests
+        self.in_flight = min(in_flight, R.RING_SIZE)  # requests outstanding at most
         self.front = R.FrontRing(page)
         self.answered: npt.NDArray[np.uint8] = np.zeros(requests, np.uint8)
         self.next_id = 0  # the next request to issue
@@ -43,7 +46,8 @@ class Frontend:
     def submit(self) -> None:
         """Put as many requests as fit; after the last answer, the disconnect request."""
         front = self.front
-        k = min(front.free_requests(), self.requests - self.next_id)
+        outstanding = R.RING_SIZE - front.free_requests()
+        k = min(self.in_flight - outstanding, self.requests - self.next_id)
         for req_id in range(self.next_id, self.next_id + k):
             front.put_request(req_id, R.OP_WORK, request_arg(req_id))
         self.next_id += k
@@ -110,15 +114,19 @@ def u32(x: int) -> int:
     return x & 0xFFFFFFFF
 
 
-def main(host_name: str, domid: int, back_domid: int, ring_name: str, n: int, xs: Any) -> None:
+def main(
+    host_name: str, domid: int, back_domid: int, ring_name: str, n: int, in_flight: int, xs: Any
+) -> None:
     """Process entry: the frontend driver of domain `domid` (spawned by the toolstack)."""
     try:
-        sys.exit(_run(host_name, domid, back_domid, ring_name, n, xs))
+        sys.exit(_run(host_name, domid, back_domid, ring_name, n, in_flight, xs))
     except KeyboardInterrupt:
         sys.exit(130)
 
 
-def _run(host_name: str, domid: int, back_domid: int, ring_name: str, n: int, xs: Any) -> int:
+def _run(
+    host_name: str, domid: int, back_domid: int, ring_name: str, n: int, in_flight: int, xs: Any
+) -> int:
     R.mb()  # load the compiled fence now, not inside the timed loop
     host = evtchn.Host.attach(host_name)
     domu = host.domain(domid)
@@ -127,7 +135,7 @@ def _run(host_name: str, domid: int, back_domid: int, ring_name: str, n: int, xs
         port = domu.alloc_unbound(back_domid)  # EVTCHNOP_alloc_unbound for the backend
         xs.send(("ring", ring_name, port))  # xenstore: ring-ref, event-channel
         message(xs, "connected")  # the backend bound its end (XenbusStateConnected)
-        drv = Frontend(domu, port, page, n)
+        drv = Frontend(domu, port, page, n, in_flight)
         try:
             elapsed = drv.run()
         except (PeerGone, ProtocolError) as exc:

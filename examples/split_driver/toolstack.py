@@ -49,8 +49,8 @@ class Outcome:
 def _exit_text(proc: BaseProcess) -> str:
     code = proc.exitcode
     if code is not None and code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
+        return f"died, killed by {signal.Signals(-code).name}"
+    return f"stopped with exit code {code}"
 
 
 def _recv(conn: Connection, procs: Sequence[BaseProcess], what: str) -> Any:
@@ -63,13 +63,13 @@ def _recv(conn: Connection, procs: Sequence[BaseProcess], what: str) -> Any:
             continue
         for p in procs:
             if p.exitcode is not None:
-                raise DriverDied(f"the {p.name} ({_exit_text(p)}) before {what}")
+                raise DriverDied(f"the {p.name} {_exit_text(p)} before {what}")
 
 
 class Toolstack:
     """Runs one frontend/backend pair on `host` (domU -> dom0)."""
 
-    def __init__(self, host: evtchn.Host, requests: int, use_njit: bool, abi: str):
+    def __init__(self, host: evtchn.Host, requests: int, in_flight: int, use_njit: bool, abi: str):
         self.host, self.requests, self.use_njit = host, requests, use_njit
         self.dom0 = host.create_domain(abi)  # the backend's domain
         self.domu = host.create_domain(abi)  # the frontend's guest
@@ -79,7 +79,15 @@ class Toolstack:
         self.back_xs, back_end = self.ctx.Pipe()
         self.front = self.ctx.Process(
             target=frontend.main,
-            args=(host.name, self.domu.domid, self.dom0.domid, self.ring_name, requests, front_end),
+            args=(
+                host.name,
+                self.domu.domid,
+                self.dom0.domid,
+                self.ring_name,
+                requests,
+                in_flight,
+                front_end,
+            ),
             name="frontend",
         )
         self.back = self.ctx.Process(
@@ -129,7 +137,7 @@ class Toolstack:
                 self._drain(p, conn)
                 if p.exitcode not in (None, 0) and p.name not in self._reported_dead:
                     self._reported_dead.add(p.name)  # once per driver
-                    self.out.errors.append(f"the {p.name} died ({_exit_text(p)})")
+                    self.out.errors.append(f"the {p.name} {_exit_text(p)}")
                     self._unbind_dead()
                     deadline = time.monotonic() + GRACE_S
             if deadline is not None and time.monotonic() > deadline:
