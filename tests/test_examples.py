@@ -73,10 +73,10 @@ def test_split_driver_answers_every_request_exactly_once(path, in_flight):
     assert r.stderr == "", r.stderr
 
 
-def _start_and_wait_for_traffic() -> tuple[subprocess.Popen[str], re.Match[str]]:
+def _start_and_wait_for_traffic(*args: str) -> tuple[subprocess.Popen[str], re.Match[str]]:
     """Start a long run; return once responses are flowing (the ring's rsp_prod > 0)."""
     proc = subprocess.Popen(
-        [*CMD, "--requests", "100000000", "--rounds", "0"],
+        [*CMD, "--requests", "100000000", "--rounds", "0", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -116,9 +116,10 @@ def _finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
     return out, err
 
 
+@pytest.mark.parametrize("path", ["python", "njit"])
 @pytest.mark.parametrize("victim, survivor", [("backend", "frontend"), ("frontend", "backend")])
-def test_a_killed_driver_stops_its_peer_with_a_clear_error(victim, survivor):
-    proc, m = _start_and_wait_for_traffic()
+def test_a_killed_driver_stops_its_peer_with_a_clear_error(victim, survivor, path):
+    proc, m = _start_and_wait_for_traffic(*(["--njit"] if path == "njit" else []))
     pid = int(m.group(1 if victim == "frontend" else 2))
     os.kill(pid, signal.SIGKILL)
     out, err = _finish(proc)

@@ -43,7 +43,6 @@ class Outcome:
     front: dict[str, Any] | None = None
     back: dict[str, Any] | None = None
     errors: list[str] = dataclasses.field(default_factory=list)
-    pids: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _exit_text(proc: BaseProcess) -> str:
@@ -104,7 +103,6 @@ class Toolstack:
         try:
             self.front.start()
             self.back.start()
-            self.out.pids = {"frontend": self.front.pid or 0, "backend": self.back.pid or 0}
             self._connect()
             if on_connected is not None:
                 on_connected(self)
@@ -112,6 +110,9 @@ class Toolstack:
         except DriverDied as exc:  # before the drivers were connected: nothing to wait for
             self.out.errors.append(str(exc))
             self._stop(grace=0.0)
+        except KeyboardInterrupt:  # the drivers got it too (one job), or we stop them now
+            self._stop(grace=1.0)
+            raise
         finally:
             self._stop(grace=GRACE_S)
             unlink_ring(self.ring_name)
