@@ -109,7 +109,7 @@ def _run(host_name: str, domid: int, front_domid: int, use_njit: bool, xs: Any) 
     if use_njit:
         from . import njit_backend
 
-        njit_backend.compile_now()  # before we connect: compiling is not serving
+        njit_backend.compile_now(dom0)  # before we connect: compiling is not serving
     _, ring_name, remote_port = message(xs, "ring")  # xenstore: ring-ref, event-channel
     page = R.RingPage(ring_name)  # map the granted page
     port = dom0.bind_interdomain(front_domid, remote_port)  # EVTCHNOP_bind_interdomain
