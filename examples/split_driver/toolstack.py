@@ -19,7 +19,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -98,7 +98,7 @@ class Toolstack:
         self.out = Outcome()
         self._reported_dead: set[str] = set()
 
-    def run(self, on_connected: Any = None) -> Outcome:
+    def run(self, on_connected: Callable[[Toolstack], None] | None = None) -> Outcome:
         """Start, connect and watch both drivers; always stops them and removes the ring."""
         try:
             self.front.start()
