@@ -21,6 +21,10 @@ import evtchn
 from . import ring as R
 from .xenbus import POLL_S, PeerGone, ProtocolError, check_connected, message
 
+# No response for this long, requests outstanding and the backend still connected: a lost
+# request or a lost wake-up. Reported as an error rather than waited on forever.
+STALL_S = 30.0
+
 
 def request_arg(req_id: int) -> int:
     """The argument of request `req_id` (varied, so a response cannot match by accident)."""
@@ -66,12 +70,12 @@ class Frontend:
         while True:
             rp = int(front.page.idx[R.RSP_PROD])
             R.mb()  # rmb: the responses are read after the index that published them
-            if u32(rp - front.rsp_cons) > u32(front.req_prod_pvt - front.rsp_cons):
+            if R.u32(rp - front.rsp_cons) > R.u32(front.req_prod_pvt - front.rsp_cons):
                 raise ProtocolError(f"rsp_prod {rp} overtakes the requests issued")
             while front.rsp_cons != rp:
                 row = ent[front.rsp_cons & (R.RING_SIZE - 1)]
                 self.take(int(row[R.F_ID]), int(row[R.F_STATUS]), int(row[R.F_RESULT]))
-                front.rsp_cons = u32(front.rsp_cons + 1)
+                front.rsp_cons = R.u32(front.rsp_cons + 1)
             if not front.final_check_for_responses():
                 return
 
@@ -93,11 +97,15 @@ class Frontend:
         """Issue every request, take every answer, disconnect; returns the seconds it took."""
         domu, port = self.domu, self.port
         t0 = time.perf_counter()
+        done, since = 0, time.monotonic()  # responses taken, and since when no more came
         while not self.disconnected:
             self.submit()
             if not domu.wait(0, POLL_S):  # halted until the upcall (or a look at the peer)
                 self.timeouts += 1
                 check_connected(domu, port, "backend", self.progress())
+                if self.done != done:  # progress since the last look
+                    done, since = self.done, time.monotonic()
+                self.check_stall(since)
                 continue
             self.wakeups += 1
             n = domu.consume_into(0, self.delivered)  # the upcall: ports delivered, acked
@@ -109,12 +117,18 @@ class Frontend:
                 domu.unmask(p)  # xen_irq_lateeoi: re-raises what came meanwhile
         return time.perf_counter() - t0
 
+    def check_stall(self, since: float) -> None:
+        """ProtocolError if no response came since `since`, STALL_S seconds ago or more,
+        while requests are out."""
+        outstanding = R.RING_SIZE - self.front.free_requests()
+        if outstanding and time.monotonic() - since > STALL_S:
+            raise ProtocolError(
+                f"no response for {STALL_S:.0f} s with {outstanding} requests outstanding and "
+                f"the backend connected (a lost request or a lost wake-up); {self.progress()}"
+            )
+
     def progress(self) -> str:
         return f"{self.requests - self.done} of {self.requests} requests unanswered"
-
-
-def u32(x: int) -> int:
-    return x & 0xFFFFFFFF
 
 
 def main(
