@@ -1,0 +1,1 @@
+"""Runnable examples of evtchn's public API (``python -m examples.<name>`` from the checkout)."""
