@@ -50,6 +50,14 @@ def pytest_configure(config):
     # CI must run the compiled backend, not silently fall back to the oracle alone.
     if os.environ.get("EVTCHN_REQUIRE_COMPILED") and not _available("cython"):
         raise pytest.UsageError("EVTCHN_REQUIRE_COMPILED is set but evtchn._core is not built")
+    # A suite started as a background job without job control (`.ci/run &` from a script) has
+    # SIGINT ignored, and every child would inherit that: the tests that send Ctrl-C to a
+    # child would wait for nothing. Take SIGINT back, as a terminal's foreground job has it.
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 @pytest.fixture(params=BACKENDS)

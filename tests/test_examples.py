@@ -73,6 +73,14 @@ def test_split_driver_answers_every_request_exactly_once(path, in_flight):
     assert r.stderr == "", r.stderr
 
 
+def _sigint_default() -> None:
+    # A test runner started as a background job without job control (`.ci/run &`) has SIGINT
+    # ignored, and a child inherits that (Python then leaves it ignored): give the run the
+    # Ctrl-C of a terminal's foreground job.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _start_and_wait_for_traffic(*args: str) -> tuple[subprocess.Popen[str], re.Match[str]]:
     """Start a long run; return once responses are flowing (the ring's rsp_prod > 0)."""
     proc = subprocess.Popen(
@@ -82,6 +90,7 @@ def _start_and_wait_for_traffic(*args: str) -> tuple[subprocess.Popen[str], re.M
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a terminal's job
+        preexec_fn=_sigint_default,
     )
     assert proc.stdout is not None
     m = None
