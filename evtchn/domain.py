@@ -216,7 +216,9 @@ class Domain:
         dm = self._dm
         stride, chunk = L.PORT_SIZE, 4096
         base = dm.layout.port(0) + L.P_STATE
-        valid = dm.hdr(L.H_VALID)
+        # A bucket may reach past max_ports (not a multiple of 64): those ports are never
+        # handed out (Xen's get_free_port: port > max_evtchn_port is ENOSPC).
+        valid = min(dm.hdr(L.H_VALID), dm.max_ports)
         for lo in range(start, valid, chunk):
             hi = min(lo + chunk, valid)
             states = dm.u8[base + lo * stride : base + hi * stride : stride]
@@ -348,6 +350,27 @@ class Domain:
             self._set_affinity(lport, 0)
         self._guest_bind(lport)
         return lport
+
+    def alloc_unbound_many(self, remote_domid: int, n: int) -> npt.NDArray[np.uint32]:
+        """`n` alloc_unbound(remote_domid) calls in one: the ports, in the order the calls
+        would have returned them. All or none: if the domain has fewer than `n` free ports,
+        BatchError(ENOSPC) with ``.index`` the first element that found none, and no port is
+        allocated. Takes this domain's event lock once for the batch (evtchn.batch)."""
+        from .batch import alloc_unbound_many
+
+        return alloc_unbound_many(self, remote_domid, n)
+
+    def bind_interdomain_many(
+        self, remote_domid: int, remote_ports: npt.ArrayLike
+    ) -> npt.NDArray[np.uint32]:
+        """bind_interdomain(remote_domid, p) for each p of `remote_ports`, in one call: the
+        local ports, element by element. All or none: the first element the single op would
+        refuse (ENOSPC, EINVAL; ESRCH for the domain) raises BatchError with that errno and
+        ``.index``, and nothing is bound. Takes both domains' event locks once for the batch,
+        in domid order (evtchn.batch)."""
+        from .batch import bind_interdomain_many
+
+        return bind_interdomain_many(self, remote_domid, remote_ports)
 
     def bind_virq(self, virq: int, vcpu: int = 0) -> int:
         """Bind VIRQ `virq` (per-vCPU ones on `vcpu`; others on vCPU 0 only)."""
