@@ -170,6 +170,7 @@ cdef enum:
 # waiter slots taken, the upcall flag is polled this often instead.
 cdef int64_t WAIT_SLICE_NS = L.WAIT_SLICE_NS
 cdef int64_t WAIT_FALLBACK_NS = L.WAIT_FALLBACK_NS
+cdef int SPIN_LOOKS_PER_CLOCK = L.SPIN_LOOKS_PER_CLOCK
 # A lock taken from Python waits without the GIL this long between looks for signals.
 cdef int64_t LOCK_SLICE_NS = L.LOCK_SLICE_NS
 cdef unsigned UNMASK_BUSY_SPINS = L.UNMASK_BUSY_SPINS
@@ -204,6 +205,7 @@ def spin_policy():
         "UNMASK_BUSY_YIELDS": UNMASK_BUSY_YIELDS,
         "WAIT_SLICE_NS": WAIT_SLICE_NS,
         "WAIT_FALLBACK_NS": WAIT_FALLBACK_NS,
+        "SPIN_LOOKS_PER_CLOCK": SPIN_LOOKS_PER_CLOCK,
         "WAITER_SLOTS": WAITER_SLOTS,
         "FIFO_LOCK_TRIES": FIFO_LOCK_TRIES,
         "FIFO_LINK_RETRIES": FIFO_LINK_RETRIES,
@@ -1108,6 +1110,20 @@ cdef Py_ssize_t consume(const dom_t *d, uint32_t v, uint32_t *out,
     return n
 
 
+cdef int spin_upcall(const uint8_t *flag, int64_t until_ns) noexcept nogil:
+    """wait()'s spin before it registers as a waiter: look at the upcall flag (a CPU relax
+    between looks) until it is set (1) or CLOCK_MONOTONIC reaches until_ns (0). No waiter slot
+    is taken, so a sender's kick pays no wake-up for a spinning vCPU."""
+    cdef int _i
+    while True:
+        for _i in range(SPIN_LOOKS_PER_CLOCK):
+            if at_load8(flag) & 1:
+                return 1
+            cpu_relax()
+        if monotonic_ns() >= until_ns:
+            return 0
+
+
 cdef inline int64_t sleep_slice(int64_t deadline) noexcept nogil:
     """How long the next futex sleep of wait() or poll() may be: at most WAIT_SLICE_NS (then
     look for signals), no later than `deadline` (< 0: none); <= 0 once it passed."""
@@ -1651,25 +1667,40 @@ cdef class CythonKernels:
                 block(kickw, seen, slice_ns, slot)
             PyErr_CheckSignals()
 
-    def wait(self, domid, uint32_t vcpu, timeout):
+    def wait(self, domid, uint32_t vcpu, timeout, int64_t spin_ns=0):
         """Block until vCPU has an upcall pending (a halted vCPU waiting for its interrupt);
-        False if `timeout` seconds (None: forever) passed first. Repairs the waiter slots of
-        waiters that died blocked, takes a slot (kick() wakes registered waiters only), and
-        sleeps on the kick futex in slices of at most WAIT_SLICE_NS without the GIL, checking
-        for signals between slices. With all slots taken it polls the upcall flag every
-        WAIT_FALLBACK_NS instead."""
+        False if `timeout` seconds (None: forever) passed first. First spins on the upcall
+        flag for up to `spin_ns` without registering (a kick then costs the sender no system
+        call), in slices of at most WAIT_SLICE_NS without the GIL, checking for signals
+        between slices. Then repairs the waiter slots of waiters that died blocked, takes a
+        slot (kick() wakes registered waiters only), and sleeps on the kick futex in slices of
+        at most WAIT_SLICE_NS without the GIL, checking for signals between slices. With all
+        slots taken it polls the upcall flag every WAIT_FALLBACK_NS instead."""
         cdef dom_t *d = self._dom(domid)
         cdef uint8_t *flag = upcall_flag(d, vcpu)
         cdef char *x = xen_vcpu(d, vcpu)
         cdef uint32_t *kickw = <uint32_t *>(x + X_KICK)
         cdef uint32_t seen
         cdef uint64_t me
-        cdef int slot
-        cdef int64_t deadline = -1, slice_ns
+        cdef int slot, got
+        cdef int64_t deadline = -1, slice_ns, until, step
         if at_load8(flag) & 1:
             return True
         if timeout is not None and float(timeout) < 1e9:     # longer: as good as forever
             deadline = monotonic_ns() + <int64_t>(max(0.0, float(timeout)) * 1e9)
+        if spin_ns > 0:
+            until = monotonic_ns() + spin_ns
+            if 0 <= deadline < until:
+                until = deadline
+            while True:
+                step = min(until, monotonic_ns() + WAIT_SLICE_NS)
+                with nogil:
+                    got = spin_upcall(flag, step)
+                if got:
+                    return True
+                if step >= until:
+                    break
+                PyErr_CheckSignals()
         me = evtchn_self()
         waiter_repair(d, vcpu, me)
         slot = waiter_enter(d, vcpu, me)         # fences: Dekker with kick()

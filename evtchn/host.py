@@ -76,6 +76,9 @@ class Host:
         self._pid = os.getpid()
         self._doms: dict[int, DomainMemory] = {}
         self._closed = False
+        #: How long Domain.wait spins on the upcall flag before it blocks, when its call does
+        #: not say (ns; a process-local setting, initially layout.WAIT_SPIN_NS).
+        self.wait_spin_ns: int = L.WAIT_SPIN_NS
         if _attach is None:
             self._owner = True
             self._hseg = Segment(
@@ -208,12 +211,17 @@ class Host:
                     f"host {self.name!r} has {domid} domains, the most Xen's domid space allows",
                 )
             seg = Segment(L.domain_segment_name(self.name, domid), lay.size)
-            DomainMemory.initialise(seg, lay, domid, auto_expand)
-            seg.u32[L.H_INJECT // 4] = self._hseg.u32[L.HH_INJECT // 4]
-            dm = DomainMemory(seg)
-            _init_domain_state(dm)
-            self._doms[domid] = dm
-            self._k.map_domain(dm)
+            try:
+                DomainMemory.initialise(seg, lay, domid, auto_expand)
+                seg.u32[L.H_INJECT // 4] = self._hseg.u32[L.HH_INJECT // 4]
+                dm = DomainMemory(seg)
+                _init_domain_state(dm)
+                self._doms[domid] = dm
+                self._k.map_domain(dm)
+            except BaseException:  # unpublished: unlink it, or the next create finds it
+                self._doms.pop(domid, None)
+                seg.unlink()
+                raise
             self._hseg.u32[L.HH_NDOMAINS // 4] = domid + 1  # publish after the init
         return Domain(self, domid)
 
