@@ -220,6 +220,7 @@ ctypedef struct dom_t:
     uint32_t abi
     uint32_t vcpus
     uint32_t wb              # xen_ulong_t width: 64, or 32 for the x86-32 compat layout
+    uint32_t wshift          # log2(wb): ports to words by shifts, not divisions (hot paths)
     uint32_t link_mask       # FIFO: (1 << link_bits) - 1
     uint32_t max_fifo_ports  # FIFO: 1 << link_bits
     uint32_t nwords          # words a 2l/3l scan covers: W (2l) or W*W (3l)
@@ -291,7 +292,7 @@ cdef inline int bm_test_sc(const dom_t *d, char *base, uint32_t port) noexcept n
     after a seq_cst RMW of the other bitmap (set_pending: set PENDING, read MASKED; unmask:
     clear MASKED, read PENDING). An acquire load may be satisfied before the RMW's store is
     visible (Arm); on x86 both compile to a plain mov after a locked RMW."""
-    cdef size_t idx = port // d.wb
+    cdef size_t idx = port >> d.wshift
     if d.wb == 64:
         return (at_load_sc64(<uint64_t *>base + idx) >> (port % 64)) & 1
     return (at_load_sc32(<uint32_t *>base + idx) >> (port % 32)) & 1
@@ -440,23 +441,22 @@ cdef void check_pollers(const dom_t *d, uint32_t port) noexcept nogil:
 # -- 2-level / 3-level hypervisor side (event_2l.c, generalised one level up for 3l) -------------
 cdef inline void raise_selectors(const dom_t *d, uint32_t v, uint32_t port) noexcept nogil:
     """Selector(s) then the upcall flag, each a seq_cst test_and_set, in Xen's order."""
-    cdef uint32_t w = d.wb, l2
+    cdef uint32_t sh = d.wshift, l2
     if d.abi == ABI_3L:                          # L2 bit `port / W` covers L3 word port / W
-        l2 = port // w
-        if bm_test_and_set(d, l2_sel(d, v), l2 // w, l2 % w):
+        l2 = port >> sh
+        if bm_test_and_set(d, l2_sel(d, v), l2 >> sh, l2 & (d.wb - 1)):
             return
-        if not bm_test_and_set(d, pending_sel(d, v), 0, l2 // w):
+        if not bm_test_and_set(d, pending_sel(d, v), 0, l2 >> sh):
             mark_upcall_pending(d, v)
         return
-    if not bm_test_and_set(d, pending_sel(d, v), 0, port // w):
+    if not bm_test_and_set(d, pending_sel(d, v), 0, port >> sh):
         mark_upcall_pending(d, v)
 
 cdef inline int bitmap_set_pending(const dom_t *d, uint32_t v, uint32_t port) noexcept nogil:
     """evtchn_2l_set_pending (event_2l.c): pending, then (if unmasked) selector(s), then the
     upcall flag. The mask is read seq_cst after the pending RMW: the guest's unmask clears the
     mask, then reads pending, so one of the two sees the other."""
-    cdef uint32_t w = d.wb
-    if bm_test_and_set(d, d.pend, port // w, port % w):
+    if bm_test_and_set(d, d.pend, port >> d.wshift, port & (d.wb - 1)):
         return 0                                 # coalesced: no pollers check
     if not bm_test_sc(d, d.mask, port):
         raise_selectors(d, v, port)
@@ -901,8 +901,7 @@ cdef inline Py_ssize_t deliver(const dom_t *d, uint32_t port, uint32_t *out,
                                Py_ssize_t n) noexcept nogil:
     """The IRQ layer's ack (clear_evtchn) then the handler: delivered iff this call cleared
     PENDING, so no edge is delivered twice, even by two vCPUs."""
-    cdef uint32_t w = d.wb
-    if bm_test_and_clear(d, d.pend, port // w, port % w):
+    if bm_test_and_clear(d, d.pend, port >> d.wshift, port & (d.wb - 1)):
         out[n] = port
         return n + 1
     return n
@@ -986,7 +985,9 @@ cdef int bitmap_handle(const dom_t *d, uint32_t v, uint32_t *out, Py_ssize_t cap
     twice (upper part, then all of it). `pw` is the caller's scan bitmap; with `taken` the
     selectors were already swapped into it (summary given). Returns 1 if it stopped because
     `out` is full."""
-    cdef uint32_t w = d.wb, nwords = d.nwords
+    # W and the word count are powers of two: masks and shifts (a division per event costs
+    # more than the rest of the delivery on some CPUs).
+    cdef uint32_t wmask = d.wb - 1, wshift = d.wshift, nmask = d.nwords - 1, nwords = d.nwords
     cdef uint32_t timer, start_word, start_bit, word, bit, i
     cdef uint32_t *rword = guest_u32(d, v, G_RESUME_WORD)
     cdef uint32_t *rbit = guest_u32(d, v, G_RESUME_BIT)
@@ -994,7 +995,7 @@ cdef int bitmap_handle(const dom_t *d, uint32_t v, uint32_t *out, Py_ssize_t cap
     cdef int64_t nxt
     cdef Py_ssize_t n = pn[0]
     timer = virq_port(d, v, VIRQ_TIMER)          # "timer has highest priority"
-    if timer and n < cap and (active_bits(d, v, timer // w) >> (timer % w)) & 1:
+    if timer and n < cap and (active_bits(d, v, timer >> wshift) >> (timer & wmask)) & 1:
         n = deliver(d, timer, out, n)
     if not taken:
         summary = take_selectors(d, v, pw)
@@ -1020,15 +1021,15 @@ cdef int bitmap_handle(const dom_t *d, uint32_t v, uint32_t *out, Py_ssize_t cap
                 pn[0] = n
                 return 1
             bit = lowest_bit(cand)
-            n = deliver(d, word * w + bit, out, n)
-            bit = (bit + 1) % w
+            n = deliver(d, (word << wshift) | bit, out, n)
+            bit = (bit + 1) & wmask
             at_store_relaxed32(rbit, bit)
-            at_store_relaxed32(rword, word if bit else (word + 1) % nwords)
+            at_store_relaxed32(rword, word if bit else (word + 1) & nmask)
             if bit == 0:
                 break
         if word != start_word or i != 0:         # the start word is scanned twice
             summary = pw_clear(pw, summary, word)
-        word = (word + 1) % nwords
+        word = (word + 1) & nmask
         i += 1
     pn[0] = n
     return 0
@@ -1272,6 +1273,7 @@ cdef class CythonKernels:
         d.abi = dm.abi
         d.vcpus = dm.vcpus
         d.wb = dm.word_bits
+        d.wshift = 6 if d.wb == 64 else 5
         d.link_mask = (1 << dm.link_bits) - 1
         d.max_fifo_ports = 1 << dm.link_bits
         d.nwords = d.wb * d.wb if d.abi == ABI_3L else d.wb
