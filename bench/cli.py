@@ -41,6 +41,7 @@ from . import alternatives as A
 from . import build as B
 from . import calls as CL
 from . import compare as C
+from . import headline as HL
 from . import latency as LT
 from . import memory as M
 from . import multi as MU
@@ -103,6 +104,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--quick", action="store_true", help="smoke run: 1 repetition of 0.25 s per side and ABI"
+    )
+    p.add_argument(
+        "--no-headline",
+        action="store_true",
+        help="skip the headline (python -m stress --ports 131072 --vcpus 64 beside its C "
+        "anchor, bench/headline.py)",
+    )
+    p.add_argument(
+        "--headline-reps",
+        type=int,
+        default=3,
+        metavar="N",
+        help="alternating runs of each side of the headline per ABI (--quick: 1)",
+    )
+    p.add_argument(
+        "--headline-duration",
+        type=float,
+        default=4.0,
+        metavar="S",
+        help="seconds of racing per headline run (--quick: 1)",
+    )
+    p.add_argument(
+        "--headline-shape",
+        type=int,
+        nargs=3,
+        metavar=("PORTS", "VCPUS", "SENDERS"),
+        help=f"the headline's size (default {HL.FULL['ports']} {HL.FULL['vcpus']} "
+        f"{HL.FULL['senders']}; --quick: {HL.QUICK['ports']} {HL.QUICK['vcpus']} "
+        f"{HL.QUICK['senders']})",
     )
     p.add_argument(
         "--no-alternatives",
@@ -260,6 +290,14 @@ def run(args) -> tuple[int, dict]:
         raise BenchError("--reps must be at least 1")
     if args.latency_events < 1:
         raise BenchError("--latency-events must be at least 1")
+    hl_reps, hl_duration = args.headline_reps, args.headline_duration
+    hl_shape = dict(HL.QUICK if args.quick else HL.FULL)
+    if args.headline_shape:
+        hl_shape = dict(zip(("ports", "vcpus", "senders"), args.headline_shape))
+    if args.quick:
+        hl_reps, hl_duration = 1, 1.0
+    if hl_reps < 1 or not hl_duration > 0 or min(hl_shape.values()) < 1:
+        raise BenchError("--headline-reps, --headline-duration and --headline-shape must be > 0")
     cfg.check()
     do_evtchn, do_c = args.only != "c", args.only != "evtchn"
     backend = args.backend if do_evtchn else None
@@ -304,6 +342,8 @@ def run(args) -> tuple[int, dict]:
                 case.close()
                 if other:
                     other.close()
+        if not args.no_headline:
+            HL.measure(abis, backend, exe, hl_reps, hl_duration, hl_shape, record)
         pairs = args.pairs or (MU.QUICK_PAIRS if args.quick else MU.PAIRS)
         pairs = [] if pairs == [0] or not do_evtchn else pairs
         MU.check_pairs(pairs)
@@ -355,6 +395,8 @@ def run(args) -> tuple[int, dict]:
     figures.update(latency_figures)
     if alts or skipped:
         figures.update(_report_alternatives(runs, abis, alts, skipped, backend, figures, cfg.batch))
+    if not args.no_headline:
+        figures.update(HL.report(runs, abis, backend, hl_shape, _fmt))
     if pairs:
         figures.update(_report_multi(runs, abis, pairs, backend))
     call_lines = []
@@ -374,7 +416,13 @@ def run(args) -> tuple[int, dict]:
     doc = {
         **figures,
         **_machine(args.cc),
-        "config": {**dataclasses.asdict(cfg), "reps": reps, "backend": backend, "abis": abis},
+        "config": {
+            **dataclasses.asdict(cfg),
+            "reps": reps,
+            "backend": backend,
+            "abis": abis,
+            "headline": {**hl_shape, "reps": hl_reps, "duration": hl_duration},
+        },
         "runs": runs,
         "latency_samples_ns": samples,
     }
@@ -390,6 +438,12 @@ def _describe(r) -> str:
         body = (
             f"{_fmt(r['events_per_s'])} ev/s, delivered {r['delivered']} of {r['edges']} "
             f"edges, {r['waits']} waits"
+        )
+    elif r["case"] == HL.NAME:
+        body = (
+            f"{_fmt(r['delivered_per_s'])} ev/s while racing, delivered {r['delivered']} of "
+            f"{r['edges']} edges, {r['vcpu_wakeups']} wake-ups, CPU s/s senders "
+            f"{r['cpu_per_s']['senders']}, vcpus {r['cpu_per_s']['vcpus']}"
         )
     elif r["case"] == ALTERNATIVE:
         head = f"  {r['case']:<9} {r['impl']:>14} rep {r['rep']}: "
@@ -486,6 +540,11 @@ def _report(runs, abis, impls, backend):
             what = (
                 f"received {r['delivered']} of {r['sent']}"
                 if r["case"] == ALTERNATIVE
+                else f"lost {r['lost']}, phantom {r['phantom']}, left pending "
+                f"{r['left_pending']}, refused {r['refused']}"
+                if r["case"] == HL.NAME and r["impl"] == "c"
+                else f"stress verdict {r.get('verdict')}, {r.get('violations')} violation(s)"
+                if r["case"] == HL.NAME
                 else f"lost {r['lost']}, left pending {r['left_pending']}, "
                 f"drained after {r['drained_after']}"
             )
@@ -580,6 +639,11 @@ def _report_alternatives(runs, abis, alts, skipped, backend, figures, batch) -> 
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "study":  # python -m bench study ...: the ABI study (bench/study)
+        from .study.cli import main as study_main
+
+        return study_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.plot:

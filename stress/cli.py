@@ -105,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
         f"3l {CF.abi_limit('3l')}; port 0 is reserved)",
     )
     p.add_argument(
+        "--word-bits",
+        type=int,
+        choices=(32, 64),
+        default=64,
+        help="xen_ulong_t width for 2l and 3l: 64, or 32 for the x86-32 layout (default 64)",
+    )
+    p.add_argument(
+        "--link-bits",
+        type=int,
+        default=L.FIFO_LINK_BITS,
+        metavar="N",
+        help=f"fifo: LINK field width, {L.FIFO_LINK_BITS} (Xen) to {L.FIFO_MAX_LINK_BITS} (the "
+        f"design's ceiling); 2^N ports (default {L.FIFO_LINK_BITS})",
+    )
+    p.add_argument(
         "--vcpus",
         type=_positive_int("--vcpus"),
         default=64,
@@ -231,6 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="how worker processes start (default forkserver)",
     )
     p.add_argument(
+        "--accounting",
+        choices=("compiled", "numpy"),
+        default="compiled",
+        help="the workers' per-batch accounting: compiled (stress/_fast.c, built with the "
+        "C compiler at the start of the run; numpy when there is none) or numpy "
+        "(default compiled; both keep every check)",
+    )
+    p.add_argument(
+        "--beside-c",
+        action="store_true",
+        help="after each ABI's run, run the headline's C anchor (bench/c/evtchn_ref.c "
+        "--headline: the same senders, vCPUs, channels, batch and nap, in C, on a host "
+        "bound the same way) for as long as the run raced, and report both rates and "
+        "the ratio (needs a C compiler)",
+    )
+    p.add_argument(
         "--hang-timeout",
         type=_positive_float("--hang-timeout"),
         default=30.0,
@@ -256,8 +287,15 @@ def parse(argv: list[str]) -> tuple[list[CF.Config], argparse.Namespace]:
     abis = list(CF.ABIS) if abi == "all" else [abi]
     explicit = args.ports is not None
     ports = args.ports if explicit else DEFAULT_PORTS
+    if not L.FIFO_LINK_BITS <= args.link_bits <= L.FIFO_MAX_LINK_BITS:
+        raise CF.ConfigError(
+            f"--link-bits must be from {L.FIFO_LINK_BITS} to {L.FIFO_MAX_LINK_BITS}, "
+            f"not {args.link_bits}"
+        )
+    if args.link_bits != L.FIFO_LINK_BITS and abi not in ("fifo", "all"):
+        raise CF.ConfigError(f"--link-bits is a fifo setting; --abi is {abi}")
     if abi != "all" and explicit:
-        limit = CF.abi_limit(abi)
+        limit = CF.abi_limit(abi, args.word_bits, args.link_bits)
         if args.ports > limit:
             raise CF.ConfigError(f"--ports {args.ports} is above the {abi} limit of {limit} ports")
     if not 0 <= args.duel <= 3600:
@@ -284,6 +322,8 @@ def parse(argv: list[str]) -> tuple[list[CF.Config], argparse.Namespace]:
         duration=args.duration,
         events=args.events,
         seed=seed,
+        word_bits=args.word_bits,
+        link_bits=args.link_bits,
         backend=backend,
         inject=args.inject,
         batch=args.batch,
@@ -294,6 +334,7 @@ def parse(argv: list[str]) -> tuple[list[CF.Config], argparse.Namespace]:
         hang_timeout=args.hang_timeout,
         resets=args.resets,
         resetters=args.resetters,
+        accounting=args.accounting,
         progress=not args.no_progress,
         json_path=args.json_path,
     )
@@ -342,6 +383,10 @@ def replay_command(cfg: CF.Config) -> str:
     else:
         parts += ["--duration", f"{cfg.duration if cfg.duration is not None else 10:g}"]
     parts += ["--seed", str(cfg.seed), "--backend", cfg.backend]
+    if cfg.word_bits != 64:
+        parts += ["--word-bits", str(cfg.word_bits)]
+    if cfg.link_bits != L.FIFO_LINK_BITS:
+        parts += ["--link-bits", str(cfg.link_bits)]
     if cfg.inject:
         parts += ["--inject", cfg.inject]
     if cfg.batch != 2048:
@@ -356,6 +401,8 @@ def replay_command(cfg: CF.Config) -> str:
         parts += ["--resets", f"{cfg.resets:g}"]
     if cfg.resetters != 1:
         parts += ["--resetters", str(cfg.resetters)]
+    if cfg.accounting != "compiled":
+        parts += ["--accounting", cfg.accounting]
     return " ".join(shlex.quote(x) for x in parts)
 
 
@@ -428,17 +475,32 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from . import run as R
 
+    exe = build_dir = None
+    if args.beside_c:  # build first: a missing compiler is a usage error, not a late failure
+        import tempfile
+
+        from . import anchor as A
+
+        build_dir = tempfile.TemporaryDirectory(prefix="evtchn-anchor-")
+        try:
+            exe = A.build(build_dir.name)
+        except A.AnchorError as exc:
+            build_dir.cleanup()
+            print(f"python -m stress: error: --beside-c: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return _main(argv, cfgs, args)
+        return _main(argv, cfgs, args, exe)
     except (KeyboardInterrupt, R.Interrupted):  # between runs or while printing: each run
         print("\nINTERRUPTED (exit 130)", flush=True)  # released what it had made
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, old_term)
+        if build_dir is not None:
+            build_dir.cleanup()
 
 
-def _main(argv: list[str], cfgs, args) -> int:
+def _main(argv: list[str], cfgs, args, exe=None) -> int:
     from . import report
     from . import run as R
 
@@ -458,6 +520,8 @@ def _main(argv: list[str], cfgs, args) -> int:
         results.append(res)
         if res.error or res.interrupted:
             break
+        if exe is not None:  # the C program of the same shape, on this run's figures
+            _beside_c(cfg, exe, res.record)
     records = [r.record for r in results]
     if any(r.interrupted for r in results):
         code = EXIT_INTERRUPTED
@@ -470,8 +534,9 @@ def _main(argv: list[str], cfgs, args) -> int:
     print()
     print(report.table(records))
     for r in records:
-        if r.get("note"):
-            print(f"note: {r['note']}")
+        for key in ("note", "accounting_note"):
+            if r.get(key):
+                print(f"note: {r[key]}")
     text = report.violations_text(records, {c.abi: c.argv_replay for c in cfgs})
     if text:
         print()
@@ -484,6 +549,27 @@ def _main(argv: list[str], cfgs, args) -> int:
     print()
     print(_verdict(code, results, cfgs))
     return code
+
+
+def _beside_c(cfg, exe, rec: dict) -> None:
+    """The C anchor on this run's configuration, into rec["c_anchor"] (or its error)."""
+    from . import anchor as A
+
+    if cfg.abi not in A.ABIS:
+        rec["c_anchor_error"] = f"the C anchor implements {' and '.join(A.ABIS)} only"
+    elif (cfg.word_bits, cfg.link_bits) != (64, L.FIFO_LINK_BITS):
+        rec["c_anchor_error"] = (
+            f"the C anchor implements 64-bit words and {L.FIFO_LINK_BITS}-bit links only"
+        )
+    if "c_anchor_error" in rec:
+        print(f"{cfg.abi}: no C anchor ({rec['c_anchor_error']})")
+        return
+    print(f"{cfg.abi}: C anchor, {rec.get('race_s', 0):.1f} s ...", flush=True)
+    try:
+        rec["c_anchor"] = A.beside(cfg, exe, rec)
+    except A.AnchorError as exc:
+        rec["c_anchor_error"] = str(exc)
+        print(f"{cfg.abi}: C anchor FAILED: {exc}", file=sys.stderr)
 
 
 def _verdict(code: int, results, cfgs) -> str:

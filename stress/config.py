@@ -49,9 +49,9 @@ def spare_ports(limit: int) -> int:
 INJECT_ABI = {name: ("2l" if name.startswith("2l-") else "fifo") for name in L.INJECTIONS}
 
 
-def abi_limit(abi: str) -> int:
-    """Ports the ABI addresses with evtchn's defaults (64-bit words, 17 LINK bits)."""
-    return L.abi_max_ports(L.ABI_NAMES[abi], 64, L.FIFO_LINK_BITS)
+def abi_limit(abi: str, word_bits: int = 64, link_bits: int = L.FIFO_LINK_BITS) -> int:
+    """Ports the ABI addresses (evtchn's defaults: 64-bit words, 17 LINK bits)."""
+    return L.abi_max_ports(L.ABI_NAMES[abi], word_bits, link_bits)
 
 
 def default_senders() -> int:
@@ -75,6 +75,8 @@ class Config:
     duration: float | None = None  # seconds of racing; default 10 when --events is absent
     events: int | None = None  # stop once this many events were delivered
     seed: int = 0
+    word_bits: int = 64  # xen_ulong_t of dom0 and the senders (2l, 3l): 64, or 32 (x86-32)
+    link_bits: int = L.FIFO_LINK_BITS  # FIFO LINK width of dom0 and the senders (17 .. 28)
     backend: str = "cython"
     inject: str | None = None
     batch: int = 2048  # ports per send_many
@@ -86,6 +88,8 @@ class Config:
     hang_timeout: float = 30.0  # a worker whose heartbeat stalls this long has hung
     resets: float = DEFAULT_RESETS  # EVTCHNOP_reset calls per second on K (0: no K)
     resetters: int = 1  # resetter processes of K (2: resets race each other and re-binds)
+    accounting: str = "compiled"  # the workers' per-batch accounting: compiled or numpy
+    fast_lib: str | None = None  # the compiled accounting's library (set by the run)
     progress: bool = True
     json_path: str | None = None
     argv_replay: str = ""  # the command line that replays this run
@@ -122,7 +126,7 @@ class Config:
         """This configuration for one ABI, ports capped at its limit (and a note saying so).
         With closers on, one port in SPARE_EVERY stays free (see spare_ports)."""
         cfg = dataclasses.replace(self, abi=abi, chaos=dict(self.chaos))
-        limit = abi_limit(abi)
+        limit = abi_limit(abi, self.word_bits, self.link_bits)
         spare = spare_ports(limit) if self.closes > 0 else 0
         cfg.nports = limit
         # port 0 is reserved; K's channels take dom0 ports too

@@ -24,6 +24,16 @@ def _rate(x) -> str:
     return f"{x / 1e6:.2f} M/s" if x >= 1e5 else f"{x:,.0f}/s"
 
 
+def _cpu(c) -> str:
+    if not c:
+        return "-"
+    return f"{c['senders']:.2f} / {c['vcpus']:.2f}"
+
+
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
 ROWS = [
     ("ports (channels)", lambda r: _n(r.get("ports"))),
     ("vcpus", lambda r: _n(r.get("vcpus"))),
@@ -34,6 +44,10 @@ ROWS = [
     ("coalesced", lambda r: _n(r.get("coalesced"))),
     ("destroyed by close", lambda r: _n(r.get("destroyed_by_close"))),
     ("delivered/s (racing)", lambda r: _rate(r.get("delivered_per_s"))),
+    ("CPU s/s senders/vcpus", lambda r: _cpu(r.get("race_cpu_per_s"))),
+    ("C anchor delivered/s", lambda r: _rate((r.get("c_anchor") or {}).get("delivered_per_s"))),
+    ("C anchor CPU s/s", lambda r: _cpu((r.get("c_anchor") or {}).get("cpu_per_s"))),
+    ("delivered/s / C's", lambda r: _ratio((r.get("c_anchor") or {}).get("python_over_c"))),
     ("latency p50", lambda r: _us(r.get("latency_ns", {}).get("p50"))),
     ("latency p99", lambda r: _us(r.get("latency_ns", {}).get("p99"))),
     ("latency p99.9", lambda r: _us(r.get("latency_ns", {}).get("p99.9"))),
@@ -72,6 +86,7 @@ ROWS = [
         "destroyed by reset",
         lambda r: "-" if not r.get("resets") else _n(r["resets"]["destroyed"]),
     ),
+    ("accounting", lambda r: r.get("accounting", "-")),
     ("quiescent checks", lambda r: _n(r.get("epochs"))),
     (
         "setup / race / wall",
@@ -84,9 +99,17 @@ ROWS = [
 ]
 
 
+ANCHOR_ROWS = ("C anchor delivered/s", "C anchor CPU s/s", "delivered/s / C's")
+
+
 def table(records: list[dict]) -> str:
     head = ["abi"] + [r["abi"] for r in records]
-    rows = [head] + [[name] + [fmt(r) for r in records] for name, fmt in ROWS]
+    anchor = any(r.get("c_anchor") for r in records)  # --beside-c: its rows too
+    rows = [head] + [
+        [name] + [fmt(r) for r in records]
+        for name, fmt in ROWS
+        if anchor or name not in ANCHOR_ROWS
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = []
     for k, row in enumerate(rows):

@@ -34,11 +34,13 @@ from evtchn import layout as L
 from . import checks as C
 from . import config as CF
 from . import duels as DU
+from . import fast as F
 from . import resetter as RS
 from . import shm as S
 from . import workers as W
 
 monotonic = time.monotonic
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class WorkerError(RuntimeError):
@@ -136,12 +138,13 @@ def vcpu_for(port: int, cfg, nwords: int) -> int:
 def setup(cfg, host: Host) -> Setup:
     t0 = time.perf_counter()
     stats = None
+    size = {"word_bits": cfg.word_bits, "link_bits": cfg.link_bits}
     nchaos = cfg.n_chaos
     try:
         with interrupts_held():  # each segment is recorded (for its unlink) as it is created
-            dom0 = host.create_domain(cfg.abi, vcpus=cfg.vcpus)
-            sdoms = [host.create_domain(cfg.abi, vcpus=1) for _ in range(cfg.senders)]
-            kdom = host.create_domain(cfg.abi, vcpus=1) if cfg.kchans else None  # K (resets)
+            dom0 = host.create_domain(cfg.abi, vcpus=cfg.vcpus, **size)
+            sdoms = [host.create_domain(cfg.abi, vcpus=1, **size) for _ in range(cfg.senders)]
+            kdom = host.create_domain(cfg.abi, vcpus=1, **size) if cfg.kchans else None  # K
             cfg.nports = dom0.max_ports
             cfg.shape = S.Shape(
                 cfg.senders,
@@ -340,6 +343,19 @@ class ProcessCrew:
                 f"{int(self.st.hdr[slot, S.H_PID])}) hung: no heartbeat for "
                 f"{self.cfg.hang_timeout:.0f} s (state {state})"
             )
+
+    def cpu_seconds(self) -> np.ndarray:
+        """CPU seconds (user + system) each worker process has used, read by the parent from
+        /proc (the workers pay nothing for it); 0 for a process that is gone."""
+        out = np.zeros(len(self.names))
+        for slot, _name, p in self.procs:
+            try:
+                with open(f"/proc/{p.pid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                out[slot] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+            except (OSError, IndexError, ValueError, TypeError):
+                pass
+        return out
 
     def wait_for(self, pred, timeout: float, what: str) -> None:
         deadline = monotonic() + timeout
@@ -599,6 +615,9 @@ class InlineCrew:
     def poll(self) -> None:
         pass
 
+    def cpu_seconds(self):
+        return None  # one process: no per-role figure
+
     def _round(self) -> None:
         if not self.paused:
             for s in self.senders + self.kpaused:
@@ -682,7 +701,9 @@ def _run(cfg, progress_factory) -> Result:
     t_wall = time.perf_counter()
     timing = {"race_s": 0.0, "race_delivered": 0, "epochs": 0}
     bar = None
+    fast_lib = None
     try:
+        fast_lib = _build_fast(cfg, rec)
         with interrupts_held():
             host = Host(cfg.backend, inject=cfg.inject)
         # numba: compile (or load) every kernel once here, so that the workers load them from
@@ -717,7 +738,7 @@ def _run(cfg, progress_factory) -> Result:
         # The teardown runs whole: a second Ctrl-C here only makes the verdict "interrupted"
         # (stopped half-way, it would leave workers or segments behind).
         with interrupts_held(raise_after=False) as got:
-            _teardown(cfg, su, crew, host, bar, rec, timing, col, error or interrupted)
+            _teardown(cfg, su, crew, host, bar, rec, timing, col, error or interrupted, fast_lib)
         interrupted = interrupted or bool(got)
     rec["wall_s"] = round(time.perf_counter() - t_wall, 3)
     rec["epochs"] = timing["epochs"]
@@ -734,9 +755,9 @@ def _run(cfg, progress_factory) -> Result:
     return Result(rec, col, error, interrupted)
 
 
-def _teardown(cfg, su, crew, host, bar, rec, timing, col, abort: bool) -> None:
+def _teardown(cfg, su, crew, host, bar, rec, timing, col, abort: bool, fast_lib) -> None:
     """Stop the workers (kill them after an error or interrupt), take the figures (partial
-    ones too), release the shared memory."""
+    ones too), release the shared memory and the compiled accounting's library."""
     if su is not None and su.env.stats.ctrl is not None:
         su.env.stats.ctrl[S.C_PHASE] = S.PH_STOP
     if bar is not None:
@@ -753,8 +774,28 @@ def _teardown(cfg, su, crew, host, bar, rec, timing, col, abort: bool) -> None:
                 _metrics(cfg, su, rec, timing, col)  # partial figures too
                 su.env.stats.close()
         finally:
-            if host is not None:
-                host.close()
+            try:
+                if host is not None:
+                    host.close()
+            finally:
+                F.remove(fast_lib)
+
+
+def _build_fast(cfg, rec: dict):
+    """The compiled accounting for this run's workers (stress/fast.py), or the numpy code
+    when it is not wanted or there is no compiler (the record says which, and why)."""
+    cfg.fast_lib = None
+    rec["accounting"] = "numpy"
+    if cfg.accounting != "compiled":
+        return None
+    try:
+        lib = F.build()
+    except F.FastUnavailable as exc:
+        rec["accounting_note"] = f"compiled accounting unavailable, numpy used: {exc}"
+        return None
+    cfg.fast_lib = str(lib)
+    rec["accounting"] = "compiled"
+    return lib
 
 
 def _race(cfg, su, crew, col, timing, delivered_now) -> None:
@@ -772,12 +813,16 @@ def _race(cfg, su, crew, col, timing, delivered_now) -> None:
             break
         span = cfg.check_interval if left is None else min(cfg.check_interval, left)
         su.env.stats.ctrl[S.C_PHASE] = S.PH_RACE
-        d0, t0 = delivered_now(), time.perf_counter()
+        d0, t0, cpu0 = delivered_now(), time.perf_counter(), crew.cpu_seconds()
+        w0 = wakeups_now(su)
         try:
             crew.run_for(span, until=reached if target else None)
         finally:  # partial figures survive a dead worker or Ctrl-C
             timing["race_s"] += time.perf_counter() - t0
             timing["race_delivered"] += delivered_now() - d0
+            timing["race_wakeups"] = timing.get("race_wakeups", 0) + wakeups_now(su) - w0
+            if cpu0 is not None:
+                timing["race_cpu"] = timing.get("race_cpu", 0) + crew.cpu_seconds() - cpu0
         left = None if duration is None else duration - timing["race_s"]
         if (left is not None and left <= 0.05) or reached():
             break
@@ -786,6 +831,11 @@ def _race(cfg, su, crew, col, timing, delivered_now) -> None:
             cfg, su, crew, col, f"epoch {timing['epochs']} (t={timing['race_s']:.1f}s)", final=False
         )
         crew.resume()
+
+
+def wakeups_now(su) -> int:
+    sh = su.env.cfg.shape
+    return int(su.env.stats.hdr[sh.senders : sh.senders + sh.vcpus, S.H_WAKEUPS].sum())
 
 
 def _quiescent_check(cfg, su, crew, col, phase: str, final: bool) -> None:
@@ -877,6 +927,7 @@ def _metrics(cfg, su, rec, timing, col) -> None:
                 "closes": int(hdr[snd, S.H_CLOSES].sum()),
             },
             "vcpu_wakeups": int(hdr[vc, S.H_WAKEUPS].sum()),
+            "race_vcpu_wakeups": timing.get("race_wakeups", 0),
             "consume_calls": int(hdr[vc, S.H_BATCHES].sum()),
             "moved_port_overlaps": int(hdr[vc, S.H_OVERLAPS].sum()),
             "cpu_s": {
@@ -886,6 +937,12 @@ def _metrics(cfg, su, rec, timing, col) -> None:
             },
         }
     )
+    if race_s and timing.get("race_cpu") is not None:  # CPU-s per s of racing, per role
+        cpu = timing["race_cpu"]
+        rec["race_cpu_per_s"] = {
+            role: round(float(cpu[sl].sum()) / race_s, 3)
+            for role, sl in (("senders", snd), ("vcpus", vc), ("chaos", ch))
+        }
     hist = st.hist.sum(axis=0)
     n = int(hist.sum())
     frac = int(st.ctrl[S.C_SAMPLE_MASK]) + 1

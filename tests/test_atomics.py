@@ -181,7 +181,7 @@ def test_lock_acquire_for_times_out_and_robust_try_takes_a_dead_lock():
     assert at.lock_try_robust(w, 0, live + 5) == 0  # live owner: refused
     t0 = time.monotonic()
     assert at.lock_acquire_for(w, 0, live + 5, 50_000_000) == 0  # live owner: timed out
-    assert 0.04 <= time.monotonic() - t0 < 5
+    assert 0.04 <= time.monotonic() - t0 < 30  # upper bound: no hang (a loaded machine stalls)
     assert w[0] == live
 
 
@@ -189,14 +189,14 @@ def test_futex_wait_times_out():
     a = np.zeros(1, np.uint32)
     t0 = time.monotonic()
     assert at.futex_wait(a, 0, 0, 50_000_000) == errno.ETIMEDOUT
-    assert 0.045 <= time.monotonic() - t0 < 1.0
+    assert 0.045 <= time.monotonic() - t0 < 30  # upper bound: it timed out at all
 
 
 def test_futex_wait_returns_at_once_if_value_differs():
     a = np.ones(1, np.uint32)
     t0 = time.monotonic()
-    assert at.futex_wait(a, 0, 0, 5_000_000_000) == 0
-    assert time.monotonic() - t0 < 1.0
+    assert at.futex_wait(a, 0, 0, 60_000_000_000) == 0
+    assert time.monotonic() - t0 < 30  # not the 60 s timeout
 
 
 def test_futex_wait_interrupted_by_signal():

@@ -366,7 +366,7 @@ def test_cython_wait_timeout_and_wakeup():
         p = d.bind_ipi(1)
         t0 = time.monotonic()
         assert d.wait(1, timeout=0.12) is False
-        assert 0.1 <= time.monotonic() - t0 < 2
+        assert 0.1 <= time.monotonic() - t0 < 30  # upper bound: no hang
         assert d.wait(1, timeout=0) is False
         d.send(p)
         assert d.wait(1, timeout=None) is True

@@ -137,6 +137,33 @@ def test_alternatives_side_by_side(quick_run):
     assert "target: evtchn fifo 1:1 at least 20x mp_queue" in r.stdout
 
 
+def test_headline_beside_its_c_anchor(quick_run):
+    """The headline case ran the real stress run and the C anchor for fifo and 2l: both
+    delivered, the stress run passed every check, the anchor's own accounting held, and the
+    rates, the ratio and the CPU per role are figures."""
+    r, out, _ = quick_run
+    doc = json.loads(out.read_text())
+    assert "headline: python -m stress" in r.stdout
+    for abi in ("fifo", "2l"):
+        assert doc[f"headline_{abi}_cython_delivered_per_s"] > 0
+        assert doc[f"headline_{abi}_c_delivered_per_s"] > 0
+        assert doc[f"headline_{abi}_cython_over_c"] > 0
+        for impl in ("cython", "c"):
+            for role in ("senders", "vcpus"):
+                assert doc[f"headline_{abi}_{impl}_{role}_cpu_s_per_race_s"] is not None
+    runs = [x for x in doc["runs"] if x["case"] == "headline"]
+    assert {(x["abi"], x["impl"]) for x in runs} == {
+        (abi, impl) for abi in ("fifo", "2l") for impl in ("cython", "c")
+    }
+    for x in runs:
+        assert x["ok"] and x["delivered"] > 0, x
+        if x["impl"] == "c":
+            assert x["delivered"] == x["edges"] and x["left_pending"] == 0
+        else:
+            assert x["verdict"] == "pass" and x["violations"] == 0
+    assert doc["config"]["headline"]["reps"] == 1
+
+
 # -- --compare: two synthetic JSON files, no benchmark run -----------------------------------
 def _compare(tmp_path, old: dict, new: dict, *extra):
     (tmp_path / "old.json").write_text(json.dumps(old))

@@ -233,7 +233,7 @@ def test_ctrl_c_gets_through_a_lock_wait(compiled):
             t0 = time.monotonic()
             with pytest.raises(KeyboardInterrupt):
                 d0.alloc_unbound(0)
-            assert time.monotonic() - t0 < 5
+            assert time.monotonic() - t0 < 30  # interrupted, not hung
             owner = d0._dm.lock_words()["event"]
             assert owner & L.OWNER_TID_MASK == holder.pid  # still the holder's, not ours
         finally:

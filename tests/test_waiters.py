@@ -141,7 +141,7 @@ def test_with_every_slot_taken_wait_polls_the_upcall_flag(compiled):
             d0._dm.u32[(x + L.X_WAITERS) // 4] = (1 << L.WAITER_SLOTS) - 1
             t0 = time.monotonic()
             assert d0.wait(0, timeout=0.1) is False
-            assert 0.09 <= time.monotonic() - t0 < 5
+            assert 0.09 <= time.monotonic() - t0 < 30  # upper bound: no hang
             sender = threading.Timer(0.05, du.send, args=(pu,))
             sender.start()
             assert d0.wait(0, timeout=JOIN_S) is True

@@ -94,3 +94,47 @@ class MappedPages:
 
         rows = measure((1 << 15,), BACKEND, out=lambda *a: None)
         return next(r["pages"] for r in rows if r["abi"] == abi)
+
+
+class Headline:
+    """The headline's shape, small (bench/headline.py QUICK: 4096 ports, 8 vCPUs, 2 senders):
+    the real stress run's delivered/s while racing, and its C anchor's on a host bound the
+    same way (stress/anchor.py)."""
+
+    params = ["fifo", "2l"]
+    param_names = ["abi"]
+    unit = "events/s"
+    timeout = 300
+    number = 1
+    repeat = 2
+
+    def setup(self, abi):
+        import tempfile
+
+        from bench.headline import QUICK, configs
+        from stress import anchor as A
+
+        # 1 s of racing at least: the stress run's set-up and start dominate anyway, and a
+        # loaded machine may deliver nothing in a shorter race
+        self.cfg = configs([abi], QUICK, max(DURATION, 1.0), 1, BACKEND)[abi]
+        self.tmp = tempfile.TemporaryDirectory(prefix="evtchn-asv-anchor-")
+        self.exe = A.build(self.tmp.name)
+        self.anchor = A.AnchorHost(self.cfg)
+
+    def teardown(self, abi):
+        self.anchor.close()
+        self.tmp.cleanup()
+
+    def track_headline_delivered_per_s(self, abi):
+        from bench.headline import run_stress
+
+        rec = run_stress(self.cfg, 0)
+        if not rec["ok"]:
+            raise RuntimeError(f"the stress run failed its checks: {rec}")
+        return rec["delivered_per_s"]
+
+    def track_headline_c_delivered_per_s(self, abi):
+        rec = self.anchor.run(self.exe, self.cfg.duration)
+        if not rec["ok"]:
+            raise RuntimeError(f"the C anchor's accounting failed: {rec}")
+        return rec["delivered_per_s"]

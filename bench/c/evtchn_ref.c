@@ -981,7 +981,10 @@ static int run_handoff(int idle, uint32_t count, int64_t gap_ns, int scpu, int r
     return 0;
 }
 
+static int headline_main(int argc, char **argv);
+
 int main(int argc, char **argv) {
+    if (argc > 1 && !strcmp(argv[1], "--headline")) return headline_main(argc, argv);
     args_t a = {.vcpu = 0, .batch = 1024, .cap = 4096, .duration = 1.0, .wait_timeout = 0.01,
                 .sender_cpu = -1, .vcpu_cpu = -1};
     const char *ports = NULL;
@@ -1079,4 +1082,378 @@ int main(int argc, char **argv) {
            (long long)elapsed, (long long)(ctl->sender_end_ns - t0),
            (long long)(ctl->consumer_end_ns - t0), (long long)left_pending(&a));
     return 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* --headline: the shape of `python -m stress` (its data path) as C, the headline's anchor   */
+/*
+ * On a host whose channels Python bound (sender domains 1..N, each with interdomain channels to
+ * dom0, dom0's ports spread over its vCPUs and, for fifo, priorities), run:
+ *
+ *   N sender processes  sender s finds its own channels (its domain's INTERDOMAIN ports whose
+ *                       peer is the receiver) and, until told to stop, sends batches of --batch
+ *                       random ones of them (send(), the EVTCHNOP_send above); every new edge is
+ *                       tallied per dom0 port in its own shared row, as stress's Sender does.
+ *   V vCPU processes    vCPU v blocks as evtchn's wait() does (wait_upcall: the upcall flag, then
+ *                       the kick futex, --wait-timeout slices), drains with consume() into a
+ *                       --cap buffer until a call returns less than --cap, tallies every
+ *                       delivery per port in its own shared row, publishes its count, then naps
+ *                       --nap-us (stress's interrupt moderation) before it waits again.
+ *
+ * The parent measures deliveries over --duration seconds from the common start (the vCPUs'
+ * published counts, as stress's parent reads them), then stops the senders; the vCPUs drain
+ * what is left and stop. It then checks its own accounting: for every dom0 port, the deliveries
+ * of all vCPUs equal the edges of all senders, nothing is left PENDING (or LINKED), no send was
+ * refused. Prints one JSON object; exit status 1 if the accounting failed (the JSON says how).
+ * CPU seconds of each role count from the start to the stop (CLOCK_PROCESS_CPUTIME_ID).
+ *
+ *   BUILD/evtchn_ref --headline --host evtchn-123-abcd [--senders 2] [--vcpus 64] \
+ *                    [--batch 2048] [--cap 4096] [--nap-us 8000] [--duration 10] \
+ *                    [--wait-timeout 0.05] [--seed 1]
+ */
+
+#include <sys/prctl.h>
+
+typedef struct {
+    _Alignas(64) int64_t progress;              /* vCPU: deliveries so far (release) */
+    int64_t sent, edges, refused, batches, kicks, lost_lockq, link_gaveup;   /* senders */
+    int64_t delivered, wakeups, timeouts, calls, sleeps, consumer_kicks;     /* vCPUs */
+    int64_t cpu_ns;                             /* CPU time from the start to the stop */
+    int64_t channels;                           /* senders: channels found; vCPUs: 0 */
+} hl_slot_t;
+
+typedef struct {
+    _Alignas(64) int64_t start_ns;              /* common CLOCK_MONOTONIC start */
+    _Alignas(64) uint32_t ready;                /* children mapped and waiting */
+    _Alignas(64) uint32_t stop;                 /* 1: senders finish their batch and leave */
+    _Alignas(64) uint32_t senders_done;         /* senders that made their last send */
+    _Alignas(64) hl_slot_t slot[];              /* N senders, then V vCPUs */
+} hl_ctl_t;
+
+typedef struct {
+    const char *host;
+    uint32_t receiver, senders, vcpus, batch, cap, nports;
+    int64_t nap_ns, wait_timeout_ns;
+    double duration;
+    uint64_t seed;
+    hl_ctl_t *c;
+    uint32_t *edges;                            /* [senders][nports] */
+    uint32_t *delivered;                        /* [vcpus][nports] */
+} hl_t;
+
+static inline int64_t cpu_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline uint64_t splitmix64(uint64_t *s) {
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* Each child counts into a private ctl_t (the existing kernels' diagnostic counters), so that
+ * N + V processes do not share one cache line of counters; they are copied to its slot. */
+static void hl_private_ctl(void) {
+    ctl = calloc(1, sizeof *ctl);
+    if (!ctl) _exit(2);
+}
+
+static void hl_wait_start(hl_t *h) {
+    __atomic_fetch_add(&h->c->ready, 1, SEQ);
+    while (__atomic_load_n(&h->c->start_ns, ACQ) == 0) {
+        struct timespec ts = {0, 200000};       /* 66 processes: do not spin while others start */
+        nanosleep(&ts, NULL);
+    }
+    sleep_until(h->c->start_ns);
+}
+
+static void hl_sender(hl_t *h, uint32_t s) {
+    hl_slot_t *slot = &h->c->slot[s];
+    dom_t *ld = doms[1 + s], *d0 = doms[h->receiver];
+    uint64_t me = self_owner();
+    uint32_t valid = hdr(ld, EVL_H_VALID), n = 0;
+    uint32_t *lport = malloc(sizeof(uint32_t) * valid), *dport = malloc(sizeof(uint32_t) * valid);
+    uint32_t *tally = h->edges + (size_t)s * h->nports;
+    for (uint32_t p = 1; p < valid; p++) {      /* its own channels to vCPUs that run here */
+        uint8_t *pe = ld->base + port_off(ld, p);
+        if (pe[EVL_P_STATE] != EVL_ECS_INTERDOMAIN ||
+            *(uint16_t *)(pe + EVL_P_REMOTE_DOM) != h->receiver)
+            continue;
+        uint32_t rp = *(uint32_t *)(pe + EVL_P_REMOTE_PORT);
+        if (rp >= h->nports ||
+            *(uint16_t *)(d0->base + port_off(d0, rp) + EVL_P_NOTIFY_VCPU) >= h->vcpus)
+            continue;
+        lport[n] = p;
+        dport[n++] = rp;
+    }
+    slot->channels = n;
+    hl_private_ctl();
+    uint64_t rng = h->seed * 0x100000001B3ULL + s + 1;
+    int64_t sent = 0, edges = 0, refused = 0, batches = 0, kicks = 0;
+    hl_wait_start(h);
+    int64_t cpu0 = cpu_now_ns();
+    while (n && !__atomic_load_n(&h->c->stop, ACQ)) {
+        for (uint32_t i = 0; i < h->batch; i++) {
+            uint32_t k = (uint32_t)(((splitmix64(&rng) >> 32) * n) >> 32);
+            int r = send(ld, lport[k], me, &kicks);
+            if (r < 0)
+                refused++;
+            else if (r) {
+                tally[dport[k]]++;
+                edges++;
+            }
+        }
+        sent += h->batch;
+        batches++;
+    }
+    slot->cpu_ns = cpu_now_ns() - cpu0;
+    slot->sent = sent;
+    slot->edges = edges;
+    slot->refused = refused;
+    slot->batches = batches;
+    slot->kicks = kicks;
+    slot->lost_lockq = ctl->lost_lockq;
+    slot->link_gaveup = ctl->link_gaveup;
+    __atomic_fetch_add(&h->c->senders_done, 1, SEQ);
+}
+
+static void hl_vcpu(hl_t *h, uint32_t v) {
+    hl_slot_t *slot = &h->c->slot[h->senders + v];
+    dom_t *d = doms[h->receiver];
+    uint64_t me = self_owner();
+    uint32_t *buf = malloc(sizeof(uint32_t) * h->cap);
+    uint32_t *tally = h->delivered + (size_t)v * h->nports;
+    int64_t delivered = 0, wakeups = 0, timeouts = 0, calls = 0, cpu0 = 0;
+    hl_private_ctl();
+    hl_wait_start(h);
+    cpu0 = cpu_now_ns();
+    for (;;) {
+        /* once every sender is done, one more drain sees every last event, then leave */
+        int last = __atomic_load_n(&h->c->senders_done, SEQ) == h->senders;
+        if (last && !slot->cpu_ns) slot->cpu_ns = cpu_now_ns() - cpu0;
+        if (!last && !wait_upcall(d, v, h->wait_timeout_ns, me)) {
+            timeouts++;
+            continue;
+        }
+        wakeups += !last;
+        uint32_t got;
+        do {
+            got = consume(d, v, buf, h->cap, me);
+            calls++;
+            for (uint32_t i = 0; i < got; i++) tally[buf[i]]++;
+            delivered += got;
+        } while (got == h->cap);
+        __atomic_store_n(&slot->progress, delivered, REL);
+        if (last) break;
+        if (h->nap_ns > 0) {
+            struct timespec ts = {h->nap_ns / 1000000000, h->nap_ns % 1000000000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    slot->delivered = delivered;
+    slot->wakeups = wakeups;
+    slot->timeouts = timeouts;
+    slot->calls = calls;
+    slot->sleeps = ctl->sleeps;
+    slot->consumer_kicks = ctl->consumer_kicks;
+    free(buf);
+}
+
+static int64_t hl_progress(const hl_t *h) {
+    int64_t sum = 0;
+    for (uint32_t v = 0; v < h->vcpus; v++)
+        sum += __atomic_load_n(&h->c->slot[h->senders + v].progress, ACQ);
+    return sum;
+}
+
+/* dom0 ports still PENDING (or LINKED) after the drain, and the per-port accounting. */
+static void hl_check(const hl_t *h, int64_t *left, int64_t *lost, int64_t *phantom,
+                     int64_t *bad_ports) {
+    dom_t *d = doms[h->receiver];
+    *left = *lost = *phantom = *bad_ports = 0;
+    for (uint32_t p = 1; p < h->nports; p++) {
+        int64_t e = 0, got = 0;
+        for (uint32_t s = 0; s < h->senders; s++) e += h->edges[(size_t)s * h->nports + p];
+        for (uint32_t v = 0; v < h->vcpus; v++) got += h->delivered[(size_t)v * h->nports + p];
+        if (e != got) {
+            (*bad_ports)++;
+            if (e > got) *lost += e - got;
+            else *phantom += got - e;
+        }
+        if (d->abi == EVL_ABI_FIFO) {
+            if (p < hdr(d, EVL_H_ARRAY_PAGES) * (uint32_t)EVL_FIFO_WORDS_PER_PAGE &&
+                (__atomic_load_n(event_word(d, p), SEQ) & (PENDING | LINKED)))
+                (*left)++;
+        } else {
+            uint64_t *pend = U64(d, d->shared_info + EVL_SI_PENDING);
+            if (__atomic_load_n(&pend[p / 64], SEQ) >> (p % 64) & 1) (*left)++;
+        }
+    }
+}
+
+static int hl_run(hl_t *h) {
+    uint32_t nproc = h->senders + h->vcpus;
+    size_t csize = sizeof(hl_ctl_t) + sizeof(hl_slot_t) * nproc;
+    size_t tsize = sizeof(uint32_t) * (size_t)h->nports * nproc;
+    h->c = mmap(NULL, csize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    uint32_t *tallies = mmap(NULL, tsize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (h->c == MAP_FAILED || tallies == MAP_FAILED) return fail("cannot map the tallies");
+    h->edges = tallies;
+    h->delivered = tallies + (size_t)h->nports * h->senders;
+    pid_t *pids = calloc(nproc, sizeof(pid_t));
+    fflush(NULL);
+    for (uint32_t i = 0; i < nproc; i++) {      /* vCPUs first: there before any send */
+        uint32_t j = (i + h->senders) % nproc;
+        pid_t parent = getpid(), pid = fork();
+        if (pid == 0) {
+            /* a killed parent (Ctrl-C on stress or bench) takes its children along */
+            if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent) _exit(1);
+            if (j < h->senders)
+                hl_sender(h, j);
+            else
+                hl_vcpu(h, j - h->senders);
+            _exit(0);
+        }
+        if (pid < 0) {
+            for (uint32_t k = 0; k < nproc; k++)
+                if (pids[k] > 0) kill(pids[k], SIGKILL);
+            return fail("fork failed");
+        }
+        pids[j] = pid;
+    }
+    int64_t limit = now_ns() + 60 * 1000000000LL;
+    while (__atomic_load_n(&h->c->ready, SEQ) < nproc && now_ns() < limit) {
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    int64_t t0 = now_ns() + 20 * 1000000;
+    __atomic_store_n(&h->c->start_ns, t0, SEQ);
+    sleep_until(t0);
+    int64_t d0 = hl_progress(h);
+    sleep_until(t0 + (int64_t)(h->duration * 1e9));
+    int64_t d1 = hl_progress(h), t1 = now_ns();
+    __atomic_store_n(&h->c->stop, 1, SEQ);
+    int64_t deadline = t1 + 30 * 1000000000LL;
+    int bad = 0;
+    for (uint32_t i = 0; i < nproc; i++) {
+        char what[32];
+        snprintf(what, sizeof what, i < h->senders ? "sender %u" : "vcpu %u",
+                 i < h->senders ? i : i - h->senders);
+        if (bad) {
+            kill(pids[i], SIGKILL);
+            waitpid(pids[i], NULL, 0);
+        } else {
+            bad = wait_child(pids[i], deadline, what);
+        }
+    }
+    free(pids);
+    if (bad) return 1;
+    int64_t sum[14] = {0}, cpu_s = 0, cpu_v = 0, channels = 0;
+    for (uint32_t i = 0; i < nproc; i++) {
+        hl_slot_t *sl = &h->c->slot[i];
+        int64_t vals[14] = {sl->sent, sl->edges, sl->refused, sl->batches, sl->kicks,
+                            sl->lost_lockq, sl->link_gaveup, sl->delivered, sl->wakeups,
+                            sl->timeouts, sl->calls, sl->sleeps, sl->consumer_kicks, 0};
+        for (int k = 0; k < 14; k++) sum[k] += vals[k];
+        if (i < h->senders) {
+            cpu_s += sl->cpu_ns;
+            channels += sl->channels;
+        } else {
+            cpu_v += sl->cpu_ns;
+        }
+    }
+    int64_t left, lost, phantom, bad_ports;
+    hl_check(h, &left, &lost, &phantom, &bad_ports);
+    double race_s = (double)(t1 - t0) / 1e9;
+    int ok = left == 0 && bad_ports == 0 && sum[2] == 0 && sum[1] == sum[7] && sum[7] > 0;
+    printf("{\"abi\": \"%s\", \"mode\": \"headline\", \"senders\": %u, \"vcpus\": %u, "
+           "\"channels\": %lld, \"batch\": %u, \"cap\": %u, \"nap_ns\": %lld, "
+           "\"race_s\": %.6f, \"race_delivered\": %lld, \"delivered_per_s\": %.1f, "
+           "\"sent\": %lld, \"edges\": %lld, \"refused\": %lld, \"batches\": %lld, "
+           "\"kicks\": %lld, \"lost_lock_tries\": %lld, \"link_gave_up\": %lld, "
+           "\"delivered\": %lld, \"vcpu_wakeups\": %lld, \"wait_timeouts\": %lld, "
+           "\"consume_calls\": %lld, \"futex_sleeps\": %lld, \"consumer_kicks\": %lld, "
+           "\"cpu_s\": {\"senders\": %.3f, \"vcpus\": %.3f}, \"left_pending\": %lld, "
+           "\"lost\": %lld, \"phantom\": %lld, \"ports_miscounted\": %lld, \"ok\": %s}\n",
+           doms[h->receiver]->abi == EVL_ABI_FIFO ? "fifo" : "2l", h->senders, h->vcpus,
+           (long long)channels, h->batch, h->cap, (long long)h->nap_ns, race_s,
+           (long long)(d1 - d0), race_s > 0 ? (double)(d1 - d0) / race_s : 0.0,
+           (long long)sum[0], (long long)sum[1], (long long)sum[2], (long long)sum[3],
+           (long long)sum[4], (long long)sum[5], (long long)sum[6], (long long)sum[7],
+           (long long)sum[8], (long long)sum[9], (long long)sum[10], (long long)sum[11],
+           (long long)sum[12], cpu_s / 1e9, cpu_v / 1e9, (long long)left, (long long)lost,
+           (long long)phantom, (long long)bad_ports, ok ? "true" : "false");
+    if (!ok) fail("headline accounting failed: %lld lost, %lld phantom, %lld left pending, "
+                  "%lld refused", (long long)lost, (long long)phantom, (long long)left,
+                  (long long)sum[2]);
+    return ok ? 0 : 1;
+}
+
+static void hl_usage(void) {
+    fprintf(stderr,
+            "usage: evtchn_ref --headline --host NAME [--receiver DOMID] [--senders N]\n"
+            "                  [--vcpus V] [--batch N] [--cap N] [--nap-us US] [--duration S]\n"
+            "                  [--wait-timeout S] [--seed N]\n"
+            "  (sender domains are 1..N; vCPUs 0..V-1 of the receiver, default all of them)\n");
+    exit(2);
+}
+
+static int headline_main(int argc, char **argv) {
+    hl_t h = {.receiver = 0, .senders = 2, .vcpus = 0, .batch = 2048, .cap = 4096,
+              .nap_ns = 8000000, .wait_timeout_ns = 50000000, .duration = 10.0, .seed = 1};
+    static struct option opts[] = {
+        {"headline", no_argument, 0, 'L'},        {"host", required_argument, 0, 'h'},
+        {"receiver", required_argument, 0, 'r'},  {"senders", required_argument, 0, 'N'},
+        {"vcpus", required_argument, 0, 'V'},     {"batch", required_argument, 0, 'b'},
+        {"cap", required_argument, 0, 'c'},       {"nap-us", required_argument, 0, 'Z'},
+        {"duration", required_argument, 0, 'd'},  {"wait-timeout", required_argument, 0, 'w'},
+        {"seed", required_argument, 0, 'S'},      {0, 0, 0, 0}};
+    int c;
+    double nap_us = 8000, wait_timeout = 0.05;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 'L': break;
+        case 'h': h.host = optarg; break;
+        case 'r': h.receiver = (uint32_t)atoi(optarg); break;
+        case 'N': h.senders = (uint32_t)atoi(optarg); break;
+        case 'V': h.vcpus = (uint32_t)atoi(optarg); break;
+        case 'b': h.batch = (uint32_t)atoi(optarg); break;
+        case 'c': h.cap = (uint32_t)atoi(optarg); break;
+        case 'Z': nap_us = atof(optarg); break;
+        case 'd': h.duration = atof(optarg); break;
+        case 'w': wait_timeout = atof(optarg); break;
+        case 'S': h.seed = strtoull(optarg, NULL, 0); break;
+        default: hl_usage();
+        }
+    }
+    if (!h.host || optind != argc || h.senders < 1 || h.batch < 1 || h.cap < 1 ||
+        !(h.duration > 0) || !(wait_timeout > 0) || nap_us < 0)
+        hl_usage();
+    h.nap_ns = (int64_t)(nap_us * 1000);
+    h.wait_timeout_ns = (int64_t)(wait_timeout * 1e9);
+    uint32_t want = h.receiver > h.senders ? h.receiver : h.senders;
+    if (want >= MAX_DOMS) {
+        fail("domid %u is beyond this program's table", want);
+        return 2;
+    }
+    if (h.receiver >= 1 && h.receiver <= h.senders) {
+        fail("the receiver %u is one of the sender domains 1..%u", h.receiver, h.senders);
+        return 2;
+    }
+    for (uint32_t i = 0; i <= want; i++) {
+        if (i != h.receiver && (i < 1 || i > h.senders)) continue;
+        if (!(doms[i] = map_domain(h.host, i))) return 1;
+    }
+    dom_t *d0 = doms[h.receiver];
+    if (h.vcpus == 0) h.vcpus = d0->vcpus;
+    if (h.vcpus > d0->vcpus) {
+        fail("domain %u has %u vcpus, not %u", h.receiver, d0->vcpus, h.vcpus);
+        return 2;
+    }
+    h.nports = hdr(d0, EVL_H_VALID);
+    return hl_run(&h);
 }
