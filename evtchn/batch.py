@@ -38,25 +38,34 @@ if TYPE_CHECKING:
 Ports = npt.NDArray[np.uint32]
 
 
-def alloc_unbound_many(dom: Domain, remote_domid: int, n: int) -> Ports:
-    """`n` alloc_unbound(remote_domid) calls in a row, as one batch (see the module doc)."""
+def alloc_unbound_many(dom: Domain, remote_domid: Any, n: int | None) -> Ports:
+    """`n` alloc_unbound(remote_domid) calls in a row, as one batch (see the module doc); with
+    n None, remote_domid is a sequence and element i is alloc_unbound(remote_domid[i])."""
     if dom.host._closed:
         raise dom.host._closed_error()
-    rd = _int(remote_domid, "remote domid")
-    if not 0 <= rd <= 0xFFFF:
-        raise EvtchnError(E.EINVAL, f"remote domid {rd} is not a domid_t (16 bits)")
-    if rd == L.DOMID_SELF:
-        rd = dom.domid
-    n = _count(n)
+    if n is None:
+        rds = _int_list(remote_domid, "remote domids")
+        n = len(rds)
+    else:
+        n = _count(n)
+        rds = np.full(n, _int(remote_domid, "remote domid"), np.int64)
+    bad_rd = np.flatnonzero((rds < 0) | (rds > 0xFFFF))
+    first_bad = int(bad_rd[0]) if bad_rd.size else n
+    rds = np.where(rds == L.DOMID_SELF, dom.domid, rds)
     with dom._domains_locked(dom.domid):
-        ports, hint = _free_ports(dom, n)
+        ports, hint = _free_ports(dom, min(n, first_bad))
+        if first_bad < n and len(ports) >= first_bad:  # the single op checks the domid first
+            rd = int(rds[first_bad])
+            raise BatchError(
+                E.EINVAL, f"element {first_bad}: remote domid {rd} is not a domid_t", first_bad
+            )
         if len(ports) < n:
             raise BatchError(E.ENOSPC, _no_space(dom, len(ports)), len(ports))
         offs = _claim(dom._dm, ports, hint)
 
         def commit() -> None:
             dm = dom._dm
-            dm.u16[(offs + L.P_REMOTE_DOM) // 2] = rd
+            dm.u16[(offs + L.P_REMOTE_DOM) // 2] = rds
             dm.u32[(offs + L.P_REMOTE_PORT) // 4] = 0
             _init_ports(dm, offs, L.ECS_UNBOUND)
 
@@ -114,17 +123,21 @@ def _count(n: Any) -> int:
 def _port_list(ports: Any) -> npt.NDArray[np.int64]:
     """The remote ports as int64 (values beyond a port number stay, to be refused in order
     with EINVAL as the single op refuses them); only integers are ports."""
-    if isinstance(ports, (str, bytes)):
-        raise EvtchnError(E.EINVAL, f"remote ports must be a sequence of ports, not {ports!r}")
-    arr = np.asarray(ports)
-    if arr.size == 0 and arr.ndim == 1:
+    return _int_list(ports, "remote ports")
+
+
+def _int_list(values: Any, what: str) -> npt.NDArray[np.int64]:
+    """A 1-D sequence of integers as int64 (out-of-range values kept, to be refused in order
+    as the single op refuses them); floats, bools, strings are EINVAL."""
+    if isinstance(values, (str, bytes)) or np.ndim(values) != 1:
+        raise EvtchnError(E.EINVAL, f"{what} must be a 1-D sequence of integers, not {values!r}")
+    arr = np.asarray(values)
+    if arr.size == 0:
         return np.empty(0, np.int64)
     if arr.dtype.kind == "O":
-        arr = np.asarray([_int(p, "remote port") for p in ports], np.int64)
-    if arr.dtype.kind not in "iu" or arr.ndim != 1:
-        raise EvtchnError(
-            E.EINVAL, f"remote ports must be a 1-D sequence of integers, not {arr.dtype}"
-        )
+        arr = np.asarray([_int(p, what) for p in values], np.int64)
+    if arr.dtype.kind not in "iu":
+        raise EvtchnError(E.EINVAL, f"{what} must be a 1-D sequence of integers, not {arr.dtype}")
     if arr.size and (arr.dtype == np.uint64 and int(arr.max()) >= 1 << 63):
         arr = np.minimum(arr, np.uint64(1 << 62))  # refused anyway; keep it an int64
     return arr.astype(np.int64)

@@ -359,11 +359,15 @@ class Domain:
         self._guest_bind(lport)
         return lport
 
-    def alloc_unbound_many(self, remote_domid: int, n: int) -> npt.NDArray[np.uint32]:
+    def alloc_unbound_many(
+        self, remote_domid: int | npt.ArrayLike, n: int | None = None
+    ) -> npt.NDArray[np.uint32]:
         """`n` alloc_unbound(remote_domid) calls in one: the ports, in the order the calls
-        would have returned them. All or none: if the domain has fewer than `n` free ports,
-        BatchError(ENOSPC) with ``.index`` the first element that found none, and no port is
-        allocated. Takes this domain's event lock once for the batch (evtchn.batch)."""
+        would have returned them; with `n` None, `remote_domid` is a sequence and element i
+        is alloc_unbound(remote_domid[i]). All or none: if the domain has fewer than `n` free
+        ports, BatchError(ENOSPC) with ``.index`` the first element that found none (EINVAL
+        for a remote domid that is not a domid_t), and no port is allocated. Takes this
+        domain's event lock once for the batch (evtchn.batch)."""
         from .batch import alloc_unbound_many
 
         return alloc_unbound_many(self, remote_domid, n)

@@ -213,3 +213,17 @@ def test_no_port_beyond_max_ports(host, batch):
         assert [d.alloc_unbound(0) for _ in range(7)] == list(range(1, 8))
     with pytest.raises(EvtchnError, match="ENOSPC"):
         d.alloc_unbound(0)
+
+
+def test_alloc_unbound_many_with_a_remote_domid_per_element(backend):
+    remotes = [1, L.DOMID_SELF, 2, 1, 0xFFFF, 2] * 20
+    with evtchn.Host(backend) as h1, evtchn.Host(backend) as h2:
+        d1, d2 = scarred(h1, "2l")[0], scarred(h2, "2l")[0]
+        single = [d1.alloc_unbound(r) for r in remotes]
+        batch = d2.alloc_unbound_many(remotes).tolist()
+        assert batch == single and segments(h1) == segments(h2)
+        refused(h2, lambda: d2.alloc_unbound_many([1, 2, 0x10000, 1]), errno.EINVAL, 2)
+        refused(h2, lambda: d2.alloc_unbound_many([1, -1]), errno.EINVAL, 1)
+        with pytest.raises(EvtchnError, match="EINVAL"):
+            d2.alloc_unbound_many([1.0, 2.0])
+        assert d2.alloc_unbound_many([]).size == 0
