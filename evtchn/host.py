@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 BACKENDS: tuple[str, ...] = ("cython", "numba", "reference")
 DEFAULT_BACKEND = os.environ.get("EVTCHN_BACKEND", "cython")
 MAX_VCPUS = 1024
+DEFAULT_WAIT_SPIN_NS = int(os.environ.get("EVTCHN_WAIT_SPIN_NS", L.WAIT_SPIN_NS))
 
 
 def _make_kernels(backend: str) -> Kernels:
@@ -77,8 +78,9 @@ class Host:
         self._doms: dict[int, DomainMemory] = {}
         self._closed = False
         #: How long Domain.wait spins on the upcall flag before it blocks, when its call does
-        #: not say (ns; a process-local setting, initially layout.WAIT_SPIN_NS).
-        self.wait_spin_ns: int = L.WAIT_SPIN_NS
+        #: not say (ns; a process-local setting, initially $EVTCHN_WAIT_SPIN_NS if set, else
+        #: layout.WAIT_SPIN_NS).
+        self.wait_spin_ns: int = DEFAULT_WAIT_SPIN_NS
         if _attach is None:
             self._owner = True
             self._hseg = Segment(

@@ -118,3 +118,11 @@ def test_ctrl_c_ends_a_spin(host, compiled):
         if p.poll() is None:
             p.kill()
             p.communicate()
+
+
+def test_the_default_spin_comes_from_the_environment():
+    code = "import evtchn; h = evtchn.Host('reference'); print(h.wait_spin_ns); h.close()"
+    env = dict(os.environ, EVTCHN_WAIT_SPIN_NS="12345")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "12345"
