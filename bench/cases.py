@@ -138,11 +138,9 @@ class Stream:
         cfg = self.cfg
         self.dom0 = self.host.create_domain(abi=self.abi, vcpus=1)
         self.domu = self.host.create_domain(abi=self.abi, vcpus=1)
-        self.recv_ports, self.send_ports = [], []
-        for _ in range(cfg.ports):
-            rport = self.dom0.alloc_unbound(self.domu.domid)
-            self.recv_ports.append(rport)
-            self.send_ports.append(self.domu.bind_interdomain(self.dom0.domid, rport))
+        recv = self.dom0.alloc_unbound_many(self.domu.domid, cfg.ports)
+        self.recv_ports = recv.tolist()
+        self.send_ports = self.domu.bind_interdomain_many(self.dom0.domid, recv).tolist()
         self.vcpu = 0
         # Read-only view of dom0 for the kick counter (the same memory; never unlinked here).
         self._dm0 = DomainMemory(Segment(L.domain_segment_name(self.host.name, self.dom0.domid)))

@@ -15,7 +15,9 @@ from bench/c/ into a temporary directory on every run. The same run then measure
 be skipped): N senders + N vCPUs, N = 1, 2, 32 (bench/multi.py, --pairs); send-to-handler
 latency for a busy and an idle vCPU beside the C program's hand-off (bench/latency.py,
 --no-latency); multiprocessing.Queue / Pipe / os.eventfd doing the stream case
-(bench/alternatives.py, --no-alternatives); mapped pages per ABI at 1k .. 2^20 ports beside
+(bench/alternatives.py, --no-alternatives); per-call costs of Domain.send / consume beside the
+kernel calls and the setup of 131,071 channels, batch beside single ops (bench/calls.py,
+--no-calls); mapped pages per ABI at 1k .. 2^20 ports beside
 Xen's design formulas (bench/memory.py, --no-memory). See bench/README.md.
 Exit status: 0; 1 when a run lost or left events (a correctness failure, reported after the
 table) or, with --compare, when a figure got worse than --threshold percent; 2 on a usage or
@@ -37,6 +39,7 @@ from pathlib import Path
 
 from . import alternatives as A
 from . import build as B
+from . import calls as CL
 from . import compare as C
 from . import headline as HL
 from . import latency as LT
@@ -140,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
         "--no-memory",
         action="store_true",
         help="skip mapped pages per ABI at 1k..2^20 ports (bench/memory.py)",
+    )
+    p.add_argument(
+        "--no-calls",
+        action="store_true",
+        help="skip per-call costs beside the kernel calls and the setup of 131,071 channels "
+        "(bench/calls.py)",
     )
     p.add_argument(
         "--no-latency",
@@ -390,13 +399,19 @@ def run(args) -> tuple[int, dict]:
         figures.update(HL.report(runs, abis, backend, hl_shape, _fmt))
     if pairs:
         figures.update(_report_multi(runs, abis, pairs, backend))
+    call_lines = []
+    if not args.no_calls and do_evtchn:
+        calls = CL.measure_calls(backend, reps, args.quick)
+        calls.update(CL.measure_setup(backend, reps, args.quick))
+        figures.update(calls)
+        call_lines = CL.report(calls, backend)
     if not args.no_memory:
         rows = M.measure(
             M.QUICK_SIZES if args.quick else M.SIZES,
             backend if backend in ("cython", "reference") else "cython",
         )
         figures.update(M.figures(rows))
-    for line in latency_lines:
+    for line in latency_lines + call_lines:
         print(line)
     doc = {
         **figures,
@@ -588,7 +603,7 @@ def _report_alternatives(runs, abis, alts, skipped, backend, figures, batch) -> 
     pe_rate = statistics.median(r["events_per_s"] for r in pe) if pe else None
     if pe_rate:
         out[f"{PER_EVENT}_fifo_{backend}_events_per_s"] = pe_rate
-        print(f"{'evtchn fifo, one send_many call per event':<46} {_fmt(pe_rate):>9} {'':>9}")
+        print(f"{'evtchn fifo, one send call per event':<46} {_fmt(pe_rate):>9} {'':>9}")
     for kind in alts:
         rs = [r for r in runs if r["case"] == ALTERNATIVE and r["impl"] == kind]
         rate = statistics.median(r["events_per_s"] for r in rs)

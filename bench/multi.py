@@ -63,14 +63,11 @@ class Multi:
         self.domu = self.host.create_domain(abi=self.abi, vcpus=1)
         self.recv, self.send = [], []
         for j in range(self.pairs):
-            r, s = [], []
-            for _ in range(self.ports):
-                rport = self.dom0.alloc_unbound(self.domu.domid)
+            r = self.dom0.alloc_unbound_many(self.domu.domid, self.ports).tolist()
+            for rport in r:
                 self.dom0.bind_vcpu(rport, j)
-                r.append(rport)
-                s.append(self.domu.bind_interdomain(self.dom0.domid, rport))
             self.recv.append(r)
-            self.send.append(s)
+            self.send.append(self.domu.bind_interdomain_many(self.dom0.domid, r).tolist())
         self._drain()
         self.ctls = [CTX.RawArray("q", W.CTL_SIZE) for _ in range(self.pairs)]
         name = self.host.name

@@ -12,12 +12,13 @@ with evtchn.Host() as host:
 from . import layout
 from ._version import __version__ as __version__  # the one source: evtchn/_version.py
 from .domain import Domain
-from .errors import EvtchnError, HostGoneError
+from .errors import BatchError, EvtchnError, HostGoneError
 from .host import BACKENDS, Host
 from .results import PollResult, PortStatus
 
 __all__ = [
     "BACKENDS",
+    "BatchError",
     "Domain",
     "EvtchnError",
     "Host",

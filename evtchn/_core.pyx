@@ -170,6 +170,7 @@ cdef enum:
 # waiter slots taken, the upcall flag is polled this often instead.
 cdef int64_t WAIT_SLICE_NS = L.WAIT_SLICE_NS
 cdef int64_t WAIT_FALLBACK_NS = L.WAIT_FALLBACK_NS
+cdef int SPIN_LOOKS_PER_CLOCK = L.SPIN_LOOKS_PER_CLOCK
 # A lock taken from Python waits without the GIL this long between looks for signals.
 cdef int64_t LOCK_SLICE_NS = L.LOCK_SLICE_NS
 cdef unsigned UNMASK_BUSY_SPINS = L.UNMASK_BUSY_SPINS
@@ -204,6 +205,7 @@ def spin_policy():
         "UNMASK_BUSY_YIELDS": UNMASK_BUSY_YIELDS,
         "WAIT_SLICE_NS": WAIT_SLICE_NS,
         "WAIT_FALLBACK_NS": WAIT_FALLBACK_NS,
+        "SPIN_LOOKS_PER_CLOCK": SPIN_LOOKS_PER_CLOCK,
         "WAITER_SLOTS": WAITER_SLOTS,
         "FIFO_LOCK_TRIES": FIFO_LOCK_TRIES,
         "FIFO_LINK_RETRIES": FIFO_LINK_RETRIES,
@@ -218,6 +220,7 @@ ctypedef struct dom_t:
     uint32_t abi
     uint32_t vcpus
     uint32_t wb              # xen_ulong_t width: 64, or 32 for the x86-32 compat layout
+    uint32_t wshift          # log2(wb): ports to words by shifts, not divisions (hot paths)
     uint32_t link_mask       # FIFO: (1 << link_bits) - 1
     uint32_t max_fifo_ports  # FIFO: 1 << link_bits
     uint32_t nwords          # words a 2l/3l scan covers: W (2l) or W*W (3l)
@@ -289,7 +292,7 @@ cdef inline int bm_test_sc(const dom_t *d, char *base, uint32_t port) noexcept n
     after a seq_cst RMW of the other bitmap (set_pending: set PENDING, read MASKED; unmask:
     clear MASKED, read PENDING). An acquire load may be satisfied before the RMW's store is
     visible (Arm); on x86 both compile to a plain mov after a locked RMW."""
-    cdef size_t idx = port // d.wb
+    cdef size_t idx = port >> d.wshift
     if d.wb == 64:
         return (at_load_sc64(<uint64_t *>base + idx) >> (port % 64)) & 1
     return (at_load_sc32(<uint32_t *>base + idx) >> (port % 32)) & 1
@@ -438,23 +441,22 @@ cdef void check_pollers(const dom_t *d, uint32_t port) noexcept nogil:
 # -- 2-level / 3-level hypervisor side (event_2l.c, generalised one level up for 3l) -------------
 cdef inline void raise_selectors(const dom_t *d, uint32_t v, uint32_t port) noexcept nogil:
     """Selector(s) then the upcall flag, each a seq_cst test_and_set, in Xen's order."""
-    cdef uint32_t w = d.wb, l2
+    cdef uint32_t sh = d.wshift, l2
     if d.abi == ABI_3L:                          # L2 bit `port / W` covers L3 word port / W
-        l2 = port // w
-        if bm_test_and_set(d, l2_sel(d, v), l2 // w, l2 % w):
+        l2 = port >> sh
+        if bm_test_and_set(d, l2_sel(d, v), l2 >> sh, l2 & (d.wb - 1)):
             return
-        if not bm_test_and_set(d, pending_sel(d, v), 0, l2 // w):
+        if not bm_test_and_set(d, pending_sel(d, v), 0, l2 >> sh):
             mark_upcall_pending(d, v)
         return
-    if not bm_test_and_set(d, pending_sel(d, v), 0, port // w):
+    if not bm_test_and_set(d, pending_sel(d, v), 0, port >> sh):
         mark_upcall_pending(d, v)
 
 cdef inline int bitmap_set_pending(const dom_t *d, uint32_t v, uint32_t port) noexcept nogil:
     """evtchn_2l_set_pending (event_2l.c): pending, then (if unmasked) selector(s), then the
     upcall flag. The mask is read seq_cst after the pending RMW: the guest's unmask clears the
     mask, then reads pending, so one of the two sees the other."""
-    cdef uint32_t w = d.wb
-    if bm_test_and_set(d, d.pend, port // w, port % w):
+    if bm_test_and_set(d, d.pend, port >> d.wshift, port & (d.wb - 1)):
         return 0                                 # coalesced: no pollers check
     if not bm_test_sc(d, d.mask, port):
         raise_selectors(d, v, port)
@@ -905,8 +907,7 @@ cdef inline Py_ssize_t deliver(const dom_t *d, uint32_t port, uint32_t *out,
                                Py_ssize_t n) noexcept nogil:
     """The IRQ layer's ack (clear_evtchn) then the handler: delivered iff this call cleared
     PENDING, so no edge is delivered twice, even by two vCPUs."""
-    cdef uint32_t w = d.wb
-    if bm_test_and_clear(d, d.pend, port // w, port % w):
+    if bm_test_and_clear(d, d.pend, port >> d.wshift, port & (d.wb - 1)):
         out[n] = port
         return n + 1
     return n
@@ -990,7 +991,9 @@ cdef int bitmap_handle(const dom_t *d, uint32_t v, uint32_t *out, Py_ssize_t cap
     twice (upper part, then all of it). `pw` is the caller's scan bitmap; with `taken` the
     selectors were already swapped into it (summary given). Returns 1 if it stopped because
     `out` is full."""
-    cdef uint32_t w = d.wb, nwords = d.nwords
+    # W and the word count are powers of two: masks and shifts (a division per event costs
+    # more than the rest of the delivery on some CPUs).
+    cdef uint32_t wmask = d.wb - 1, wshift = d.wshift, nmask = d.nwords - 1, nwords = d.nwords
     cdef uint32_t timer, start_word, start_bit, word, bit, i
     cdef uint32_t *rword = guest_u32(d, v, G_RESUME_WORD)
     cdef uint32_t *rbit = guest_u32(d, v, G_RESUME_BIT)
@@ -998,7 +1001,7 @@ cdef int bitmap_handle(const dom_t *d, uint32_t v, uint32_t *out, Py_ssize_t cap
     cdef int64_t nxt
     cdef Py_ssize_t n = pn[0]
     timer = virq_port(d, v, VIRQ_TIMER)          # "timer has highest priority"
-    if timer and n < cap and (active_bits(d, v, timer // w) >> (timer % w)) & 1:
+    if timer and n < cap and (active_bits(d, v, timer >> wshift) >> (timer & wmask)) & 1:
         n = deliver(d, timer, out, n)
     if not taken:
         summary = take_selectors(d, v, pw)
@@ -1024,15 +1027,15 @@ cdef int bitmap_handle(const dom_t *d, uint32_t v, uint32_t *out, Py_ssize_t cap
                 pn[0] = n
                 return 1
             bit = lowest_bit(cand)
-            n = deliver(d, word * w + bit, out, n)
-            bit = (bit + 1) % w
+            n = deliver(d, (word << wshift) | bit, out, n)
+            bit = (bit + 1) & wmask
             at_store_relaxed32(rbit, bit)
-            at_store_relaxed32(rword, word if bit else (word + 1) % nwords)
+            at_store_relaxed32(rword, word if bit else (word + 1) & nmask)
             if bit == 0:
                 break
         if word != start_word or i != 0:         # the start word is scanned twice
             summary = pw_clear(pw, summary, word)
-        word = (word + 1) % nwords
+        word = (word + 1) & nmask
         i += 1
     pn[0] = n
     return 0
@@ -1112,6 +1115,20 @@ cdef Py_ssize_t consume(const dom_t *d, uint32_t v, uint32_t *out,
             break
     evlock_release(hlock)
     return n
+
+
+cdef int spin_upcall(const uint8_t *flag, int64_t until_ns) noexcept nogil:
+    """wait()'s spin before it registers as a waiter: look at the upcall flag (a CPU relax
+    between looks) until it is set (1) or CLOCK_MONOTONIC reaches until_ns (0). No waiter slot
+    is taken, so a sender's kick pays no wake-up for a spinning vCPU."""
+    cdef int _i
+    while True:
+        for _i in range(SPIN_LOOKS_PER_CLOCK):
+            if at_load8(flag) & 1:
+                return 1
+            cpu_relax()
+        if monotonic_ns() >= until_ns:
+            return 0
 
 
 cdef inline int64_t sleep_slice(int64_t deadline) noexcept nogil:
@@ -1262,6 +1279,7 @@ cdef class CythonKernels:
         d.abi = dm.abi
         d.vcpus = dm.vcpus
         d.wb = dm.word_bits
+        d.wshift = 6 if d.wb == 64 else 5
         d.link_mask = (1 << dm.link_bits) - 1
         d.max_fifo_ports = 1 << dm.link_bits
         d.nwords = d.wb * d.wb if d.abi == ABI_3L else d.wb
@@ -1657,25 +1675,40 @@ cdef class CythonKernels:
                 block(kickw, seen, slice_ns, slot)
             PyErr_CheckSignals()
 
-    def wait(self, domid, uint32_t vcpu, timeout):
+    def wait(self, domid, uint32_t vcpu, timeout, int64_t spin_ns=0):
         """Block until vCPU has an upcall pending (a halted vCPU waiting for its interrupt);
-        False if `timeout` seconds (None: forever) passed first. Repairs the waiter slots of
-        waiters that died blocked, takes a slot (kick() wakes registered waiters only), and
-        sleeps on the kick futex in slices of at most WAIT_SLICE_NS without the GIL, checking
-        for signals between slices. With all slots taken it polls the upcall flag every
-        WAIT_FALLBACK_NS instead."""
+        False if `timeout` seconds (None: forever) passed first. First spins on the upcall
+        flag for up to `spin_ns` without registering (a kick then costs the sender no system
+        call), in slices of at most WAIT_SLICE_NS without the GIL, checking for signals
+        between slices. Then repairs the waiter slots of waiters that died blocked, takes a
+        slot (kick() wakes registered waiters only), and sleeps on the kick futex in slices of
+        at most WAIT_SLICE_NS without the GIL, checking for signals between slices. With all
+        slots taken it polls the upcall flag every WAIT_FALLBACK_NS instead."""
         cdef dom_t *d = self._dom(domid)
         cdef uint8_t *flag = upcall_flag(d, vcpu)
         cdef char *x = xen_vcpu(d, vcpu)
         cdef uint32_t *kickw = <uint32_t *>(x + X_KICK)
         cdef uint32_t seen
         cdef uint64_t me
-        cdef int slot
-        cdef int64_t deadline = -1, slice_ns
+        cdef int slot, got
+        cdef int64_t deadline = -1, slice_ns, until, step
         if at_load8(flag) & 1:
             return True
         if timeout is not None and float(timeout) < 1e9:     # longer: as good as forever
             deadline = monotonic_ns() + <int64_t>(max(0.0, float(timeout)) * 1e9)
+        if spin_ns > 0:
+            until = monotonic_ns() + spin_ns
+            if 0 <= deadline < until:
+                until = deadline
+            while True:
+                step = min(until, monotonic_ns() + WAIT_SLICE_NS)
+                with nogil:
+                    got = spin_upcall(flag, step)
+                if got:
+                    return True
+                if step >= until:
+                    break
+                PyErr_CheckSignals()
         me = evtchn_self()
         waiter_repair(d, vcpu, me)
         slot = waiter_enter(d, vcpu, me)         # fences: Dekker with kick()

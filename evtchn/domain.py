@@ -33,6 +33,9 @@ Region = tuple[str, int, int]
 """Where a guest-visible region lies: (segment name in /dev/shm, byte offset, size)."""
 
 _CONSUME_CHUNK = 65536
+_NO_PORTS = np.empty(0, np.uint32)  # what consume() returns when nothing was delivered
+_NO_PORTS.flags.writeable = False
+_U32 = np.dtype(np.uint32)
 
 
 def _port_array(ports: Any) -> npt.NDArray[np.uint32]:
@@ -73,6 +76,11 @@ class Domain:
         self._dm = host._dm(domid)
         self._k = host._k
         self._base = self._dm.seg.address
+        self._nvcpus = self._dm.vcpus
+        # consume()'s per-vCPU buffers: a call pops the vCPU's (so a concurrent call in
+        # another thread makes its own) and puts it back; consume_one's are one port long.
+        self._bufs: dict[int, npt.NDArray[np.uint32]] = {}
+        self._ones: dict[int, npt.NDArray[np.uint32]] = {}
 
     def __reduce__(self) -> tuple[Callable[[str, str, int], Domain], tuple[str, str, int]]:
         return (_attach_domain, (self.host.name, self.host.backend, self.domid))
@@ -216,7 +224,9 @@ class Domain:
         dm = self._dm
         stride, chunk = L.PORT_SIZE, 4096
         base = dm.layout.port(0) + L.P_STATE
-        valid = dm.hdr(L.H_VALID)
+        # A bucket may reach past max_ports (not a multiple of 64): those ports are never
+        # handed out (Xen's get_free_port: port > max_evtchn_port is ENOSPC).
+        valid = min(dm.hdr(L.H_VALID), dm.max_ports)
         for lo in range(start, valid, chunk):
             hi = min(lo + chunk, valid)
             states = dm.u8[base + lo * stride : base + hi * stride : stride]
@@ -349,6 +359,31 @@ class Domain:
         self._guest_bind(lport)
         return lport
 
+    def alloc_unbound_many(
+        self, remote_domid: int | npt.ArrayLike, n: int | None = None
+    ) -> npt.NDArray[np.uint32]:
+        """`n` alloc_unbound(remote_domid) calls in one: the ports, in the order the calls
+        would have returned them; with `n` None, `remote_domid` is a sequence and element i
+        is alloc_unbound(remote_domid[i]). All or none: if the domain has fewer than `n` free
+        ports, BatchError(ENOSPC) with ``.index`` the first element that found none (EINVAL
+        for a remote domid that is not a domid_t), and no port is allocated. Takes this
+        domain's event lock once for the batch (evtchn.batch)."""
+        from .batch import alloc_unbound_many
+
+        return alloc_unbound_many(self, remote_domid, n)
+
+    def bind_interdomain_many(
+        self, remote_domid: int, remote_ports: npt.ArrayLike
+    ) -> npt.NDArray[np.uint32]:
+        """bind_interdomain(remote_domid, p) for each p of `remote_ports`, in one call: the
+        local ports, element by element. All or none: the first element the single op would
+        refuse (ENOSPC, EINVAL; ESRCH for the domain) raises BatchError with that errno and
+        ``.index``, and nothing is bound. Takes both domains' event locks once for the batch,
+        in domid order (evtchn.batch)."""
+        from .batch import bind_interdomain_many
+
+        return bind_interdomain_many(self, remote_domid, remote_ports)
+
     def bind_virq(self, virq: int, vcpu: int = 0) -> int:
         """Bind VIRQ `virq` (per-vCPU ones on `vcpu`; others on vCPU 0 only)."""
         if self.host._closed:
@@ -440,14 +475,29 @@ class Domain:
         return destroyed
 
     # -- EVTCHNOP_send and friends -------------------------------------------------------------
-    def send(self, port: int) -> None:
+    def send(self, port: int) -> int:
         """Raise the event: on the peer of an interdomain port, or on this IPI port.
-        A send on an unbound port is dropped silently, as Xen does."""
-        p = _int(port, "port")
-        self.host._sync()
-        r = self._k.send(self.domid, p)
-        if r < 0:
-            raise self._send_error(p, -r)
+        A send on an unbound port is dropped silently, as Xen does. Returns 1 if the send
+        set PENDING 0 -> 1 (a new event), 0 if it coalesced or was dropped."""
+        if self.host._closed or type(port) is not int:  # the checks only when needed
+            self._check_open()
+            port = _int(port, "port")
+        r: int = self._k.send(self.domid, port)
+        return r if r >= 0 else self._send_refused(port, r)
+
+    def _send_refused(self, port: int, r: int) -> int:
+        """A peer this process has not mapped yet (the kernel's -ESRCH: a domain created by
+        another process since): map the host's domains and send again; else the error."""
+        if r == -E.ESRCH:
+            self.host._sync()
+            r = self._k.send(self.domid, port)
+            if r >= 0:
+                return r
+        raise self._send_error(port, -r)
+
+    def _check_open(self) -> None:
+        if self.host._closed:
+            raise self.host._closed_error()
 
     def send_many(self, ports: npt.ArrayLike, edges: npt.NDArray[np.uint8] | None = None) -> int:
         """send() each port in order without a Python call per event. `edges`, if given, is a
@@ -458,8 +508,12 @@ class Domain:
         arr = _port_array(ports)
         if edges is not None and (edges.dtype != np.uint8 or len(edges) < len(arr)):
             raise ValueError("edges must be a uint8 array at least as long as ports")
-        self.host._sync()
+        self._check_open()
         n, err = self._k.send_many(self.domid, arr, edges)
+        if err == E.ESRCH:  # a peer not mapped here yet: map, then go on from the refused one
+            self.host._sync()
+            m, err = self._k.send_many(self.domid, arr[n:], None if edges is None else edges[n:])
+            n += m
         if err:
             exc = self._send_error(int(arr[n]), err)
             raise EvtchnError(
@@ -725,7 +779,10 @@ class Domain:
         and returns the count. `max_events` bounds the events taken; the rest stay for the
         next call (the upcall stays pending).
         """
-        vc = self._vcpu(vcpu)
+        if type(vcpu) is int and 0 <= vcpu < self._nvcpus and not self.host._closed:
+            vc = vcpu  # the common call: no conversion
+        else:
+            vc = self._vcpu(vcpu)
         if max_events is not None:
             max_events = _int(max_events, "max_events")
             if max_events < 0:
@@ -736,32 +793,81 @@ class Domain:
             buf = np.empty(max_events, np.uint32)
             got: npt.NDArray[np.uint32] = buf[: self._k.consume(self.domid, vc, buf)].copy()
             return got
-        chunks, limit = [], 4 * self.max_ports  # a storm cannot keep us here forever
-        total = 0
-        while True:
+        mine = self._bufs.pop(vc, None)  # this vCPU's buffer, for this call only
+        if mine is None:
+            mine = np.empty(min(_CONSUME_CHUNK, 4 * self.max_ports), np.uint32)
+        try:
+            n = self._k.consume(self.domid, vc, mine)
+            if n == 0:
+                return _NO_PORTS
+            taken: npt.NDArray[np.uint32] = mine[:n].copy()
+            return taken if n < len(mine) else self._consume_storm(vc, taken)
+        finally:
+            self._bufs[vc] = mine
+
+    def _consume_storm(self, vc: int, first: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
+        """consume() after a full buffer: call the handler on until it leaves room, but take
+        at most 4 * max_ports events in all (a storm cannot keep us here forever)."""
+        chunks, limit = [first], 4 * self.max_ports
+        total = len(first)
+        while total < limit:
             buf = np.empty(min(_CONSUME_CHUNK, limit - total), np.uint32)
             n = self._k.consume(self.domid, vc, buf)
             chunks.append(buf[:n])
             total += n
-            if n < len(buf) or total >= limit:
-                return np.concatenate(chunks) if len(chunks) > 1 else chunks[0].copy()
+            if n < len(buf):
+                break
+        return np.concatenate(chunks)
+
+    def consume_one(self, vcpu: int) -> int:
+        """Run `vcpu`'s upcall handler for at most one event, for handler loops that take
+        one event at a time: the port delivered (acknowledged), or 0 if none was pending
+        (port 0 is never an event port). As consume(vcpu, max_events=1), without the array."""
+        if type(vcpu) is int and 0 <= vcpu < self._nvcpus and not self.host._closed:
+            vc = vcpu
+        else:
+            vc = self._vcpu(vcpu)
+        buf = self._ones.pop(vc, None)
+        if buf is None:
+            buf = np.empty(1, np.uint32)
+        try:
+            return int(buf[0]) if self._k.consume(self.domid, vc, buf) else 0
+        finally:
+            self._ones[vc] = buf
 
     def consume_into(self, vcpu: int, out: npt.NDArray[np.uint32]) -> int:
         """consume() into the caller's uint32 array; returns how many ports it holds."""
-        vc = self._vcpu(vcpu)
-        if not isinstance(out, np.ndarray) or out.dtype != np.uint32 or out.ndim != 1:
+        if type(vcpu) is int and 0 <= vcpu < self._nvcpus and not self.host._closed:
+            vc = vcpu
+        else:
+            vc = self._vcpu(vcpu)
+        if type(out) is not np.ndarray or out.dtype is not _U32 or not out.flags.c_contiguous:
+            if not isinstance(out, np.ndarray) or out.dtype != np.uint32 or out.ndim != 1:
+                raise ValueError("out must be a 1-D numpy uint32 array")
+            if not out.flags.c_contiguous:
+                raise ValueError("out must be contiguous")
+        elif out.ndim != 1:
             raise ValueError("out must be a 1-D numpy uint32 array")
-        if not out.flags.c_contiguous:
-            raise ValueError("out must be contiguous")
         return self._k.consume(self.domid, vc, out)
 
-    def wait(self, vcpu: int, timeout: float | None = None) -> bool:
-        """Block until `vcpu` has an upcall pending, without spinning (a halted vCPU waiting
-        for its interrupt). Returns False if `timeout` seconds passed first."""
+    def wait(self, vcpu: int, timeout: float | None = None, spin_ns: int | None = None) -> bool:
+        """Block until `vcpu` has an upcall pending (a halted vCPU waiting for its
+        interrupt). Returns False if `timeout` seconds passed first.
+
+        It first spins on the upcall flag for up to `spin_ns` nanoseconds (None: the host's
+        ``wait_spin_ns``), as KVM's halt-polling does, without registering as a waiter: an
+        event sent meanwhile is seen without a wake-up, and its sender pays no system call.
+        Only then does it register and sleep on the futex, which a sender's kick wakes."""
         vc = self._vcpu(vcpu)
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 or None, not {timeout}")
-        return self._k.wait(self.domid, vc, timeout)
+        if spin_ns is None:
+            spin_ns = self.host.wait_spin_ns
+        elif type(spin_ns) is not int or spin_ns < 0:
+            spin_ns = _int(spin_ns, "spin_ns")
+            if spin_ns < 0:
+                raise ValueError(f"spin_ns must be >= 0 or None, not {spin_ns}")
+        return self._k.wait(self.domid, vc, timeout, spin_ns)
 
     def poll(
         self, vcpu: int, ports: int | Iterable[int], timeout: float | None = None

@@ -21,6 +21,17 @@ class EvtchnError(OSError):
         return str(code) if code is None else _errno.errorcode.get(code, str(code))
 
 
+class BatchError(EvtchnError):
+    """A batch call (Domain.alloc_unbound_many, bind_interdomain_many) refused: ``.index`` is
+    the first element the single op would have refused, ``.errno`` what it would have
+    returned. A refused batch binds none of its elements."""
+
+    def __init__(self, code: int, message: str, index: int):
+        super().__init__(code, message)
+        #: The first refused element (0-based); none of the batch was bound.
+        self.index = index
+
+
 class HostGoneError(EvtchnError):
     """The named host does not exist (any more), is not an evtchn host of this version, or was
     created in another pid namespace (its lock owners are thread ids of that namespace)."""

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 BACKENDS: tuple[str, ...] = ("cython", "numba", "reference")
 DEFAULT_BACKEND = os.environ.get("EVTCHN_BACKEND", "cython")
 MAX_VCPUS = 1024
+DEFAULT_WAIT_SPIN_NS = int(os.environ.get("EVTCHN_WAIT_SPIN_NS", L.WAIT_SPIN_NS))
 
 
 def _make_kernels(backend: str) -> Kernels:
@@ -77,6 +78,10 @@ class Host:
         self._pid = os.getpid()
         self._doms: dict[int, DomainMemory] = {}
         self._closed = False
+        #: How long Domain.wait spins on the upcall flag before it blocks, when its call does
+        #: not say (ns; a process-local setting, initially $EVTCHN_WAIT_SPIN_NS if set, else
+        #: layout.WAIT_SPIN_NS).
+        self.wait_spin_ns: int = DEFAULT_WAIT_SPIN_NS
         if _attach is None:
             self._owner = True
             self._hseg = Segment(
@@ -214,12 +219,17 @@ class Host:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(SHM_DIR, name))
             seg = Segment(name, lay.size)
-            DomainMemory.initialise(seg, lay, domid, auto_expand)
-            seg.u32[L.H_INJECT // 4] = self._hseg.u32[L.HH_INJECT // 4]
-            dm = DomainMemory(seg)
-            _init_domain_state(dm)
-            self._doms[domid] = dm
-            self._k.map_domain(dm)
+            try:
+                DomainMemory.initialise(seg, lay, domid, auto_expand)
+                seg.u32[L.H_INJECT // 4] = self._hseg.u32[L.HH_INJECT // 4]
+                dm = DomainMemory(seg)
+                _init_domain_state(dm)
+                self._doms[domid] = dm
+                self._k.map_domain(dm)
+            except BaseException:  # unpublished: unlink it, or the next create finds it
+                self._doms.pop(domid, None)
+                seg.unlink()
+                raise
             self._hseg.u32[L.HH_NDOMAINS // 4] = domid + 1  # publish after the init
         return Domain(self, domid)
 

@@ -174,6 +174,11 @@ Q_TAIL, Q_LOCK = 0, 8
 X_VIRQ = X_QUEUES + FIFO_MAX_QUEUES * QUEUE_SIZE  # u32 virq_to_evtchn[NR_VIRQS]
 WAIT_SLICE_NS = 50_000_000  # wait() and poll() sleep at most this long between signal checks
 WAIT_FALLBACK_NS = 1_000_000  # all waiter slots taken: poll the upcall flag this often
+# wait() first spins on the upcall flag, unregistered (a kick then costs the sender no system
+# call), for up to spin_ns; Host.wait_spin_ns is the default, which starts at WAIT_SPIN_NS
+# (see bench/calls.py's and bench/latency.py's figures for how it was chosen).
+WAIT_SPIN_NS = 0
+SPIN_LOOKS_PER_CLOCK = 64  # flag looks between two clock reads while spinning
 
 # --- SCHEDOP_poll (xen/common/sched/core.c do_poll, event_channel.c evtchn_check_pollers) -----
 SCHED_POLL_MAX_PORTS = 128  # "fairly arbitrary limit": more is -EINVAL

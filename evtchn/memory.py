@@ -38,7 +38,11 @@ class Segment:
             self.size = os.fstat(fd).st_size
             if self.size == 0:
                 raise HostGoneError(22, f"segment {name!r} is empty: not an evtchn segment")
-            self.mm = mmap.mmap(fd, self.size)
+            self.mm = mmap.mmap(fd, self.size)  # dups fd: EMFILE at the fd limit
+        except BaseException:
+            if size is not None:  # we made it: a half-made segment must not stay
+                os.unlink(path)
+            raise
         finally:
             os.close(fd)
         self.u8 = np.frombuffer(self.mm, np.uint8)  # frombuffer pins the mapping

@@ -194,6 +194,7 @@ FUTEX_WAKE_ALL = 0x7FFFFFFF
 # The spin policy (evtchn.layout), the same constants as the Cython kernels.
 WAIT_SLICE_NS = L.WAIT_SLICE_NS  # wait() and poll() return to Python this often (Ctrl-C)
 WAIT_FALLBACK_NS = L.WAIT_FALLBACK_NS  # all waiter slots taken: poll the flag this often
+SPIN_LOOKS_PER_CLOCK = L.SPIN_LOOKS_PER_CLOCK  # wait()'s spin: flag looks per clock read
 LOCK_SLICE_NS = L.LOCK_SLICE_NS  # a lock taken from Python looks for signals this often
 UNMASK_BUSY_SPINS, UNMASK_BUSY_YIELDS = L.UNMASK_BUSY_SPINS, L.UNMASK_BUSY_YIELDS
 TID_MASK = L.OWNER_TID_MASK
@@ -1388,6 +1389,21 @@ def _upcall_pending(tb, d, v):
     return (load_u8(_vcpu_info(tb, d, v) + VI_UPCALL_PENDING) & 1) != 0
 
 
+@njit(cache=True)
+def _spin_upcall(tb, d, v, until_ns):
+    """wait()'s spin before it registers as a waiter: look at the upcall flag (a CPU relax
+    between looks) until it is set (True) or CLOCK_MONOTONIC reaches until_ns (False). No
+    waiter slot is taken, so a sender's kick pays no wake-up for a spinning vCPU."""
+    flag = _vcpu_info(tb, d, v) + VI_UPCALL_PENDING
+    while True:
+        for _ in range(SPIN_LOOKS_PER_CLOCK):
+            if load_u8(flag) & 1:
+                return True
+            cpu_relax()
+        if monotonic_ns() >= until_ns:
+            return False
+
+
 # --- SCHEDOP_poll (do_poll): enter and test, sleep in slices, leave ------------------------------
 # The blocking loop is Python-level around these, as wait()'s is, so Python sees Ctrl-C between
 # slices. `st` (2 int64: entered, the kick count last seen) is written by the kernels: "entered"
@@ -1585,6 +1601,11 @@ def k_consume(dt, d, v, out, me):
 @njit(nogil=True, cache=True)
 def k_wait(dt, d, v, timeout_ns, me, repair):
     return _wait(_tb(dt), d, v, timeout_ns, me, repair)
+
+
+@njit(nogil=True, cache=True)
+def k_spin_upcall(dt, d, v, until_ns):
+    return _spin_upcall(_tb(dt), d, v, until_ns)
 
 
 @njit(cache=True)
@@ -1810,6 +1831,7 @@ class NumbaKernels:
             (k_consume, (t, i, i, u32, i)),
             (k_wait, (t, i, i, i, me, True)),
             (k_upcall_pending, (t, i, i)),
+            (k_spin_upcall, (t, i, i, i)),
             (k_poll_begin, (t, i, i, u32, st, me)),
             (k_poll_sleep, (t, i, i, st, i)),
             (k_poll_end, (t, i, i, st)),
@@ -1842,12 +1864,15 @@ class NumbaKernels:
     def consume(self, domid: int, vcpu: int, out) -> int:
         return k_consume(self.table, domid, vcpu, out, owner_id())
 
-    def wait(self, domid: int, vcpu: int, timeout: float | None) -> bool:
-        """Futex waits of at most WAIT_SLICE_NS each, so Python sees Ctrl-C between them; each
-        slice is one kernel call that registers the waiter and leaves again, so a signal
-        between calls cannot leave a waiter slot taken. The first repairs dead waiters'
-        slots."""
+    def wait(self, domid: int, vcpu: int, timeout: float | None, spin_ns: int = 0) -> bool:
+        """First spin on the upcall flag for up to spin_ns (not registered: kicks cost the
+        sender nothing), in slices of at most WAIT_SLICE_NS; then futex waits of at most
+        WAIT_SLICE_NS each, so Python sees Ctrl-C between them; each slice is one kernel call
+        that registers the waiter and leaves again, so a signal between calls cannot leave a
+        waiter slot taken. The first repairs dead waiters' slots."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if spin_ns > 0 and self._spin(domid, vcpu, spin_ns, timeout):
+            return True
         me, repair = owner_id(), True
         while True:
             if deadline is None:
@@ -1859,6 +1884,18 @@ class NumbaKernels:
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             repair = False
+
+    def _spin(self, domid: int, vcpu: int, spin_ns: int, timeout: float | None) -> bool:
+        now = time.monotonic_ns()
+        until = now + spin_ns
+        if timeout is not None:
+            until = min(until, now + int(max(0.0, timeout) * 1e9))
+        while True:
+            step = min(until, time.monotonic_ns() + WAIT_SLICE_NS)
+            if k_spin_upcall(self.table, domid, vcpu, step):
+                return True
+            if step >= until:
+                return False
 
     def upcall_pending(self, domid: int, vcpu: int) -> bool:
         return bool(k_upcall_pending(self.table, domid, vcpu))
@@ -1915,6 +1952,7 @@ def spin_policy() -> dict:
         "UNMASK_BUSY_YIELDS": UNMASK_BUSY_YIELDS,
         "WAIT_SLICE_NS": WAIT_SLICE_NS,
         "WAIT_FALLBACK_NS": WAIT_FALLBACK_NS,
+        "SPIN_LOOKS_PER_CLOCK": SPIN_LOOKS_PER_CLOCK,
         "WAITER_SLOTS": WAITER_SLOTS,
         "FIFO_LOCK_TRIES": LOCK_TRIES,
         "FIFO_LINK_RETRIES": LINK_RETRIES,

@@ -308,7 +308,9 @@ class ReferenceKernels:
             return -22
         state = d.state(port)
         if state == L.ECS_INTERDOMAIN:
-            rd = self.doms[d.port_u16(port, L.P_REMOTE_DOM)]
+            rd = self.doms.get(d.port_u16(port, L.P_REMOTE_DOM))
+            if rd is None:  # a peer this process has not mapped (Domain.send maps, retries)
+                return -3  # ESRCH
             rport = d.port_u32(port, L.P_REMOTE_PORT)
             return self.set_pending(rd.domid, rd.notify_vcpu(rport), rport)
         if state == L.ECS_IPI:
@@ -562,9 +564,10 @@ class ReferenceKernels:
         time.sleep(max(0.0, timeout))
         return L.POLL_TIMEOUT, 0
 
-    def wait(self, domid: int, vcpu: int, timeout: float | None) -> bool:
+    def wait(self, domid: int, vcpu: int, timeout: float | None, spin_ns: int = 0) -> bool:
         """One process: nothing else can raise an upcall while we sleep, so just honour the
-        timeout (in slices, so Ctrl-C is seen)."""
+        timeout (in slices, so Ctrl-C is seen); spin_ns changes nothing here (no waiter
+        slots: nothing to register or to spare the sender)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.upcall_pending(domid, vcpu):
             left = None if deadline is None else deadline - time.monotonic()

@@ -179,25 +179,40 @@ def setup(cfg, host: Host) -> Setup:
         ch_dport, ch_lport = stats.ch_dport, stats.ch_lport
         ch_sender, ch_vcpu, ch_prio = stats.ch_sender, stats.ch_vcpu, stats.ch_prio
         fifo = cfg.abi == "fifo"
-        spare, nxt = [], 1  # allocation is sequential here: nxt is the next port
+        # dom0 allocates sequentially from port 1: a spare (freed after the setup) where the
+        # next port is SPARE_EVERY - 1 mod SPARE_EVERY, then channel c for sender c % senders;
+        # one batch call for all of dom0's ports, one per sender for its binds (evtchn.batch).
+        remotes, is_spare, nxt = [], [], 1
+        for c in range(n):
+            if cfg.closes > 0 and nxt % CF.SPARE_EVERY == CF.SPARE_EVERY - 1:
+                remotes.append(L.DOMID_SELF)
+                is_spare.append(True)
+                nxt += 1
+            remotes.append(sdoms[c % cfg.senders].domid)
+            is_spare.append(False)
+            nxt += 1
+        checkpoint()
+        got = dom0.alloc_unbound_many(remotes)
+        spare_at = np.asarray(is_spare, bool)
+        spare = got[spare_at].tolist()
+        ch_dport[:n] = got[~spare_at]
+        ch_sender[:n] = np.arange(n) % cfg.senders
+        for s, sd in enumerate(sdoms):
+            checkpoint()
+            ch_lport[s : n : cfg.senders] = sd.bind_interdomain_many(
+                0, ch_dport[s : n : cfg.senders]
+            )
         for c in range(n):
             if c & 1023 == 0:
                 checkpoint()
-            if cfg.closes > 0 and nxt % CF.SPARE_EVERY == CF.SPARE_EVERY - 1:
-                spare.append(dom0.alloc_unbound(L.DOMID_SELF))  # freed after the setup
-                nxt = spare[-1] + 1
-            s = c % cfg.senders
-            sd = sdoms[s]
-            p = dom0.alloc_unbound(sd.domid)
-            nxt = p + 1
-            lp = sd.bind_interdomain(0, p)
+            p = int(ch_dport[c])
             v = vcpu_for(p, cfg, nwords)
             if v:
                 dom0.bind_vcpu(p, v)
             pr = int(prios[c]) if fifo else L.FIFO_PRIORITY_DEFAULT
             if fifo and pr != L.FIFO_PRIORITY_DEFAULT:
                 dom0.set_priority(p, pr)
-            ch_dport[c], ch_lport[c], ch_sender[c], ch_vcpu[c], ch_prio[c] = p, lp, s, v, pr
+            ch_vcpu[c], ch_prio[c] = v, pr
         if kdom is not None:
             RS.setup(cfg, host, dom0, stats, kdom)
         for p in spare:

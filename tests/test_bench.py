@@ -279,6 +279,26 @@ def test_latency_busy_and_idle_beside_c(quick_run):
     assert all(len(v) == 200 and min(v) > 0 for v in samples.values())
 
 
+def test_calls_beside_kernel_and_setup(quick_run):
+    _, out, _ = quick_run
+    doc = json.loads(out.read_text())
+    for key in (
+        "calls_send_domain_ns",
+        "calls_send_kernel_ns",
+        "calls_consume_empty_domain_ns",
+        "calls_consume_one_empty_ns",
+        "calls_consume_into_empty_ns",
+        "calls_consume_empty_kernel_ns",
+        "setup_batch_ns",
+        "setup_single_per_channel_ns",
+    ):
+        assert doc[key] > 0, key
+    assert doc["calls_send_over_kernel"] == pytest.approx(
+        doc["calls_send_domain_ns"] / doc["calls_send_kernel_ns"]
+    )
+    assert doc["setup_channels"] > 0
+
+
 # -- N senders + N vCPUs ---------------------------------------------------------------------
 def test_multi_process_throughput(quick_run):
     """--quick runs N = 1 and 2 pairs on fifo and 2l; every edge delivered exactly once."""

@@ -47,21 +47,16 @@ def port_limit(variant: str, link_bits: int = L.FIFO_LINK_BITS) -> int:
 def bind_channels(back, front, n: int, vcpu=None) -> tuple[np.ndarray, np.ndarray]:
     """Bind n interdomain channels: `back` allocates an unbound port for `front`, which binds
     it (EVTCHNOP_alloc_unbound + EVTCHNOP_bind_interdomain, as a backend and its frontend
-    do). Returns (back ports, front ports) as uint32 arrays; stops early, returning what was
-    bound, only by raising (ENOSPC included). `vcpu`, if given, is the back end's notify vCPU
-    (an int, or a callable port -> vcpu).
+    do), with the batch calls (Domain.alloc_unbound_many, bind_interdomain_many: all or
+    none). Returns (back ports, front ports) as uint32 arrays; raises (ENOSPC included,
+    BatchError) with nothing bound. `vcpu`, if given, is the back end's notify vCPU (an int,
+    or a callable port -> vcpu).
 
-    This is the one place the study binds channels: when evtchn gets a batch bind API, it
-    replaces this loop and every experiment's setup speeds up with it."""
-    bports = np.zeros(n, np.uint32)
-    fports = np.zeros(n, np.uint32)
-    alloc, bind = back.alloc_unbound, front.bind_interdomain
-    bdom, fdom = back.domid, front.domid
-    for i in range(n):
-        p = alloc(fdom)
-        bports[i] = p
-        fports[i] = bind(bdom, p)
-        if vcpu is not None:
+    This is the one place the study binds channels."""
+    bports = back.alloc_unbound_many(front.domid, n)
+    fports = front.bind_interdomain_many(back.domid, bports)
+    if vcpu is not None:
+        for p in bports.tolist():
             v = vcpu(p) if callable(vcpu) else vcpu
             if v:
                 back.bind_vcpu(p, v)
