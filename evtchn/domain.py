@@ -867,7 +867,8 @@ class Domain:
             spin_ns = _int(spin_ns, "spin_ns")
             if spin_ns < 0:
                 raise ValueError(f"spin_ns must be >= 0 or None, not {spin_ns}")
-        return self._k.wait(self.domid, vc, timeout, spin_ns)
+        # the kernels add it to a signed 64-bit clock: 2^62 ns (146 years) is "until timeout"
+        return self._k.wait(self.domid, vc, timeout, min(spin_ns, 1 << 62))
 
     def poll(
         self, vcpu: int, ports: int | Iterable[int], timeout: float | None = None

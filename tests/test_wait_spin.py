@@ -77,6 +77,16 @@ def test_the_timeout_bounds_the_spin(host):
         d0.wait(0, 0, spin_ns=1.5)
 
 
+@pytest.mark.parametrize("spin_ns", [(1 << 63) - 1, 1 << 63, 1 << 70])
+def test_a_huge_spin_still_ends_at_the_timeout(host, spin_ns):
+    """A spin too long for the kernels' signed 64-bit clock arithmetic is "until the
+    timeout", not an overflow (no spin at all, or OverflowError)."""
+    d0, _du, _p = pair(host)
+    t0 = time.monotonic()
+    assert d0.wait(0, timeout=0.05, spin_ns=spin_ns) is False
+    assert 0.04 <= time.monotonic() - t0 < 30  # it spun until the timeout; no hang
+
+
 SPIN_FOREVER = textwrap.dedent(
     """
     import sys, evtchn
