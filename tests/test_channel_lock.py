@@ -83,20 +83,6 @@ def test_a_killed_reader_does_not_hang_the_port(host, compiled):
     assert d0.consume(0).tolist() == [p0]
 
 
-def test_a_virq_runs_beside_a_reader_of_its_own_process(host, compiled):
-    """Another thread of this process (same pid) sending on the port: Xen's readers do not
-    exclude each other, so the raise neither waits nor drops."""
-    d0 = host.create_domain("fifo")
-    p = d0.bind_virq(L.VIRQ_TIMER, 0)
-    addr = d0._chan_addr(0, p)
-    host._k.lock(addr, reader=True)
-    try:
-        assert host._k.raise_virq(0, L.VIRQ_TIMER, 0) == 1
-    finally:
-        host._k.unlock(addr)
-    assert d0.consume(0).tolist() == [p]
-
-
 def _rebind_loop(name, backend, port, seconds, ready):
     host = evtchn.Host.attach(name, backend)
     try:
